@@ -1,0 +1,31 @@
+# qbench: `make bench` installs (if needed) and runs a recipe; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+RECIPE ?= recipes/default.yaml
+BIN := $(VENV)/bin
+
+.PHONY: install bench report test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+bench: install
+	$(BIN)/qbench run $(RECIPE)
+
+report: install
+	$(BIN)/qbench report $(RECIPE)
+
+test: install
+	$(BIN)/ruff check qbench tests
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check qbench tests
+	$(BIN)/ruff format --check qbench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""Base class for every typed config: unknown keys are errors with a "did you mean"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from qbench.registry import did_you_mean
+
+
+class StrictModel(BaseModel):
+    """A frozen pydantic model that names unknown keys and suggests the closest field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = list(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    raise ValueError(
+                        f"unknown field '{key}'{did_you_mean(str(key), known)}; "
+                        f"allowed: {', '.join(known)}"
+                    )
+        return data

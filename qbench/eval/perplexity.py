@@ -1,0 +1,67 @@
+"""GPTQ-style token perplexity: non-overlapping windows over the whole tokenized text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from qbench.errors import QBenchError
+
+CONVENTION = (
+    "GPTQ-style token perplexity: the split's rows joined with a blank line, tokenized once, "
+    "cut into non-overlapping windows of seq_len tokens; exp(mean NLL of every next token "
+    "inside each window)"
+)
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    mean_nll: float
+    windows: int
+    predicted_tokens: int
+    text_tokens: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """[n, seq_len] non-overlapping windows; the tail shorter than seq_len is dropped."""
+    count = ids.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise QBenchError(f"the text has {ids.numel()} tokens, fewer than seq_len {seq_len}")
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> Perplexity:
+    """Mean next-token NLL over every window, batched; the first token of a window has no target."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    windows = windows_of(ids, seq_len, max_windows)
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+    predicted = windows.shape[0] * (seq_len - 1)
+    mean_nll = total / predicted
+    return Perplexity(math.exp(mean_nll), mean_nll, windows.shape[0], predicted, ids.numel())

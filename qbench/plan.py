@@ -1,0 +1,127 @@
+"""Recipe -> cells: every checkpoint x (fp + each quantizer), each with a result key.
+
+Planning reads only configs and text, never weights, so that every cross-field error
+(a group size that does not divide a layer, a window longer than the model's context,
+a missing checkpoint or dataset) surfaces before any model work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from qbench.checkpoints.load import checkpoint_config, checkpoint_identity
+from qbench.data.sources import load_text, text_fingerprint
+from qbench.errors import QBenchError
+from qbench.quant.method import QuantizerConfig, target_linears
+from qbench.quant.spec import divides_error
+from qbench.recipe import CheckpointSpec, Recipe, RecipeError
+from qbench.versions import library_versions
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: a checkpoint, unquantized (fp) or under one quantizer."""
+
+    recipe: str
+    checkpoint: CheckpointSpec
+    quantizer: QuantizerConfig | None
+    key: str
+
+    @property
+    def quantizer_name(self) -> str:
+        return self.quantizer.name if self.quantizer else "fp"
+
+    @property
+    def stage(self) -> str:
+        return "quantized" if self.quantizer else "fp"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.checkpoint.name}--{self.quantizer_name}--{self.key[:16]}.json"
+
+
+def plan(recipe: Recipe, source: Path) -> list[Cell]:
+    """All cells of `recipe`, in run order (grouped by checkpoint, fp first)."""
+    eval_identity = [
+        {
+            **spec.model_dump(),
+            "text": _at(
+                source,
+                f"eval.perplexity[{i}].data",
+                lambda s=spec: text_fingerprint(load_text(s.data, s.split)),
+            ),
+        }
+        for i, spec in enumerate(recipe.eval.perplexity)
+    ]
+    versions = library_versions()
+    cells = []
+    for i, checkpoint in enumerate(recipe.checkpoints):
+        where = f"checkpoints[{i}].{checkpoint.source_field}"
+        config = _at(source, where, lambda c=checkpoint: checkpoint_config(c))
+        _check_fits(recipe, source, checkpoint, config)
+        identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
+        for quantizer in [None, *recipe.quantizers]:
+            determinants = {
+                "checkpoint": identity,
+                "dtype": checkpoint.dtype,
+                "quantizer": quantizer.model_dump(exclude={"name"}) if quantizer else None,
+                "eval": eval_identity,
+                "seed": recipe.seed,
+                "versions": versions,
+            }
+            blob = json.dumps(determinants, sort_keys=True).encode()
+            cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
+    return cells
+
+
+def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
+    """Run `compute`, turning a QBenchError into a RecipeError naming file and field."""
+    try:
+        return compute()
+    except RecipeError:
+        raise
+    except QBenchError as error:
+        raise RecipeError(f"{source}: {where}: {error}") from None
+
+
+def _check_fits(
+    recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
+) -> None:
+    """Group sizes divide every quantized layer's width; windows fit the model's context."""
+    context = getattr(config, "max_position_embeddings", None)
+    for i, spec in enumerate(recipe.eval.perplexity):
+        if context is not None and spec.seq_len > context:
+            raise RecipeError(
+                f"{source}: eval.perplexity[{i}].seq_len: {spec.seq_len} exceeds checkpoint "
+                f"'{checkpoint.name}''s max_position_embeddings {context}; use seq_len <= {context}"
+            )
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=checkpoint.trust_remote_code
+        )
+    embeddings = {"embeddings": skeleton.get_input_embeddings().weight.shape[1]}
+    for i, quantizer in enumerate(recipe.quantizers):
+        linears = {name: m.in_features for name, m in target_linears(skeleton, quantizer).items()}
+        roles = {
+            "weights": linears | (embeddings if quantizer.embeddings else {}),
+            "activations": linears,
+        }
+        for role, widths in roles.items():
+            spec = getattr(quantizer, role)
+            for layer, width in widths.items() if spec is not None else ():
+                if problem := divides_error(spec, width):
+                    raise RecipeError(
+                        f"{source}: quantizers[{i}].{role}.group: {problem} of layer {layer} "
+                        f"in checkpoint '{checkpoint.name}'; use a group size that divides "
+                        f"{width}, or granularity: channel"
+                    )

@@ -1,0 +1,83 @@
+"""Shared fixtures: offline settings, a private cache, and tiny local HF checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Trained checkpoints go to one cache per test session, never the user's."""
+    monkeypatch.setenv("QBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qbench.checkpoints.train import train_tokenizer
+    from qbench.data.sources import embedded_rows
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(embedded_rows("train")[:30], vocab_size=300).save_pretrained(path)
+    return path
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path, path: Path) -> Path:
+    model.save_pretrained(path)
+    for file in tokenizer_dir.iterdir():
+        (path / file.name).write_bytes(file.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random Llama whose MLP width (172, like stories260K) is not a multiple of 8."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return _save(LlamaForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return _save(Qwen2ForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """karpathy's stories260K, a real pretrained Llama, from ../shared/models."""
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"real checkpoint not present at {STORIES}")
+    return STORIES
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
