@@ -4,7 +4,7 @@ VENV ?= .venv
 RECIPE ?= recipes/default.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install bench report test lint clean
+.PHONY: install bench report smoke test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ bench: install
 
 report: install
 	$(BIN)/qbench report $(RECIPE)
+
+smoke: install
+	$(BIN)/qbench run recipes/ci-smoke.yaml --no-progress
+	$(BIN)/qbench gate recipes/ci-smoke.yaml
 
 test: install
 	$(BIN)/ruff check qbench tests

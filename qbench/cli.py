@@ -1,4 +1,4 @@
-"""qbench run | report | train | list."""
+"""qbench run | report | gate | train | probe | list."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--results", type=Path, default=Path("results"))
     report.set_defaults(command=_report)
 
+    gate = commands.add_parser("gate", help="fail when quantized cells lose too much vs fp")
+    gate.add_argument("recipes", type=Path, nargs="+")
+    gate.add_argument("--results", type=Path, default=Path("results"))
+    gate.add_argument("--cadence", help="gate only recipes whose gate.cadence is this tag")
+    gate.add_argument(
+        "--write-reference", action="store_true", help="record current values as gate.reference"
+    )
+    gate.set_defaults(command=_gate)
+
     train = commands.add_parser("train", help="train (or find cached) a qbench checkpoint")
     train.add_argument("--preset", default="tiny")
     train.add_argument("--variant", default="baseline")
@@ -43,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int)
     train.set_defaults(command=_train)
+
+    probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
+    probe.add_argument("--path", help="a Hugging Face model directory")
+    probe.add_argument("--recipe", type=Path, help="a recipe, with --checkpoint NAME")
+    probe.add_argument("--checkpoint", help="a checkpoint of --recipe (seeded: name@seed)")
+    probe.add_argument(
+        "--quantizer", default="w4a4", help="for SQNR: wXaY (RTN), none, or a recipe quantizer"
+    )
+    probe.add_argument("--data", help="probe text source (default: the recipe's, or embedded)")
+    probe.add_argument("--split", help="its split (default: the recipe's, or test)")
+    probe.add_argument("--samples", type=int, help="windows of the text to probe")
+    probe.add_argument("--seq-len", type=int, help="tokens per window")
+    probe.add_argument("--out", type=Path, help="JSON file (default: under --results)")
+    probe.add_argument("--results", type=Path, default=Path("results"))
+    probe.set_defaults(command=_probe)
 
     listing = commands.add_parser("list", help="methods, data sources, presets, variants")
     listing.set_defaults(command=_list)
@@ -66,6 +90,46 @@ def _report(args: argparse.Namespace) -> int:
 
     print(write_leaderboard(load_recipe(args.recipe), args.recipe, args.results))
     return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from qbench.recipe import load_recipe
+    from qbench.report.gate import run_gate, write_reference
+
+    failed = False
+    for source in args.recipes:
+        recipe = load_recipe(source)
+        if recipe.gate is None:
+            raise QBenchError(f"{source}: no gate: block; add gate: {{min_recovery: ...}}")
+        if args.cadence and recipe.gate.cadence != args.cadence:
+            cadence = recipe.gate.cadence
+            print(f"gate {recipe.name}: skipped (cadence {cadence}, not {args.cadence})")
+            continue
+        if args.write_reference:
+            if recipe.gate.reference is None:
+                raise QBenchError(f"{source}: gate.reference: set the file to write")
+            write_reference(recipe, source, args.results, Path(recipe.gate.reference))
+        passed, report = run_gate(recipe, source, args.results)
+        print(report)
+        failed |= not passed
+    return 1 if failed else 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from qbench.probe import probe_command
+
+    return probe_command(
+        args.path,
+        args.recipe,
+        args.checkpoint,
+        args.quantizer,
+        args.data,
+        args.split,
+        args.samples,
+        args.seq_len,
+        args.out,
+        args.results,
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -101,6 +165,7 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.checkpoints.model import VARIANTS
     from qbench.checkpoints.train import PRESETS
     from qbench.data.sources import TEXT_SOURCES
+    from qbench.eval.tasks import local_task_names
     from qbench.quant import METHODS
 
     print("methods:     ", ", ".join(METHODS.names()))
@@ -110,6 +175,7 @@ def _list(args: argparse.Namespace) -> int:
     )
     print("presets:     ", ", ".join(PRESETS.names()))
     print("variants:    ", ", ".join(sorted(VARIANTS)))
+    print("tasks:       ", ", ".join(local_task_names()), "(local; or any lm-eval task name)")
     return 0
 
 

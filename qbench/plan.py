@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from qbench.checkpoints.load import checkpoint_config, checkpoint_identity
 from qbench.data.sources import load_text, text_fingerprint
 from qbench.errors import QBenchError
+from qbench.eval.tasks import task_identity
 from qbench.quant.method import QuantizerConfig, target_linears
 from qbench.quant.spec import divides_error
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
@@ -63,6 +64,10 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         }
         for i, spec in enumerate(recipe.eval.perplexity)
     ]
+    tasks = [
+        _at(source, f"eval.tasks[{i}]", lambda t=task: task_identity(t, recipe.eval.task_options))
+        for i, task in enumerate(recipe.eval.tasks)
+    ]
     versions = library_versions()
     cells = []
     for i, checkpoint in enumerate(recipe.checkpoints):
@@ -79,6 +84,10 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
                 "seed": recipe.seed,
                 "versions": versions,
             }
+            if tasks:  # recipes without tasks keep their keys
+                determinants["tasks"] = tasks
+            if recipe.eval.diagnostics is not None:
+                determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
             blob = json.dumps(determinants, sort_keys=True).encode()
             cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
     return cells
@@ -97,7 +106,7 @@ def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
 def _check_fits(
     recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
 ) -> None:
-    """Group sizes divide every quantized layer's width; windows fit the model's context."""
+    """Group and block sizes divide every quantized layer's width; windows fit the context."""
     context = getattr(config, "max_position_embeddings", None)
     for i, spec in enumerate(recipe.eval.perplexity):
         if context is not None and spec.seq_len > context:
@@ -111,6 +120,12 @@ def _check_fits(
         )
     embeddings = {"embeddings": skeleton.get_input_embeddings().weight.shape[1]}
     for i, quantizer in enumerate(recipe.quantizers):
+        calibration = getattr(quantizer, "calibration", None)
+        if calibration is not None and context is not None and calibration.seq_len > context:
+            raise RecipeError(
+                f"{source}: quantizers[{i}].calibration.seq_len: {calibration.seq_len} exceeds "
+                f"checkpoint '{checkpoint.name}''s max_position_embeddings {context}"
+            )
         linears = {name: m.in_features for name, m in target_linears(skeleton, quantizer).items()}
         roles = {
             "weights": linears | (embeddings if quantizer.embeddings else {}),
@@ -120,8 +135,8 @@ def _check_fits(
             spec = getattr(quantizer, role)
             for layer, width in widths.items() if spec is not None else ():
                 if problem := divides_error(spec, width):
+                    field, text, fix = problem
                     raise RecipeError(
-                        f"{source}: quantizers[{i}].{role}.group: {problem} of layer {layer} "
-                        f"in checkpoint '{checkpoint.name}'; use a group size that divides "
-                        f"{width}, or granularity: channel"
+                        f"{source}: quantizers[{i}].{role}.{field}: {text} of layer {layer} "
+                        f"in checkpoint '{checkpoint.name}'; {fix}"
                     )

@@ -18,9 +18,11 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.train import PRESETS
 from qbench.config import StrictModel
-from qbench.data.sources import TEXT_SOURCES
+from qbench.data.sources import TEXT_SOURCES, text_source
 from qbench.errors import QBenchError
+from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.quant import METHODS
+from qbench.registry import did_you_mean
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -66,14 +68,23 @@ class TrainSpec(StrictModel):
     @field_validator("corpus")
     @classmethod
     def _known_corpus(cls, corpus: str) -> str:
-        source = TEXT_SOURCES.get(_in_registry(TEXT_SOURCES, corpus))
+        """A registered text source with a train split, or a folder of .txt files."""
+        try:
+            source = text_source(corpus)
+        except QBenchError as error:
+            raise ValueError(str(error)) from None
         if "train" not in source.splits:
             raise ValueError(f"'{corpus}' has no train split; use a corpus with one")
         return corpus
 
 
 class CheckpointSpec(StrictModel):
-    """One model: a hub id, a local HF directory, or trained here (exactly one)."""
+    """One model: a hub id, a local HF directory, or trained here (exactly one).
+
+    `seeds: [0, 1, 2]` (train: only) stands for one checkpoint per training seed, named
+    `<name>@<seed>` and grouped under `<name>`; leaderboards aggregate a group over its
+    members. `group:` puts checkpoints given one by one into a group.
+    """
 
     name: str
     hf: str | None = None
@@ -82,6 +93,8 @@ class CheckpointSpec(StrictModel):
     train: TrainSpec | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    group: str | None = None
+    seeds: list[int] | None = Field(default=None, min_length=1)
 
     _name = field_validator("name")(_check_name)
 
@@ -97,7 +110,30 @@ class CheckpointSpec(StrictModel):
             raise ValueError(f"give exactly one of hf:, path:, train: (got {given or 'none'})")
         if self.revision is not None and self.hf is None:
             raise ValueError("revision: applies to hf: checkpoints only")
+        if self.seeds is not None:
+            if self.train is None:
+                raise ValueError("seeds: applies to train: checkpoints; group others with group:")
+            if "seed" in self.train.model_fields_set:
+                raise ValueError("give seeds: or train.seed, not both")
+            if len(set(self.seeds)) < len(self.seeds):
+                raise ValueError(f"seeds: {self.seeds} lists a seed twice")
         return self
+
+    def expand(self) -> list[CheckpointSpec]:
+        """This checkpoint, or one per seed of `seeds` (named name@seed, grouped by name)."""
+        if self.seeds is None:
+            return [self]
+        return [
+            self.model_copy(
+                update={
+                    "name": f"{self.name}@{seed}",
+                    "group": self.group or self.name,
+                    "seeds": None,
+                    "train": self.train.model_copy(update={"seed": seed}),
+                }
+            )
+            for seed in self.seeds
+        ]
 
 
 class PerplexitySpec(StrictModel):
@@ -130,12 +166,55 @@ class PerplexitySpec(StrictModel):
         return self.name or self.data
 
 
+def _diagnostics_switch(value: Any) -> Any:
+    """`diagnostics: true` means the default settings; false means none."""
+    if isinstance(value, bool):
+        return {} if value else None
+    return value
+
+
+class TaskSpec(StrictModel):
+    """One downstream task run through lm-eval; limit / num_fewshot override task_options."""
+
+    name: str
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from qbench.eval.tasks import check_task_name  # lm-eval's index only when needed
+
+        return check_task_name(name)
+
+
+def _task_from_name(value: Any) -> Any:
+    """`piqa` is short for `{name: piqa}`."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class TaskOptions(StrictModel):
+    """How lm-eval runs every task: batch size, documents per task, few-shot, stderr."""
+
+    batch_size: int = Field(default=16, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # first N documents of each task; None: all
+    num_fewshot: int = Field(default=0, ge=0)
+    bootstrap_iters: int = Field(default=1000, ge=0)  # for non-mean metrics; 0: no stderr
+    log_samples: bool = False  # per-document records to results/<recipe>/samples/
+
+
 class EvalSpec(StrictModel):
     perplexity: list[PerplexitySpec] = Field(min_length=1)
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(
+        default_factory=list
+    )
+    task_options: TaskOptions = Field(default_factory=TaskOptions)
+    diagnostics: Annotated[DiagnosticsSpec | None, BeforeValidator(_diagnostics_switch)] = None
 
     @model_validator(mode="after")
     def _unique_columns(self) -> EvalSpec:
         _reject_duplicates([p.column for p in self.perplexity], "perplexity", "give each a name:")
+        _reject_duplicates([t.name for t in self.tasks], "tasks", "list each task once")
         return self
 
 
@@ -152,6 +231,24 @@ Quantizer = Annotated[
 ]
 
 
+class GateSpec(StrictModel):
+    """Regression thresholds: minimum recovery per metric (e.g. perplexity.wikitext2: 0.95)."""
+
+    cadence: str = "smoke"
+    min_recovery: dict[str, float] = Field(default_factory=dict)
+    quantizers: dict[str, dict[str, float]] = Field(default_factory=dict)
+    reference: str | None = None
+    tolerance: float = Field(default=0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _positive_thresholds(self) -> GateSpec:
+        for thresholds in [self.min_recovery, *self.quantizers.values()]:
+            for metric, value in thresholds.items():
+                if not value > 0:
+                    raise ValueError(f"threshold of {metric} must be positive, got {value}")
+        return self
+
+
 class Recipe(StrictModel):
     """Checkpoints x quantizers, evaluated as `eval` says."""
 
@@ -160,30 +257,57 @@ class Recipe(StrictModel):
     checkpoints: list[CheckpointSpec] = Field(min_length=1)
     quantizers: list[Quantizer] = Field(default_factory=list)
     eval: EvalSpec
+    gate: GateSpec | None = None
 
     _name = field_validator("name")(_check_name)
 
+    @field_validator("checkpoints")
+    @classmethod
+    def _expand_seeds(cls, checkpoints: list[CheckpointSpec]) -> list[CheckpointSpec]:
+        return [member for spec in checkpoints for member in spec.expand()]
+
+    def metric_names(self) -> list[str]:
+        """The metrics every cell reports, as group.name paths."""
+        return [f"perplexity.{spec.column}" for spec in self.eval.perplexity]
+
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
-        _reject_duplicates([c.name for c in self.checkpoints], "checkpoint", "rename one")
+        _reject_duplicates([c.name for c in self.checkpoints], "checkpoints", "rename one")
         names = [q.name for q in self.quantizers]
         if "fp" in names:
-            raise ValueError("quantizer name 'fp' is reserved for the unquantized reference")
-        _reject_duplicates([_check_name(n) for n in names], "quantizer", "rename one")
+            raise ValueError("quantizers: name 'fp' is reserved for the unquantized reference")
+        _reject_duplicates([_check_name(n) for n in names], "quantizers", "rename one")
+        if self.gate is not None:
+            self._check_gate(names)
         return self
+
+    def _check_gate(self, quantizers: list[str]) -> None:
+        known = self.metric_names()
+        for name in self.gate.quantizers:
+            if name not in quantizers:
+                hint = did_you_mean(name, quantizers)
+                raise ValueError(f"gate.quantizers: no quantizer '{name}'{hint}")
+        for thresholds in [self.gate.min_recovery, *self.gate.quantizers.values()]:
+            for metric in thresholds:
+                if metric not in known:
+                    raise ValueError(
+                        f"gate: unknown metric '{metric}'{did_you_mean(metric, known)}; "
+                        f"this recipe's metrics: {', '.join(known)}"
+                    )
 
 
 def _reject_duplicates(names: list[str], what: str, fix: str) -> None:
     seen = {n for n in names if names.count(n) > 1}
     if seen:
-        raise ValueError(f"duplicate {what} name(s) {sorted(seen)}: {fix}")
+        raise ValueError(f"{what}: duplicate name(s) {sorted(seen)}: {fix}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that rejects a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        merge = "tag:yaml.org,2002:merge"  # `<<: *anchor` may be overridden by explicit keys
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != merge]
         for key in keys:
             if keys.count(key) > 1:
                 raise yaml.constructor.ConstructorError(
@@ -217,11 +341,12 @@ def field_path(loc: tuple[Any, ...]) -> str:
             text += f"[{part}]"
         elif not (i and isinstance(loc[i - 1], int) and part in METHODS):
             text += f".{part}" if text else str(part)
-    return text or "(top level)"
+    return text
 
 
 def _describe(error: dict[str, Any]) -> str:
     where = field_path(error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
-        return f"{where}: required field is missing"
-    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+        message = "required field is missing"
+    return f"{where}: {message}" if where else message  # top-level messages name their field

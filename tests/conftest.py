@@ -81,3 +81,50 @@ def stories_dir() -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (norm scales around 1), so no variant module is neutral."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_scale = param.dim() == 1 and not name.endswith(("bias", "k_bias", "v_bias"))
+            param.copy_(1 + 0.3 * noise if is_scale else 0.1 * noise)
+    return model.eval()
+
+
+ARCH_CONFIGS = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(kind, **shape) -> a small random fp32 model: 'llama', 'qwen2', 'qk-norm'
+    (qbench with Qwen3's q/k norms) or a qbench variant; shape overrides the sizes."""
+    from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
+
+    shape = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+
+    def build(kind: str, **overrides: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        sizes = {**shape, **overrides}
+        if kind in ARCH_CONFIGS:
+            config = ARCH_CONFIGS[kind](**sizes)
+            from transformers import AutoModelForCausalLM
+
+            return _randomize(AutoModelForCausalLM.from_config(config), 0)
+        options = {"qk_norm": True} if kind == "qk-norm" else variant_options(kind)
+        return _randomize(QBenchForCausalLM(QBenchConfig(**sizes, **options)), 0)
+
+    return build

@@ -61,7 +61,7 @@ def test_valid_recipe_plans_fp_first_then_each_quantizer(tmp_path, llama_dir):
         (
             "name: t\n",
             "name: t\nchekpoints: []\n",
-            "(top level): unknown field 'chekpoints' (did you mean 'checkpoints'?)",
+            "r.yaml: unknown field 'chekpoints' (did you mean 'checkpoints'?)",
         ),
         (
             "symmetric: false",
@@ -78,8 +78,8 @@ def test_valid_recipe_plans_fp_first_then_each_quantizer(tmp_path, llama_dir):
             "bits: 4, granularity: token",
             "quantizers[1].weights.granularity: Input should be 'tensor', 'channel' or 'group'",
         ),
-        ("name: w8a8", "name: fp", "(top level): quantizer name 'fp' is reserved"),
-        ("name: w4a4", "name: w8a8", "duplicate quantizer name(s) ['w8a8']"),
+        ("name: w8a8", "name: fp", "r.yaml: quantizers: name 'fp' is reserved"),
+        ("name: w4a4", "name: w8a8", "quantizers: duplicate name(s) ['w8a8']"),
         (
             "{name: local, path: LLAMA}",
             "{name: local}",

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qbench.data.folder import SPLITS, folder_rows, text_files
 from qbench.errors import QBenchError
 from qbench.registry import Registry
 
@@ -49,7 +51,25 @@ def load_text(source: str, split: str) -> str:
 @functools.cache
 def _cached_text(source: str, split: str, root: Path | None) -> str:
     """Read once per data folder: plan and runner both need the text."""
-    return "\n\n".join(TEXT_SOURCES.get(source).rows(split))
+    return "\n\n".join(text_source(source).rows(split))
+
+
+def text_source(name: str) -> TextSource:
+    """A registered source, or a folder of .txt files named by a path (with a '/')."""
+    if name in TEXT_SOURCES or "/" not in name:
+        try:
+            return TEXT_SOURCES.get(name)
+        except KeyError as error:
+            raise QBenchError(
+                f"{error.args[0]}; or give a folder of .txt files as a path, e.g. ./texts/"
+            ) from None
+    folder = Path(os.path.expandvars(name)).expanduser()
+    if "$" in str(folder):
+        raise QBenchError(f"'{name}': the environment variable in this path is not set")
+    text_files(folder)  # a clear error now rather than at training time
+    return TextSource(
+        name, SPLITS, lambda split: folder_rows(folder.resolve(), split), f"*.txt under {folder}"
+    )
 
 
 def text_fingerprint(text: str) -> str:
@@ -75,6 +95,30 @@ def embedded_rows(split: str) -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[t].strip() for t in sorted(topics) if _embedded_split(t) == split]
+
+
+@_add(
+    "corpus",
+    SPLITS,
+    "the shared public-domain corpus, $QBENCH_DATA_DIR/corpus (falls back to embedded)",
+)
+def corpus_rows(split: str) -> list[str]:
+    """The shared training corpus (Gutenberg books, Tiny Shakespeare) as a text folder.
+
+    Without a data folder this is the embedded corpus, with a warning; cache keys hold the
+    text's fingerprint, so checkpoints trained on either never mix.
+    """
+    root = data_dir()
+    folder = root / "corpus" if root else None
+    if folder is not None and folder.is_dir():
+        return folder_rows(folder.resolve(), split)
+    where = folder or "$QBENCH_DATA_DIR/corpus (QBENCH_DATA_DIR is unset)"
+    warnings.warn(
+        f"corpus: no shared corpus at {where}; using the embedded corpus (CPython's pydoc "
+        "topics) instead",
+        stacklevel=2,
+    )
+    return embedded_rows(split)
 
 
 @_add("wikitext2", ("test", "valid"), "WikiText-2 raw, GPTQ-style rows")

@@ -1,14 +1,20 @@
 """Quantization: tensor specs, QuantLinear, methods, and the one-call `quantize_`."""
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from qbench.quant import rtn  # noqa: F401  (registers the method)
+from qbench.quant import gptq, rotation, rtn, smoothquant  # noqa: F401  (register methods)
 from qbench.quant.method import METHODS, QuantizerConfig
 
 
-def quantize_(model: nn.Module, config: QuantizerConfig) -> nn.Module:
-    """Quantize `model` in place as `config` says, and return it."""
-    config.apply(model)
+def quantize_(
+    model: nn.Module, config: QuantizerConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> nn.Module:
+    """Quantize `model` in place as `config` says, and return it.
+
+    Methods that calibrate on text (SmoothQuant, GPTQ) need the checkpoint's tokenizer.
+    """
+    config.apply(model, tokenizer)
     return model
 
 

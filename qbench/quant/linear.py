@@ -13,12 +13,21 @@ class QuantLinear(nn.Module):
     """Quantizes its weight once, at construction, and its input at every call."""
 
     def __init__(
-        self, linear: nn.Linear, weights: WeightQuant | None, activations: ActivationQuant | None
+        self,
+        linear: nn.Linear,
+        weights: WeightQuant | None,
+        activations: ActivationQuant | None,
+        rounded: torch.Tensor | None = None,
     ) -> None:
+        """`rounded`: the weight already rounded as `weights` says (GPTQ), used as is."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.weight = nn.Parameter(fake_quant(weight, weights) if weights else weight, False)
+        if rounded is not None:
+            weight = rounded.to(weight.dtype)
+        elif weights is not None:
+            weight = fake_quant(weight, weights)
+        self.weight = nn.Parameter(weight, False)
         self.bias = linear.bias
         self.weights, self.activations = weights, activations
 

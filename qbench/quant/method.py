@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
 from qbench.quant.spec import ActivationQuant, WeightQuant
@@ -34,9 +35,22 @@ class QuantizerConfig(StrictModel):
         a = self.activations.bits if self.activations else 16
         return f"W{w}A{a}"
 
-    def apply(self, model: nn.Module) -> None:
-        """Quantize `model` in place."""
+    @property
+    def has_transform(self) -> bool:
+        """Whether the method changes the float model before rounding (a "transformed" stage)."""
+        return type(self).transform is not QuantizerConfig.transform
+
+    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Change `model` in place without changing its function in float (smooth, rotate)."""
+
+    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Round the (transformed) `model` in place."""
         raise NotImplementedError
+
+    def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Transform, then quantize `model` in place; calibrating methods need the tokenizer."""
+        self.transform(model, tokenizer)
+        self.quantize(model, tokenizer)
 
 
 METHODS: Registry[type[QuantizerConfig]] = Registry("quantization method")

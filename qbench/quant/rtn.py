@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from qbench.quant.linear import QuantLinear
 from qbench.quant.method import METHODS, QuantizerConfig, replace_module, target_linears
@@ -17,7 +18,7 @@ class RTNConfig(QuantizerConfig):
 
     method: Literal["rtn"] = "rtn"
 
-    def apply(self, model: nn.Module) -> None:
+    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         for name, linear in target_linears(model, self).items():
             replace_module(model, name, QuantLinear(linear, self.weights, self.activations))
         if self.embeddings:

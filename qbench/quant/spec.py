@@ -6,6 +6,11 @@ dimension is the reduction (input) dimension of a linear layer:
 - channel: one output row of a weight;
 - token: one row of activations (one token's hidden vector);
 - group: `group` contiguous elements along the last dimension, within a row.
+
+Block formats fix their own blocks along the last dimension (mxfp4: 32 elements with a
+power-of-two scale; nvfp4: 16 elements with an FP8 scale). For nvfp4 the granularity is the
+scope of its second, FP32 scale (weights: tensor; activations: token, i.e. dynamic per-token
+block scales); mxfp4 has no second scale and takes no granularity.
 """
 
 from __future__ import annotations
@@ -16,18 +21,19 @@ import torch
 from pydantic import field_validator, model_validator
 
 from qbench.config import StrictModel
-from qbench.quant.integer import quantize_int
+from qbench.quant.formats import FORMATS
 
 
 class TensorQuant(StrictModel):
     """Fake-quantization settings shared by weights and activations."""
 
-    format: Literal["int"] = "int"
+    format: str = "int"
     bits: int
     symmetric: bool = True
     granularity: str
     group: int | None = None
     clip: float = 1.0
+    clip_search: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -35,6 +41,28 @@ class TensorQuant(StrictModel):
         if isinstance(data, dict) and data.get("group") is not None and "granularity" not in data:
             return {**data, "granularity": "group"}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_implies_bits(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("format", "int") not in FORMATS:
+            return data
+        name = data.get("format", "int")
+        bits = FORMATS.get(name).bits
+        if bits is None:
+            return data
+        if data.get("bits", bits) != bits:
+            raise ValueError(f"bits: {data['bits']} contradicts format {name} ({bits} bits)")
+        return {**data, "bits": bits}
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        try:
+            FORMATS.get(name)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        return name
 
     @field_validator("bits")
     @classmethod
@@ -65,13 +93,41 @@ class TensorQuant(StrictModel):
             raise ValueError(f"group is set but granularity is '{self.granularity}'")
         return self
 
+    @model_validator(mode="after")
+    def _format_options(self) -> TensorQuant:
+        block = FORMATS.get(self.format).block
+        problems = {
+            f"{self.format} is symmetric: remove symmetric: false": self.format != "int"
+            and not self.symmetric,
+            "clip_search applies to int only": self.clip_search and self.format != "int",
+            f"{self.format} fixes its blocks at {block} elements: remove group": block is not None
+            and self.group is not None,
+            f"{self.format} scales from each block's max: remove clip": block is not None
+            and self.clip < 1,
+            "mxfp4 has only block scales: remove granularity": self.format == "mxfp4"
+            and "granularity" in self.model_fields_set,
+        }
+        for problem, present in problems.items():
+            if present:
+                raise ValueError(problem)
+        return self
+
+    @property
+    def block(self) -> int | None:
+        """Contiguous elements along the last dimension that share a scale, if fixed."""
+        return self.group or FORMATS.get(self.format).block
+
     def label(self) -> str:
         """Short human label, e.g. 'int4 g32 asym'."""
-        parts = [f"{self.format}{self.bits}", f"g{self.group}" if self.group else self.granularity]
+        parts = [f"int{self.bits}" if self.format == "int" else self.format]
+        if self.format != "mxfp4":
+            parts.append(f"g{self.group}" if self.group else self.granularity)
         if not self.symmetric:
             parts.append("asym")
         if self.clip < 1:
             parts.append(f"clip{self.clip:g}")
+        if self.clip_search:
+            parts.append("clip-search")
         return " ".join(parts)
 
 
@@ -80,29 +136,50 @@ class WeightQuant(TensorQuant):
 
     granularity: Literal["tensor", "channel", "group"] = "channel"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nvfp4_scale_per_tensor(cls, data: Any) -> Any:
+        """NVFP4 weights take one FP32 scale per tensor, as the format specifies."""
+        if isinstance(data, dict) and data.get("format") == "nvfp4":
+            return {"granularity": "group" if "group" in data else "tensor", **data}
+        return data
+
 
 class ActivationQuant(TensorQuant):
     """Activations: quantized dynamically at every call; per token by default."""
 
     granularity: Literal["tensor", "token", "group"] = "token"
+    clip_search: Literal[False] = False  # a search at every call: weights only
 
 
-def divides_error(spec: TensorQuant, in_features: int) -> str | None:
-    """Why `spec` cannot quantize an input of width `in_features`, or None if it can."""
+def divides_error(spec: TensorQuant, in_features: int) -> tuple[str, str, str] | None:
+    """(field, problem, fix) when `spec` cannot quantize an input of width `in_features`."""
     if spec.group is not None and in_features % spec.group:
-        return f"group {spec.group} does not divide the input width {in_features}"
+        return (
+            "group",
+            f"group {spec.group} does not divide the input width {in_features}",
+            f"use a group size that divides {in_features}, or granularity: channel",
+        )
+    if spec.block is not None and in_features % spec.block:
+        return (
+            "format",
+            f"{spec.format}'s {spec.block}-element blocks do not divide the input width "
+            f"{in_features}",
+            "use a format without fixed blocks (int, fp8_e4m3, fp4_e2m1), or leave that layer out",
+        )
     return None
 
 
 def fake_quant(x: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
     """Quantize and dequantize `x` as `spec` says; same shape and dtype as `x`."""
+    if spec.block is not None and x.shape[-1] % spec.block:
+        what = "group" if spec.group else f"{spec.format} block"
+        raise ValueError(f"{what} {spec.block} does not divide the last dimension {x.shape[-1]}")
     if spec.granularity == "tensor":
         rows = x.reshape(1, -1)
     elif spec.granularity == "group":
-        if x.shape[-1] % spec.group:
-            raise ValueError(f"group {spec.group} does not divide the last dimension {x.shape[-1]}")
         rows = x.reshape(-1, spec.group)
     else:
         rows = x.reshape(-1, x.shape[-1])
-    out = quantize_int(rows.float(), spec.bits, spec.symmetric, spec.clip)
+    out = FORMATS.get(spec.format).quantize(rows.float(), spec)
     return out.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,486 @@
+"""Downstream tasks through lm-evaluation-harness, in process, on the cell's own model.
+
+The cell's model (already quantized, already on its device) is wrapped in lm-eval's HFLM,
+so no weights are reloaded or copied, and lm-eval's evaluator runs each task on it.
+
+Task names resolve in this order:
+
+1. `embedded_mc`: qbench's embedded task (no files, no network), see task_data.py.
+2. A name with a local definition in task_defs/ (piqa, arc_easy, arc_challenge, winogrande,
+   boolq, lambada_openai, hellaswag) whose release files are in the data folder
+   ($QBENCH_DATA_DIR, else ../shared/data): that definition, which has lm-eval's own
+   prompts, choices and metrics and reads the local files.
+3. Any other lm-eval task name, or a local name whose files are missing while the hub can be
+   reached: lm-eval's own definition, dataset from the hub. Offline (HF_HUB_OFFLINE or
+   HF_DATASETS_OFFLINE set) a local name without its files is an error naming the files.
+
+A request cache (lm-eval's CachingLM, one sqlite file per cell) makes an interrupted task
+run resume without recomputing the requests it finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+from qbench.data.sources import data_dir
+from qbench.errors import QBenchError
+from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
+from qbench.registry import did_you_mean
+
+TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
+EMBEDDED_TASKS = ("embedded_mc",)
+
+# The metric lm-eval's published tables (and the quantization papers that quote them) use:
+# length-normalized accuracy where choices differ in length, else accuracy.
+HEADLINE_METRIC = {
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "openbookqa": "acc_norm",
+    "embedded_mc": "acc_norm",
+}
+
+Source = Literal["embedded", "local", "lm-eval"]
+
+
+def local_task_names() -> list[str]:
+    """Names that run without the hub (given their release files)."""
+    return sorted([*EMBEDDED_TASKS, *LOCAL_FILES])
+
+
+def offline() -> bool:
+    """True when the environment forbids the Hugging Face hub."""
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def lm_eval_version() -> str:
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@functools.cache
+def _lm_eval_manager() -> Any:
+    """lm-eval's full task index (all its YAMLs: ~10 s to build, so built once, lazily)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@functools.cache
+def _local_manager() -> Any:
+    """qbench's own task definitions only."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DEFS), include_defaults=False)
+
+
+def check_task_name(name: str) -> str:
+    """`name` if qbench or lm-eval knows it, else a ValueError listing the local tasks."""
+    if name in EMBEDDED_TASKS or name in LOCAL_FILES:
+        return name
+    known = _lm_eval_manager().all_tasks
+    if name in known:
+        return name
+    hint = did_you_mean(name, [*local_task_names(), *known])
+    raise ValueError(
+        f"unknown task '{name}'{hint}; local tasks (no hub needed): "
+        f"{', '.join(local_task_names())}; lm-eval {lm_eval_version()} knows no task, "
+        "group or tag of that name either (`lm-eval ls tasks` lists them)"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    """Where a task's definition and documents come from in this environment."""
+
+    name: str
+    source: Source
+    files: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.source == "embedded":
+            return "qbench embedded corpus (test split)"
+        if self.source == "local":
+            return "lm-eval prompts on local release files " + ", ".join(
+                Path(f).name for f in self.files
+            )
+        return f"lm-eval {lm_eval_version()} task, hub dataset"
+
+
+def resolve_task(name: str) -> ResolvedTask:
+    """Decide, without loading anything big, which definition `name` runs with here."""
+    if name in EMBEDDED_TASKS:
+        return ResolvedTask(name, "embedded")
+    if name in LOCAL_FILES:
+        missing = missing_files(name)
+        if not missing:
+            required, optional = local_paths(name)
+            found = [*required, *(p for p in optional if p.is_file())]
+            return ResolvedTask(name, "local", tuple(str(p) for p in found))
+        if offline():
+            note = LOCAL_FILES[name].note
+            unset = " (QBENCH_DATA_DIR is unset and no ../shared/data was found)"
+            raise QBenchError(
+                f"task '{name}' has no data here: looked for "
+                f"{', '.join(map(str, missing))}{unset if data_dir() is None else ''}, "
+                "and the hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); put "
+                f"{note or 'the release files'} there, or go online to use lm-eval's dataset"
+            )
+    return ResolvedTask(name, "lm-eval")
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _embedded_digest() -> str:
+    blob = json.dumps(embedded_mc_docs(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def effective_options(spec: Any, options: Any) -> tuple[int | None, int]:
+    """(limit, num_fewshot) of one recipe task: its own, else the recipe's task_options."""
+    limit = spec.limit if spec.limit is not None else options.limit
+    fewshot = spec.num_fewshot if spec.num_fewshot is not None else options.num_fewshot
+    return limit, fewshot
+
+
+def task_identity(spec: Any, options: Any) -> dict[str, Any]:
+    """What determines a task's numbers here: source, documents, options, lm-eval's version.
+
+    Resolving is the plan-time check: a local task without its files offline raises here.
+    """
+    resolved = resolve_task(spec.name)
+    data: dict[str, str] = {}
+    if resolved.source == "local":
+        for f in resolved.files:
+            stat = os.stat(f)
+            data[Path(f).name] = _file_digest(f, stat.st_size, stat.st_mtime_ns)
+    elif resolved.source == "embedded":
+        data["docs"] = _embedded_digest()
+    limit, fewshot = effective_options(spec, options)
+    return {
+        "name": resolved.name,
+        "source": resolved.source,
+        "data": data,
+        "limit": limit,
+        "num_fewshot": fewshot,
+        "batch_size": options.batch_size,  # padding can move the last digits
+        "bootstrap_iters": options.bootstrap_iters,
+        "lm_eval": lm_eval_version(),
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One task's outcome on one model."""
+
+    name: str
+    source: Source
+    metric: str | None  # the headline metric, e.g. "acc_norm"
+    value: float | None
+    stderr: float | None
+    higher_is_better: bool
+    metrics: dict[str, float | None]  # every metric lm-eval reported (filter "none")
+    samples: int  # documents evaluated
+    total_samples: int  # documents in the split
+    requests: int  # lm-eval requests (one per choice for multiple choice)
+    cached_requests: int  # of them answered from the request cache
+    limit: int | None
+    num_fewshot: int
+    eval_s: float
+
+    def computed(self, count: int) -> TaskRun:
+        """This run, saying that `count` of its requests reached the model."""
+        return replace(self, cached_requests=max(0, self.requests - count))
+
+    def headline(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.value, "stderr": self.stderr,
+                "higher_is_better": self.higher_is_better}  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def headline_metric(name: str, metrics: dict[str, Any]) -> str | None:
+    """acc_norm where lm-eval's published tables use it, else acc, else the first metric."""
+    for candidate in (HEADLINE_METRIC.get(name), "acc"):
+        if candidate in metrics:
+            return candidate
+    return next(iter(metrics), None)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _parse(name: str, output: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """lm-eval's {"acc,none": .., "acc_stderr,none": ..} -> ({acc: ..}, {acc: stderr})."""
+    entry = output["results"].get(name, {})
+    metrics, stderrs = {}, {}
+    for key, value in entry.items():
+        metric, _, filter_name = key.partition(",")
+        if filter_name != "none" or metric == "alias":
+            continue
+        if metric.endswith("_stderr"):
+            stderrs[metric.removesuffix("_stderr")] = _number(value)
+        else:
+            metrics[metric] = _number(value)
+    return metrics, stderrs
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet(progress: bool) -> Iterator[None]:
+    """lm-eval at ERROR level (it warns per request on truncation), bars only with progress."""
+    saved = {"DISABLE_MULTIPROC": os.environ.get("DISABLE_MULTIPROC")}
+    os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap in process: no fork of a model process
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not progress:  # lm-eval's bars and prints ignore TQDM_DISABLE set this late
+                stack.enter_context(contextlib.redirect_stderr(sink))
+                stack.enter_context(contextlib.redirect_stdout(sink))
+            yield
+    finally:
+        logger.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def request_cache_path(work_dir: Path, key: str) -> Path:
+    """The cell's request cache (lm-eval appends `_rank0.db`)."""
+    return work_dir / "cache" / f"lm-eval-{key[:32]}"
+
+
+def request_cache_files(prefix: Path) -> list[Path]:
+    return sorted(prefix.parent.glob(f"{prefix.name}_rank*.db"))
+
+
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[Any],
+    options: Any,
+    cache: Path | None = None,
+    samples_dir: Path | None = None,
+    progress: bool = True,
+) -> list[TaskRun]:
+    """Run each task of `tasks` (recipe TaskSpecs) under `options` (TaskOptions) on `model`.
+
+    lm-eval's `evaluator.evaluate` runs each task with the seeds and few-shot settings that
+    `simple_evaluate` would give it (simple_evaluate itself also collects environment info
+    through `pip freeze`, two seconds per call here). `cache` is the prefix of the cell's
+    sqlite request cache (None: no cache); `samples_dir` receives one <task>.jsonl of
+    lm-eval's per-document records when options.log_samples is on.
+    """
+    from lm_eval.api.model import CachingLM
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    runs = []
+    with _lm_eval_quiet(progress):
+        hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
+        computed = _count_computed(hflm)
+        lm = CachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
+        try:
+            for spec in tasks:
+                resolved = resolve_task(spec.name)
+                limit, fewshot = effective_options(spec, options)
+                loaded = _load(spec.name, resolved, fewshot)
+                start, computed_before = time.perf_counter(), computed[0]
+                output = evaluate(
+                    lm=lm,
+                    task_dict=loaded,
+                    limit=limit,
+                    bootstrap_iters=options.bootstrap_iters,
+                    log_samples=options.log_samples,
+                )
+                elapsed = time.perf_counter() - start
+                run = _task_run(spec.name, resolved, loaded, output, limit, fewshot, elapsed)
+                runs.append(run.computed(computed[0] - computed_before))
+                if options.log_samples and samples_dir is not None:
+                    _write_samples(samples_dir, output)
+        finally:
+            if isinstance(lm, CachingLM):
+                lm.dbdict.close()
+    return runs
+
+
+def _load(name: str, resolved: ResolvedTask, fewshot: int) -> dict[str, Any]:
+    """lm-eval's task objects for `name`, set up as simple_evaluate sets them up."""
+    import random
+
+    import numpy
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    manager = _lm_eval_manager() if resolved.source == "lm-eval" else _local_manager()
+    try:
+        loaded = manager.load([name])
+    except Exception as error:  # the dataset could not be read or downloaded
+        raise QBenchError(
+            f"task '{name}' ({resolved.describe()}) failed to load: {type(error).__name__}: {error}"
+        ) from error
+    random.seed(DEFAULT_RANDOM_SEED)
+    numpy.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") != 0:  # a task that fixes 0 shots keeps it
+            task.set_config(key="num_fewshot", value=fewshot)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return loaded
+
+
+def _count_computed(lm: Any) -> list[int]:
+    """Count the requests that reach the model (the request cache answers the others)."""
+    count = [0]
+
+    def counted(method: Any) -> Any:
+        @functools.wraps(method)
+        def call(requests: list[Any], *args: Any, **kwargs: Any) -> Any:
+            count[0] += len(requests)
+            return method(requests, *args, **kwargs)
+
+        return call
+
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, name, counted(getattr(lm, name)))
+    return count
+
+
+def _task_run(
+    name: str,
+    resolved: ResolvedTask,
+    loaded: dict[str, Any],
+    output: dict[str, Any],
+    limit: int | None,
+    fewshot: int,
+    elapsed: float,
+) -> TaskRun:
+    metrics, stderrs = _parse(name, output)
+    metric = headline_metric(name, metrics)
+    better = output.get("higher_is_better", {}).get(name, {})
+    counts = [output.get("n-samples", {}).get(t, {}) for t in loaded["tasks"]]
+    return TaskRun(
+        name=name,
+        source=resolved.source,
+        metric=metric,
+        value=metrics.get(metric) if metric else None,
+        stderr=stderrs.get(metric) if metric else None,
+        higher_is_better=bool(better.get(metric, True)) if metric else True,
+        metrics={**metrics, **{f"{k}_stderr": v for k, v in stderrs.items()}},
+        samples=sum(c.get("effective", 0) for c in counts),
+        total_samples=sum(c.get("original", 0) for c in counts),
+        requests=sum(len(t.instances) for t in loaded["tasks"].values()),
+        cached_requests=0,
+        limit=limit,
+        num_fewshot=fewshot,
+        eval_s=elapsed,
+    )
+
+
+def _write_samples(folder: Path, output: dict[str, Any]) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, samples in output.get("samples", {}).items():
+        lines = (json.dumps(s, default=handle_non_serializable) for s in samples)
+        (folder / f"{task}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+
+
+# ---------------------------------------------------------------- a cell's task section
+
+
+def zero_shot_average(
+    headlines: dict[str, dict[str, Any] | None], tasks: list[str]
+) -> float | None:
+    """Mean headline value over `tasks` (higher-is-better ones); None if any is missing."""
+    values = []
+    for name in tasks:
+        entry = headlines.get(name)
+        if entry is None or entry.get("value") is None:
+            return None
+        if entry.get("higher_is_better", True):
+            values.append(entry["value"])
+    return sum(values) / len(values) if values else None
+
+
+def default_work_dir(recipe_name: str) -> Path:
+    from qbench.checkpoints.train import cache_dir
+
+    return cache_dir() / "lm-eval" / recipe_name
+
+
+def evaluate_cell_tasks(
+    model: Any,
+    tokenizer: Any,
+    eval_spec: Any,
+    key: str,
+    stem: str,
+    work_dir: Path,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The `metrics` and `details` entries of a cell's result for the recipe's tasks.
+
+    metrics: {"tasks": {name: {metric, value, stderr, higher_is_better}},
+              "zero_shot_average": mean headline value}; details: {"tasks": {name: TaskRun}}.
+    Requests are cached under work_dir/cache/ by the cell's key, samples (if logged) go to
+    work_dir/samples/<stem>/.
+    """
+    runs = evaluate_tasks(
+        model,
+        tokenizer,
+        eval_spec.tasks,
+        eval_spec.task_options,
+        cache=request_cache_path(work_dir, key),
+        samples_dir=work_dir / "samples" / stem,
+        progress=progress,
+    )
+    headlines = {run.name: run.headline() for run in runs}
+    return {
+        "metrics": {
+            "tasks": headlines,
+            "zero_shot_average": zero_shot_average(headlines, [r.name for r in runs]),
+        },
+        "details": {"tasks": {run.name: run.as_dict() for run in runs}},
+    }
+
+
+def discard_request_cache(work_dir: Path, key: str) -> None:
+    """Delete a cell's request cache once its result is written."""
+    for path in request_cache_files(request_cache_path(work_dir, key)):
+        path.unlink(missing_ok=True)

@@ -1,0 +1,177 @@
+"""`qbench probe`: outlier diagnostics of one checkpoint, printed as a table and saved as JSON."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from tabulate import tabulate
+
+from qbench.checkpoints.load import load_checkpoint
+from qbench.data.sources import load_text
+from qbench.errors import QBenchError
+from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
+from qbench.quant.method import QuantizerConfig
+from qbench.quant.rtn import RTNConfig
+from qbench.recipe import CheckpointSpec, Recipe, load_recipe
+from qbench.registry import did_you_mean
+from qbench.runner import write_json_atomic
+
+SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
+
+
+def checkpoint_in(recipe: Recipe, name: str) -> CheckpointSpec:
+    """The recipe's checkpoint `name` (seeded ones are name@seed)."""
+    names = [c.name for c in recipe.checkpoints]
+    if name not in names:
+        raise QBenchError(
+            f"no checkpoint '{name}' in recipe {recipe.name}{did_you_mean(name, names)}; "
+            f"known: {', '.join(names)}"
+        )
+    return recipe.checkpoints[names.index(name)]
+
+
+def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
+    """A recipe quantizer, 'none', or a shorthand wXaY for RTN (16 = left in float)."""
+    if name == "none":
+        return None
+    known = {q.name: q for q in recipe.quantizers} if recipe else {}
+    if name in known:
+        return known[name]
+    match = SHORTHAND.match(name)
+    if match is None:
+        raise QBenchError(
+            f"--quantizer '{name}': give 'none', wXaY (e.g. w4a4, w8a16; RTN) "
+            f"or one of the recipe's quantizers: {', '.join(known) or '(no recipe)'}"
+        )
+    weights, activations = (int(bits) for bits in match.groups())
+    return RTNConfig(
+        name=name,
+        weights={"bits": weights} if weights < 16 else None,
+        activations={"bits": activations} if activations < 16 else None,
+    )
+
+
+def probe(
+    checkpoint: CheckpointSpec,
+    data: str,
+    split: str,
+    spec: DiagnosticsSpec,
+    quantizer: QuantizerConfig | None,
+    out: Path,
+) -> Diagnostics:
+    """Load `checkpoint`, diagnose it on `data`/`split`, write the JSON to `out`."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    ids = probe_ids(tokenizer, load_text(data, split), spec)
+    diagnostics = diagnose(model, ids, quantizer)
+    write_json_atomic(
+        out,
+        {
+            "checkpoint": checkpoint.model_dump(),
+            "probe": {"data": data, "split": split, **spec.model_dump()},
+            "quantizer": quantizer.model_dump() if quantizer else None,
+            "summary": diagnostics.summary,
+            "details": diagnostics.details,
+        },
+    )
+    return diagnostics
+
+
+def report(diagnostics: Diagnostics) -> str:
+    """A per-layer table, the super-weight candidates and the summary, as text."""
+    layers = diagnostics.details["layers"]
+    rows = [_layer_row(layer, diagnostics.details["linears"]) for layer in layers]
+    headers = ["layer", "max |h|", "median", "ratio", "top (pos, dim)", "first-token"]
+    headers += ["bias slot", "max kurtosis in", "min SQNR dB"]
+    candidates = [
+        f"  ({s['layer']}, {s['row']}, {s['column']}): |input| {s['input']:.3g} at position "
+        f"{s['position']}, |output| {s['output']:.3g}"
+        for s in diagnostics.details["super_weights"][:3]
+    ]
+    summary = [f"  {k}: {_number(v)}" for k, v in diagnostics.summary.items()]
+    return "\n".join(
+        [
+            tabulate(rows, headers, disable_numparse=True),
+            "",
+            "super-weight candidates at down_proj (layer, row, column):",
+            *(candidates or ["  (no down_proj layers)"]),
+            "",
+            "summary:",
+            *summary,
+        ]
+    )
+
+
+def _layer_row(layer: dict[str, Any], linears: dict[str, dict[str, Any]]) -> list[str]:
+    own = [s for name, s in linears.items() if f".layers.{layer['layer']}." in name]
+    kurtosis = [s["input_kurtosis"] for s in own if s["input_kurtosis"] is not None]
+    sqnr = [s["sqnr_db"] for s in own if s["sqnr_db"] is not None]
+    heads = layer.get("first_token_mass")
+    slot = layer.get("bias_slot_mass")
+    return [
+        str(layer["layer"]),
+        _number(layer["max"]),
+        _number(layer["median"]),
+        _number(layer["ratio"]),
+        ", ".join(f"({t['position']}, {t['dim']})" for t in layer["top"]),
+        _number(sum(heads) / len(heads)) if heads else "-",
+        _number(sum(slot) / len(slot)) if slot else "-",
+        _number(max(kurtosis)) if kurtosis else "-",
+        _number(min(sqnr)) if sqnr else "-",
+    ]
+
+
+def _overridden(settings: DiagnosticsSpec, **options: int | None) -> DiagnosticsSpec:
+    """`settings` with the options given on the command line."""
+    given = {key: value for key, value in options.items() if value is not None}
+    try:
+        return DiagnosticsSpec(**(settings.model_dump() | given))
+    except ValidationError as error:
+        problems = [f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in error.errors()]
+        raise QBenchError("; ".join(problems)) from None
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def probe_command(
+    path: str | None,
+    recipe_path: Path | None,
+    checkpoint: str | None,
+    quantizer: str,
+    data: str | None,
+    split: str | None,
+    samples: int | None,
+    seq_len: int | None,
+    out: Path | None,
+    results: Path,
+) -> int:
+    """Resolve the CLI's options, probe, print the report and where the JSON went."""
+    if (path is None) == (recipe_path is None) or (recipe_path is None) != (checkpoint is None):
+        raise QBenchError("give --path DIR, or --recipe FILE with --checkpoint NAME")
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    if recipe is not None:
+        spec = checkpoint_in(recipe, checkpoint)
+        text = recipe.eval.perplexity[0]
+        data, split = data or text.data, split or text.split
+        settings = recipe.eval.diagnostics or DiagnosticsSpec()
+        folder = results / recipe.name / "probe"
+    else:
+        spec = CheckpointSpec(name=Path(path).name or "checkpoint", path=path)
+        data, split = data or "embedded", split or "test"
+        settings = DiagnosticsSpec()
+        folder = results / "probe"
+    settings = _overridden(settings, samples=samples, seq_len=seq_len)
+    rounding = quantizer_named(quantizer, recipe)
+    out = out or folder / f"{spec.name}--{quantizer}.json"
+    diagnostics = probe(spec, data, split, settings, rounding, out)
+    print(
+        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {data} {split}; "
+        f"SQNR under {quantizer}"
+    )
+    print(report(diagnostics))
+    print(f"written: {out}")
+    return 0

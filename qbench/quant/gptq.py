@@ -1,0 +1,177 @@
+"""GPTQ: round weights column by column, feeding each column's error back into the rest.
+
+Per linear, with H = 2/n sum x x^T over its calibration inputs: dampen H (+ damp * mean
+diag H), take the upper Cholesky factor U of H^-1, and for each column j (optionally in
+order of decreasing diag H, "act-order") round w_j, then subtract (w_j - q_j) / U_jj * U_j,k
+from the later columns k; updates are applied lazily per block of `block_size` columns.
+Scales come from the original weight ("static groups"), so act-order keeps them per group.
+
+Layers are quantized in order: the Hessians of decoder layer i come from a forward pass
+through the already quantized layers 0..i-1 (stopped after layer i), as GPTQ does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qbench.data.calibration import CalibrationSpec, calibration_ids
+from qbench.errors import QBenchError
+from qbench.quant.adapters import architecture
+from qbench.quant.calibrate import observe_inputs
+from qbench.quant.integer import IntGrid, int_grid, search_clip_int
+from qbench.quant.linear import QuantLinear
+from qbench.quant.method import METHODS, replace_module, target_linears
+from qbench.quant.rotation import rotate
+from qbench.quant.rtn import RTNConfig
+from qbench.quant.spec import WeightQuant
+
+
+@METHODS.register("gptq")
+class GPTQConfig(RTNConfig):
+    """GPTQ weights (int formats), RTN activations; `rotate: true` first applies QuaRot."""
+
+    method: Literal["gptq"] = "gptq"
+    rotate: bool = False
+    damp: float = Field(default=0.01, gt=0)
+    block_size: int = Field(default=128, ge=1)
+    act_order: bool = False
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    @model_validator(mode="after")
+    def _int_weights(self) -> GPTQConfig:
+        if self.weights is None or self.weights.format != "int":
+            raise ValueError("gptq rounds int weights: set weights: {bits: ...} (format int)")
+        return self
+
+    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        if self.rotate:
+            rotate(model)
+
+    @property
+    def has_transform(self) -> bool:
+        return self.rotate
+
+    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        if tokenizer is None:
+            raise QBenchError("gptq calibrates on text: pass the checkpoint's tokenizer")
+        ids = calibration_ids(tokenizer, self.calibration)
+        linears = target_linears(model, self)
+        prefix = architecture(model).layers
+        layers = model.get_submodule(prefix)
+        for i, layer in enumerate(layers):
+            names = [n for n in linears if n.startswith(f"{prefix}.{i}.")]
+            self._quantize_linears(model, {n: linears.pop(n) for n in names}, ids, stop_at=layer)
+        self._quantize_linears(model, linears, ids, stop_at=None)  # lm_head, if asked
+
+    def _quantize_linears(
+        self,
+        model: nn.Module,
+        linears: dict[str, nn.Linear],
+        ids: torch.Tensor,
+        stop_at: nn.Module | None,
+    ) -> None:
+        if not linears:
+            return
+        hessians = input_hessians(model, linears, ids, self.calibration.batch_size, stop_at)
+        for name, linear in linears.items():
+            weight = gptq_round(
+                linear.weight.detach(),
+                hessians[name],
+                self.weights,
+                self.damp,
+                self.block_size,
+                self.act_order,
+            )
+            quantized = QuantLinear(linear, self.weights, self.activations, rounded=weight)
+            replace_module(model, name, quantized)
+
+
+class _Stop(Exception):
+    """Raised after the last watched layer ran: the rest of the forward pass is not needed."""
+
+
+def input_hessians(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    ids: torch.Tensor,
+    batch_size: int,
+    stop_at: nn.Module | None,
+) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T (float64) of each linear's inputs over the calibration tokens."""
+    sums = {
+        n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+        for n, m in linears.items()
+    }
+    counts = dict.fromkeys(linears, 0)
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        x = x.detach().double().cpu()
+        sums[name] += x.T @ x
+        counts[name] += x.shape[0]
+
+    def stop(*_: object) -> None:
+        raise _Stop
+
+    hook = stop_at.register_forward_hook(stop) if stop_at is not None else None
+    try:
+        for batch in ids.split(batch_size):
+            with contextlib.suppress(_Stop):
+                observe_inputs(model, linears, batch, batch_size, observe)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return {n: 2 * sums[n] / max(counts[n], 1) for n in linears}
+
+
+def weight_grids(weight: torch.Tensor, spec: WeightQuant) -> tuple[list[IntGrid], int]:
+    """(grids, columns per grid): one per group, or one for all columns."""
+    width = spec.group or weight.shape[1]
+    grids = []
+    for start in range(0, weight.shape[1], width):
+        rows = weight[:, start : start + width]
+        if spec.granularity == "tensor":
+            rows = rows.reshape(1, -1)
+        clip = search_clip_int(rows, spec.bits, spec.symmetric) if spec.clip_search else spec.clip
+        grids.append(int_grid(rows, spec.bits, spec.symmetric, clip))
+    return grids, width
+
+
+@torch.no_grad()
+def gptq_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: WeightQuant,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+) -> torch.Tensor:
+    """The GPTQ-rounded weight [out, in] (float32) for inputs with Hessian `hessian`."""
+    w = weight.double().clone()
+    grids, width = weight_grids(w, spec)
+    h = hessian.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    order = (
+        torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(w.shape[1])
+    )
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        block, errors = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
+        for i in range(i2 - i1):
+            column = block[:, i]
+            q[:, i1 + i] = grids[int(order[i1 + i]) // width].round(column)
+            errors[:, i] = (column - q[:, i1 + i]) / u[i1 + i, i1 + i]
+            block[:, i:] -= errors[:, i : i + 1] @ u[i1 + i : i1 + i + 1, i1 + i : i2]
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return q[:, torch.argsort(order)].float()

@@ -1,0 +1,151 @@
+"""The regression gate: quantized cells must keep a minimum recovery of their fp cell.
+
+Recovery is quantized / fp for metrics where higher is better, and fp / quantized for
+perplexity, so 1.0 means no loss and lower means worse. Thresholds fail the gate;
+absolute expected values from a committed reference only warn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from qbench.plan import Cell, plan
+from qbench.recipe import Recipe
+from qbench.runner import read_result
+
+LOWER_IS_BETTER = {"perplexity"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One (cell, metric) comparison against its threshold."""
+
+    checkpoint: str
+    quantizer: str
+    metric: str
+    base: float | None
+    quantized: float | None
+    threshold: float
+
+    @property
+    def recovery(self) -> float | None:
+        if self.base is None or self.quantized is None:
+            return None
+        if self.metric.split(".")[0] in LOWER_IS_BETTER:
+            return self.base / self.quantized if self.quantized else None
+        return self.quantized / self.base if self.base else None
+
+    @property
+    def passed(self) -> bool:
+        recovery = self.recovery
+        return recovery is not None and math.isfinite(recovery) and recovery >= self.threshold
+
+
+def metric_value(result: dict[str, Any] | None, metric: str) -> float | None:
+    """metrics.<group>.<name> of a result, or None if absent (a missing or failed cell)."""
+    group, _, name = metric.partition(".")
+    value = (result or {}).get("metrics", {}).get(group, {}).get(name)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -> list[Check]:
+    gate = recipe.gate
+    found = []
+    for cell in cells:
+        if cell.quantizer is None:
+            continue
+        fp = next(c for c in cells if c.checkpoint == cell.checkpoint and c.quantizer is None)
+        thresholds = gate.min_recovery | gate.quantizers.get(cell.quantizer.name, {})
+        for metric, threshold in thresholds.items():
+            found.append(
+                Check(
+                    cell.checkpoint.name,
+                    cell.quantizer.name,
+                    metric,
+                    metric_value(results[fp.key], metric),
+                    metric_value(results[cell.key], metric),
+                    threshold,
+                )
+            )
+    return found
+
+
+def reference_warnings(
+    recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]
+) -> list[str]:
+    """Cells whose value moved more than `tolerance` (relative) from the committed reference."""
+    gate = recipe.gate
+    if gate.reference is None or not Path(gate.reference).is_file():
+        return [] if gate.reference is None else [f"reference {gate.reference} not found"]
+    expected = json.loads(Path(gate.reference).read_text())
+    warnings = []
+    for cell in cells:
+        name = f"{cell.checkpoint.name}/{cell.quantizer_name}"
+        for metric, value in expected.get(name, {}).items():
+            actual = metric_value(results[cell.key], metric)
+            if actual is None or abs(actual - value) > gate.tolerance * abs(value):
+                warnings.append(f"{name} {metric}: {actual} vs reference {value}")
+    return warnings
+
+
+def run_gate(recipe: Recipe, source: Path, results_root: Path) -> tuple[bool, str]:
+    """(passed, report) for `recipe`'s results under `results_root`."""
+    cells = plan(recipe, source)
+    results = {c.key: read_result(results_root, recipe, c) for c in cells}
+    found = checks(recipe, cells, results)
+    rows = [
+        [
+            c.checkpoint,
+            c.quantizer,
+            c.metric,
+            _number(c.base),
+            _number(c.quantized),
+            _number(c.recovery),
+            f"{c.threshold:.4g}",
+            "pass" if c.passed else "FAIL",
+        ]
+        for c in found
+    ]
+    headers = [
+        "Checkpoint",
+        "Quantizer",
+        "Metric",
+        "Base",
+        "Quantized",
+        "Recovery",
+        "Threshold",
+        "Status",
+    ]
+    lines = [
+        f"gate {recipe.name} ({recipe.gate.cadence}):",
+        tabulate(rows, headers, tablefmt="github", disable_numparse=True),
+    ]
+    lines += [f"warning: {w}" for w in reference_warnings(recipe, cells, results)]
+    passed = all(c.passed for c in found)
+    lines.append(
+        f"{'PASSED' if passed else 'FAILED'}: {sum(c.passed for c in found)} of {len(found)} checks"
+    )
+    return passed, "\n".join(lines)
+
+
+def write_reference(recipe: Recipe, source: Path, results_root: Path, path: Path) -> None:
+    """Record the gated metrics of every cell as the expected values."""
+    cells = plan(recipe, source)
+    metrics = set(recipe.gate.min_recovery).union(*recipe.gate.quantizers.values())
+    expected = {}
+    for cell in cells:
+        result = read_result(results_root, recipe, cell)
+        values = {m: v for m in sorted(metrics) if (v := metric_value(result, m)) is not None}
+        if values:
+            expected[f"{cell.checkpoint.name}/{cell.quantizer_name}"] = values
+    path.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def _number(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4f}"

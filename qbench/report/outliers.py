@@ -1,0 +1,120 @@
+"""The outlier-diagnostics part of a leaderboard: a table per checkpoint and per-layer plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from qbench.plan import Cell
+from qbench.recipe import Recipe
+from qbench.report.seeds import MISSING, Result, checkpoint_groups, metric
+
+# (key in metrics.diagnostics, header, format) of the unquantized model's figures.
+SUMMARY_COLUMNS = [
+    ("max_activation", "max \\|h\\|", "{:.2f}"),
+    ("max_median_ratio", "max/median", "{:.1f}"),
+    ("first_token_mass", "first-token mass", "{:.3f}"),
+    ("bias_slot_mass", "bias-slot mass", "{:.3f}"),
+    ("max_input_kurtosis", "max kurtosis (inputs)", "{:.1f}"),
+    ("max_weight_kurtosis", "max kurtosis (weights)", "{:.2f}"),
+]
+
+# (key per layer in details.diagnostics.layers, axis label, log scale) of the plots.
+LAYER_PLOTS = [
+    ("max", "max |h| (residual stream)", True),
+    ("first_token_mass", "attention mass on the first token", False),
+]
+
+
+def outlier_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+    """Markdown: the fp cell's outlier figures and each quantizer's worst-layer SQNR."""
+    if recipe.eval.diagnostics is None:
+        return []
+    fp = {c.checkpoint.name: results[c.key] for c in cells if c.quantizer is None}
+    columns = [
+        column
+        for column in SUMMARY_COLUMNS
+        if any(metric(r, "diagnostics", column[0]) is not None for r in fp.values())
+    ] or SUMMARY_COLUMNS[:1]
+    rows = []
+    for checkpoint in recipe.checkpoints:
+        own = [c for c in cells if c.checkpoint.name == checkpoint.name]
+        row = [checkpoint.name]
+        row += [_shown(fp[checkpoint.name], key, pattern) for key, _, pattern in columns]
+        row += [_shown(results[c.key], "min_sqnr_db", "{:.1f}") for c in own[1:]]
+        rows.append(row)
+    headers = ["checkpoint", *(header for _, header, _ in columns)]
+    headers += [f"min SQNR dB {q.name}" for q in recipe.quantizers]
+    spec = recipe.eval.diagnostics
+    return [
+        "## Outlier diagnostics",
+        "",
+        tabulate(rows, headers, tablefmt="github", disable_numparse=True),
+        "",
+        f"Unquantized model, first {spec.samples} windows of {spec.seq_len} tokens of "
+        f"{recipe.eval.perplexity[0].data} {recipe.eval.perplexity[0].split}. max |h|: largest "
+        "residual-stream magnitude over layers; max/median: its largest ratio to the layer's "
+        "median |h|; first-token mass: attention on the first token, mean over layers, heads "
+        "and queries 1..t-1 (bias-slot mass: on the learned attention-bias slot); kurtosis: "
+        "Pearson (3 = Gaussian); min SQNR: the worst linear layer's output under that "
+        "quantizer's formats. Per-layer plots: plots/outliers.png.",
+        "",
+    ]
+
+
+def write_outlier_plots(
+    recipe: Recipe, cells: list[Cell], results: dict[str, Result], folder: Path
+) -> Path | None:
+    """plots/outliers.png: per-layer max |h| and first-token mass, one line per group (the
+    mean over its members, shaded between their min and max); None without diagnostics."""
+    if recipe.eval.diagnostics is None:
+        return None
+    from matplotlib.figure import Figure
+
+    layers = {c.checkpoint.name: _layers(results[c.key]) for c in cells if c.quantizer is None}
+    figure = Figure(figsize=(6 * len(LAYER_PLOTS), 4), layout="constrained")
+    panels = zip(figure.subplots(1, len(LAYER_PLOTS)), LAYER_PLOTS, strict=True)
+    for axes, (key, label, log) in panels:
+        for i, (group, members) in enumerate(checkpoint_groups(recipe).items()):
+            curves = [c for c in (_curve(layers[m.name], key) for m in members) if c]
+            if not curves:
+                continue
+            depth = min(len(c) for c in curves)
+            x = range(depth)
+            columns = [[c[j] for c in curves] for j in x]
+            style = {"color": "black", "linewidth": 2.5} if i == 0 else {"linewidth": 1.5}
+            mean = [sum(v) / len(v) for v in columns]
+            (line,) = axes.plot(x, mean, label=group, marker="o", **style)
+            low, high = [min(v) for v in columns], [max(v) for v in columns]
+            axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        axes.set(xlabel="layer", ylabel=label, yscale="log" if log else "linear")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.suptitle(f"{recipe.name}: unquantized, per layer (first group in black)")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "outliers.png"
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _layers(result: Result) -> list[dict[str, Any]]:
+    return (((result or {}).get("details") or {}).get("diagnostics") or {}).get("layers", [])
+
+
+def _curve(layers: list[dict[str, Any]], key: str) -> list[float]:
+    """One value per layer: the figure itself, or its mean over heads for per-head lists."""
+    values = [layer.get(key) for layer in layers]
+    if any(v is None for v in values):
+        return []
+    return [sum(v) / len(v) if isinstance(v, list) else v for v in values]
+
+
+def _shown(result: Result, key: str, pattern: str) -> str:
+    """The value; 'missing' without a result, '–' where the model has no such figure."""
+    if result is None:
+        return MISSING
+    value = metric(result, "diagnostics", key)
+    return "–" if value is None else pattern.format(value)

@@ -1,0 +1,329 @@
+"""Zero-shot task aggregates: the leaderboard section, tasks.json and plots/recovery.png.
+
+Per cell and task, the headline metric lm-eval reports (acc_norm where lm-eval's published
+tables use it, else acc) with its stderr; per cell the average over the recipe's tasks; per
+quantized cell the delta (quantized − fp) and the recovery (quantized / fp) of that average
+against the fp cell of the same checkpoint. A value that is missing (no result yet, a task
+that did not run) stays missing: it is never read as 0, and an average over tasks with one
+missing is itself missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from qbench.eval.tasks import zero_shot_average
+from qbench.plan import Cell
+from qbench.recipe import Recipe
+
+Result = dict[str, Any] | None
+MISSING = "missing"
+
+
+# ---------------------------------------------------------------- aggregates
+
+
+def task_names(recipe: Recipe) -> list[str]:
+    return [t.name for t in recipe.eval.tasks]
+
+
+def task_entry(result: Result, task: str) -> dict[str, Any] | None:
+    """{metric, value, stderr, higher_is_better} of one task in one result, or None."""
+    entry = ((result or {}).get("metrics") or {}).get("tasks", {}).get(task)
+    return entry if entry and entry.get("value") is not None else None
+
+
+def cell_average(result: Result, tasks: list[str]) -> float | None:
+    """The average over `tasks`, recomputed from the result; None if any task is missing."""
+    if result is None:
+        return None
+    return zero_shot_average((result.get("metrics") or {}).get("tasks", {}), tasks)
+
+
+def fp_cell(cells: list[Cell], cell: Cell) -> Cell | None:
+    """The unquantized cell of `cell`'s checkpoint."""
+    return next(
+        (c for c in cells if c.quantizer is None and c.checkpoint.name == cell.checkpoint.name),
+        None,
+    )
+
+
+def delta(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value - base
+
+
+def recovery(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None or base == 0 else value / base
+
+
+def perplexity_of(result: Result, column: str) -> float | None:
+    return ((result or {}).get("metrics") or {}).get("perplexity", {}).get(column)
+
+
+def summary(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[dict[str, Any]]:
+    """One record per cell: task values, average, delta and recovery against its own fp."""
+    tasks = task_names(recipe)
+    records = []
+    for cell in cells:
+        result = results.get(cell.key)
+        fp = fp_cell(cells, cell)
+        fp_result = results.get(fp.key) if fp is not None else None
+        average, base = cell_average(result, tasks), cell_average(fp_result, tasks)
+        records.append(
+            {
+                "checkpoint": cell.checkpoint.name,
+                "quantizer": cell.quantizer_name,
+                "precision": _precision(cell),
+                "key": cell.key,
+                "has_result": result is not None,
+                "tasks": {
+                    t: _task_record(task_entry(result, t), task_entry(fp_result, t)) for t in tasks
+                },
+                "average": average,
+                "fp_average": base,
+                "delta": delta(average, base) if cell.quantizer else None,
+                "recovery": recovery(average, base) if cell.quantizer else None,
+                "perplexity": {
+                    s.column: perplexity_of(result, s.column) for s in recipe.eval.perplexity
+                },
+            }
+        )
+    return records
+
+
+def _task_record(entry: dict[str, Any] | None, fp: dict[str, Any] | None) -> dict[str, Any]:
+    value, base = (entry or {}).get("value"), (fp or {}).get("value")
+    return {
+        "metric": (entry or fp or {}).get("metric"),
+        "value": value,
+        "stderr": (entry or {}).get("stderr"),
+        "delta": delta(value, base),
+        "recovery": recovery(value, base),
+    }
+
+
+# ---------------------------------------------------------------- markdown
+
+_PRECISION = re.compile(r"^W(\d+)A(\d+)(?:KV(\d+))?")
+
+
+def _precision(cell: Cell) -> str:
+    return cell.quantizer.precision() if cell.quantizer else "fp"
+
+
+def block_order(precision: str) -> tuple[int, ...]:
+    """fp first, then wider before narrower: W8A8, W4A16, W4A8, W4A4, W4A4KV4."""
+    if precision == "fp":
+        return (0,)
+    match = _PRECISION.match(precision)
+    if not match:
+        return (2,)
+    w, a, kv = (int(g) if g else 99 for g in match.groups())
+    return (1, -w, -a, -kv)
+
+
+def _blocks(recipe: Recipe) -> list[tuple[str, list[str]]]:
+    """[(precision, [quantizer names in recipe order])], fp block first."""
+    blocks: dict[str, list[str]] = {"fp": ["fp"]}
+    for q in recipe.quantizers:
+        blocks.setdefault(q.precision(), []).append(q.name)
+    return sorted(blocks.items(), key=lambda item: block_order(item[0]))
+
+
+def _pct(value: float | None, digits: int = 1) -> str | None:
+    return None if value is None else f"{100 * value:.{digits}f}"
+
+
+def _show(text: str | None, bold: bool = False) -> str:
+    if text is None:
+        return MISSING
+    return f"**{text}**" if bold else text
+
+
+def _best(values: dict[str, float | None], higher: bool) -> str | None:
+    """The quantizer with the best value, when at least two compete."""
+    scored = [(v if higher else -v, name) for name, v in values.items() if v is not None]
+    return max(scored)[1] if len(scored) >= 2 else None
+
+
+def tasks_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+    """Markdown lines: blocks by precision, then per-task tables; [] without tasks."""
+    if not recipe.eval.tasks:
+        return []
+    records = {(r["checkpoint"], r["quantizer"]): r for r in summary(recipe, cells, results)}
+    columns = [s.column for s in recipe.eval.perplexity]
+    methods = {q.name: f"{q.method}" for q in recipe.quantizers} | {"fp": "unquantized"}
+    headers = ["precision", "quantizer", "method"]
+    for checkpoint in recipe.checkpoints:
+        headers += [f"{checkpoint.name} avg", f"{checkpoint.name} recovery"]
+        headers += [f"{checkpoint.name} {col} ppl" for col in columns]
+    rows = []
+    for precision, names in _blocks(recipe):
+        bold: dict[tuple[str, str], str | None] = {}
+        for checkpoint in recipe.checkpoints:
+            block = {n: records[(checkpoint.name, n)] for n in names}
+            bold[(checkpoint.name, "avg")] = _best(
+                {n: r["average"] for n, r in block.items()}, True
+            )
+            bold[(checkpoint.name, "rec")] = _best(
+                {n: r["recovery"] for n, r in block.items()}, True
+            )
+            for col in columns:
+                ppl = {n: r["perplexity"][col] for n, r in block.items()}
+                bold[(checkpoint.name, f"ppl:{col}")] = _best(ppl, False)
+        for i, name in enumerate(names):
+            row = [f"**{precision}**" if i == 0 else "", name, methods[name]]
+            for checkpoint in recipe.checkpoints:
+                r = records[(checkpoint.name, name)]
+                row.append(_show(_pct(r["average"]), bold[(checkpoint.name, "avg")] == name))
+                rec = "100%" if name == "fp" and r["average"] is not None else None
+                rec = rec or (None if r["recovery"] is None else f"{100 * r['recovery']:.1f}%")
+                row.append(_show(rec, bold[(checkpoint.name, "rec")] == name))
+                for col in columns:
+                    ppl = r["perplexity"][col]
+                    text = None if ppl is None else f"{ppl:.3f}"
+                    row.append(_show(text, bold[(checkpoint.name, f"ppl:{col}")] == name))
+            rows.append(row)
+    lines = [
+        "## Zero-shot tasks",
+        "",
+        tabulate(rows, headers, tablefmt="github", disable_numparse=True),
+        "",
+        *_notes(recipe, cells, results),
+        "",
+    ]
+    for checkpoint in recipe.checkpoints:
+        lines += _per_task_table(recipe, checkpoint.name, records)
+    lines += ["## Perplexity per cell", ""]
+    return lines
+
+
+def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) -> list[str]:
+    tasks = task_names(recipe)
+    metric = {
+        t: next(
+            (r["tasks"][t]["metric"] for (c, _), r in records.items()
+             if c == checkpoint and r["tasks"][t]["metric"]),
+            None,
+        )
+        for t in tasks
+    }  # fmt: skip
+    headers = ["precision", "quantizer"]
+    headers += [f"{t} ({metric[t]})" if metric[t] else t for t in tasks]
+    headers += ["avg", "Δ avg", "recovery"]
+    rows = []
+    for precision, names in _blocks(recipe):
+        for i, name in enumerate(names):
+            r = records[(checkpoint, name)]
+            row = [precision if i == 0 else "", name]
+            for t in tasks:
+                entry = r["tasks"][t]
+                value = _pct(entry["value"])
+                if value is not None and entry["stderr"] is not None:
+                    value += f" ± {_pct(entry['stderr'])}"
+                row.append(_show(value))
+            row.append(_show(_pct(r["average"])))
+            if name == "fp":
+                row += ["", ""]
+            else:
+                row.append(_show(None if r["delta"] is None else f"{100 * r['delta']:+.1f}"))
+                row.append(_show(None if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"))
+            rows.append(row)
+    return [
+        f"### {checkpoint}: per task",
+        "",
+        tabulate(rows, headers, tablefmt="github", disable_numparse=True),
+        "",
+    ]
+
+
+def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+    options = recipe.eval.task_options
+    sources: dict[str, str] = {}
+    for cell in cells:
+        details = ((results.get(cell.key) or {}).get("details") or {}).get("tasks", {})
+        for name, run in details.items():
+            sources.setdefault(name, run.get("source", "?"))
+    described = []
+    for spec in recipe.eval.tasks:
+        limit = spec.limit if spec.limit is not None else options.limit
+        fewshot = spec.num_fewshot if spec.num_fewshot is not None else options.num_fewshot
+        scope = f"first {limit} documents" if limit else "all documents"
+        described.append(
+            f"`{spec.name}` ({sources.get(spec.name, 'not run yet')}, {scope}, {fewshot}-shot)"
+        )
+    return [
+        "Accuracies in percent (higher is better), from lm-evaluation-harness run in process on "
+        "each cell's model. Per task the metric lm-eval's published tables use (acc_norm for "
+        "arc, piqa, hellaswag, embedded_mc; acc otherwise) ± its stderr; `avg` is their mean "
+        "over the recipe's tasks; recovery = quantized avg / fp avg and Δ = quantized − fp "
+        "(points), both against the same checkpoint unquantized. The best value of each "
+        "precision block is in bold. `missing` = no result (never counted as 0); an average "
+        "with a missing task is missing.",
+        "",
+        "Tasks: " + "; ".join(described) + ". Sources: local = lm-eval's prompts and metrics "
+        "on the release files in QBENCH_DATA_DIR; lm-eval = lm-eval's own task and dataset; "
+        "embedded = qbench's embedded next-sentence task.",
+    ]
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_task_outputs(
+    recipe: Recipe, cells: list[Cell], results: dict[str, Result], folder: Path
+) -> list[Path]:
+    """results/<recipe>/tasks.json and plots/recovery.png; nothing without tasks."""
+    if not recipe.eval.tasks:
+        return []
+    records = summary(recipe, cells, results)
+    path = folder / "tasks.json"
+    path.write_text(json.dumps({"recipe": recipe.name, "cells": records}, indent=2) + "\n")
+    return [path, write_recovery_plot(recipe, records, folder / "plots")]
+
+
+def write_recovery_plot(recipe: Recipe, records: list[dict[str, Any]], folder: Path) -> Path:
+    """Grouped bars: recovery of the zero-shot average per checkpoint and quantizer."""
+    from matplotlib.figure import Figure
+
+    checkpoints = [c.name for c in recipe.checkpoints]
+    quantizers = [q.name for q in recipe.quantizers]
+    by_cell = {(r["checkpoint"], r["quantizer"]): r["recovery"] for r in records}
+    figure = Figure(figsize=(max(6, 1.2 * len(checkpoints) * max(1, len(quantizers))), 4),
+                    layout="constrained")  # fmt: skip
+    axes = figure.subplots()
+    width = 0.8 / max(1, len(quantizers))
+    shown = [100 * v for v in by_cell.values() if v is not None]
+    bottom = max(0.0, 5 * math.floor((min([*shown, 100.0]) - 2) / 5))  # zoom on the spread
+    for j, quantizer in enumerate(quantizers):
+        xs = [i + (j - (len(quantizers) - 1) / 2) * width for i in range(len(checkpoints))]
+        values = [by_cell.get((c, quantizer)) for c in checkpoints]
+        heights = [100 * v - bottom if v is not None else 0.0 for v in values]
+        bars = axes.bar(xs, heights, width, bottom=bottom, label=quantizer)
+        for bar, value in zip(bars, values, strict=True):
+            x = bar.get_x() + width / 2
+            if value is None:
+                bar.set_visible(False)
+                axes.text(x, bottom, MISSING, rotation=90, ha="center", va="bottom",
+                          fontsize="x-small")  # fmt: skip
+            else:
+                axes.text(x, 100 * value, f"{100 * value:.1f}", ha="center", va="bottom",
+                          fontsize="x-small")  # fmt: skip
+    axes.set_ylim(bottom=bottom)
+    axes.axhline(100, color="black", linestyle="--", linewidth=1)
+    axes.set_xticks(range(len(checkpoints)), checkpoints)
+    axes.set(ylabel="recovery of zero-shot average (% of fp)")
+    axes.set_title(f"{recipe.name}: quantized / fp, average over {len(recipe.eval.tasks)} tasks")
+    if quantizers:
+        axes.legend(fontsize="small")
+    axes.grid(axis="y", alpha=0.3)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recovery.png"
+    figure.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,107 @@
+"""The regression gate: recovery against the same checkpoint's fp cell, per metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from conftest import write_recipe
+
+from qbench.cli import main
+from qbench.plan import plan
+from qbench.recipe import RecipeError, load_recipe
+from qbench.report.gate import Check, checks
+
+RECIPE = """
+name: gated
+checkpoints: [{name: llama, path: LLAMA}]
+quantizers:
+  - {name: w8a8, method: rtn, weights: {bits: 8}, activations: {bits: 8}}
+  - {name: w2a2, method: rtn, weights: {bits: 2}, activations: {bits: 2}}
+eval:
+  perplexity: [{data: embedded, seq_len: 64, max_windows: 4}]
+gate:
+  cadence: smoke
+  min_recovery: {perplexity.embedded: 0.95}
+  quantizers: {w2a2: {perplexity.embedded: 0.01}}
+"""
+
+
+def _result(ppl: float) -> dict:
+    return {"metrics": {"perplexity": {"embedded": ppl}}}
+
+
+def test_recovery_is_fp_over_quantized_for_perplexity():
+    check = Check("c", "q", "perplexity.embedded", base=10.0, quantized=12.5, threshold=0.8)
+    assert check.recovery == pytest.approx(0.8) and check.passed
+    accuracy = Check("c", "q", "tasks.piqa", base=0.5, quantized=0.4, threshold=0.81)
+    assert accuracy.recovery == pytest.approx(0.8) and not accuracy.passed
+
+
+def test_checks_use_overrides_and_fail_missing_or_nan_cells(tmp_path, llama_dir):
+    path = write_recipe(tmp_path / "g.yaml", RECIPE.replace("LLAMA", str(llama_dir)))
+    recipe = load_recipe(path)
+    cells = plan(recipe, path)
+    fp, w8a8, w2a2 = cells
+    found = checks(recipe, cells, {fp.key: _result(10.0), w8a8.key: _result(10.4), w2a2.key: None})
+    assert [(c.quantizer, c.threshold, c.passed) for c in found] == [
+        ("w8a8", 0.95, True),
+        ("w2a2", 0.01, False),  # no result: missing, never a pass
+    ]
+    nan = checks(
+        recipe, cells, {fp.key: _result(10.0), w8a8.key: _result(math.nan), w2a2.key: None}
+    )
+    assert not nan[0].passed
+
+
+def test_gate_command_passes_then_fails_on_a_strict_threshold(tmp_path, llama_dir, capsys):
+    path = write_recipe(tmp_path / "g.yaml", RECIPE.replace("LLAMA", str(llama_dir)))
+    results = ["--results", str(tmp_path)]
+    assert main(["run", str(path), *results, "--no-progress"]) == 0
+    assert main(["gate", str(path), *results]) == 0
+    assert "PASSED: 2 of 2 checks" in capsys.readouterr().out
+
+    strict = RECIPE.replace("0.01", "1.5").replace("LLAMA", str(llama_dir))
+    path.write_text(strict)
+    assert main(["gate", str(path), *results]) == 1
+    out = capsys.readouterr().out
+    assert "| Base" in out and "Recovery" in out and "Threshold" in out
+    assert "FAIL" in out and "FAILED: 1 of 2 checks" in out
+    assert main(["gate", str(path), *results, "--cadence", "nightly"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_reference_values_only_warn(tmp_path, llama_dir, capsys):
+    reference = tmp_path / "reference.json"
+    text = RECIPE.replace("LLAMA", str(llama_dir)) + f"  reference: {reference}\n"
+    path = write_recipe(tmp_path / "g.yaml", text)
+    results = ["--results", str(tmp_path)]
+    main(["run", str(path), *results, "--no-progress"])
+    assert main(["gate", str(path), *results, "--write-reference"]) == 0
+    expected = json.loads(reference.read_text())
+    assert set(expected) == {"llama/fp", "llama/w8a8", "llama/w2a2"}
+    expected["llama/w8a8"]["perplexity.embedded"] *= 2
+    reference.write_text(json.dumps(expected))
+    capsys.readouterr()
+    assert main(["gate", str(path), *results]) == 0
+    assert "warning: llama/w8a8 perplexity.embedded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "{perplexity.embedded: 0.95}",
+            "{perplexity.wiki: 0.95}",
+            "gate: unknown metric 'perplexity.wiki'",
+        ),
+        ("{w2a2: {", "{w2a3: {", "gate.quantizers: no quantizer 'w2a3' (did you mean 'w2a2'?)"),
+        ("0.95", "-1", "threshold of perplexity.embedded must be positive"),
+    ],
+)
+def test_gate_errors_name_the_field(tmp_path, old, new, expected):
+    path = write_recipe(tmp_path / "g.yaml", RECIPE.replace(old, new).replace("LLAMA", "x"))
+    with pytest.raises(RecipeError, match=re.escape(expected)):
+        load_recipe(path)

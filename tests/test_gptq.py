@@ -1,0 +1,102 @@
+"""GPTQ: lower layer output error than RTN on the same calibration batch; end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from qbench.data.calibration import calibration_ids
+from qbench.quant import quantize_
+from qbench.quant.calibrate import observe_inputs
+from qbench.quant.gptq import GPTQConfig, gptq_round
+from qbench.quant.linear import QuantLinear
+from qbench.quant.rotation import HadamardInput
+from qbench.quant.rtn import RTNConfig
+from qbench.quant.spec import WeightQuant, fake_quant
+
+CALIBRATION = {"data": "embedded", "sequences": 8, "seq_len": 32, "batch_size": 4}
+
+
+def _batch(n: int = 512, width: int = 64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(width, width, generator=generator)  # correlated features
+    scales = torch.rand(width, generator=generator) * 4  # and uneven channel energy
+    return (torch.randn(n, width, generator=generator) @ mixing) * scales
+
+
+@pytest.mark.parametrize(
+    "weights, act_order",
+    [
+        ({"bits": 4}, False),
+        ({"bits": 3, "group": 16}, True),
+        ({"bits": 4, "symmetric": False}, True),
+    ],
+)
+def test_gptq_output_error_is_below_rtn(weights, act_order):
+    x = _batch()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    spec = WeightQuant.model_validate(weights)
+    hessian = 2 * x.double().T @ x.double() / x.shape[0]
+    gptq = gptq_round(w, hessian, spec, damp=0.01, block_size=16, act_order=act_order)
+    rtn = fake_quant(w, spec)
+    error = {name: (x @ (q - w).T).pow(2).mean() for name, q in (("gptq", gptq), ("rtn", rtn))}
+    assert error["gptq"] < 0.8 * error["rtn"]
+
+
+def test_gptq_values_lie_on_the_rtn_grid_of_each_group():
+    x, w = _batch(), torch.randn(8, 64)
+    spec = WeightQuant.model_validate({"bits": 4, "group": 32})
+    q = gptq_round(w, 2 * x.double().T @ x.double() / 512, spec, 0.01, 128, act_order=True)
+    scales = w.reshape(8, 2, 32).abs().amax(-1, keepdim=True) / 7
+    steps = q.reshape(8, 2, 32) / scales
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert steps.abs().max() <= 8
+
+
+def test_gptq_model_layer_error_is_below_rtn_on_the_calibration_batch(tiny_model, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    gptq = GPTQConfig.model_validate(
+        {"name": "g", "method": "gptq", "weights": {"bits": 3}, "calibration": CALIBRATION}
+    )
+    rtn = RTNConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
+    fp = tiny_model("llama")
+    torch.manual_seed(0)  # the batch GPTQ calibrates on
+    ids = calibration_ids(tokenizer, gptq.calibration)
+    layer = {"gate": fp.model.layers[0].mlp.gate_proj}
+    inputs = []
+    observe_inputs(fp, layer, ids, 4, lambda _, x: inputs.append(x))
+    x = torch.cat(inputs)
+    errors = {}
+    for config in (gptq, rtn):
+        torch.manual_seed(0)
+        model = quantize_(tiny_model("llama"), config, tokenizer)
+        with torch.no_grad():
+            diff = model.model.layers[0].mlp.gate_proj(x) - layer["gate"](x)
+        errors[config.method] = diff.pow(2).mean()
+    assert errors["gptq"] < 0.9 * errors["rtn"]
+
+
+def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GPTQConfig.model_validate(
+        {
+            "name": "quarot",
+            "method": "gptq",
+            "rotate": True,
+            "act_order": True,
+            "weights": {"bits": 4, "clip_search": True},
+            "activations": {"bits": 8},
+            "calibration": CALIBRATION,
+        }
+    )
+    assert config.has_transform
+    model = quantize_(tiny_model("qwen2"), config, tokenizer)
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, HadamardInput) and isinstance(down.linear, QuantLinear)
+    assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
+
+
+def test_gptq_needs_int_weights():
+    with pytest.raises(ValueError, match="gptq rounds int weights"):
+        GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}})
