@@ -1,4 +1,4 @@
-"""qbench run | report | gate | train | probe | list."""
+"""qbench run | sweep | report | gate | train | probe | list."""
 
 from __future__ import annotations
 
@@ -26,10 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="evaluate every cell of a recipe, then report")
-    run.add_argument("recipe", type=Path)
+    run.add_argument("recipes", type=Path, nargs=1, metavar="recipe")
     run.add_argument("--results", type=Path, default=Path("results"), help="results root")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    run.set_defaults(command=_run)
+    run.set_defaults(command=_sweep, executor="local", address=None, num_cpus=None)
+
+    sweep = commands.add_parser("sweep", help="evaluate every cell of recipes, then report")
+    sweep.add_argument("recipes", type=Path, nargs="+")
+    sweep.add_argument("--executor", default="local", help="local (default) or ray")
+    sweep.add_argument("--address", help="ray: an existing cluster (default: a local instance)")
+    sweep.add_argument("--num-cpus", type=int, help="ray: CPUs of the local instance")
+    sweep.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sweep.set_defaults(command=_sweep)
 
     report = commands.add_parser("report", help="write results/<recipe>/LEADERBOARD.md")
     report.add_argument("recipe", type=Path)
@@ -73,14 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    from qbench.recipe import load_recipe
+def _sweep(args: argparse.Namespace) -> int:
+    """`qbench sweep` (and `qbench run`, its one-recipe local case): cells, then leaderboards;
+    exit 1 when a cell failed (its record says why; a rerun retries it)."""
     from qbench.report.leaderboard import write_leaderboard
-    from qbench.runner import run
+    from qbench.sweep import plan_recipes, sweep
 
-    recipe = load_recipe(args.recipe)
-    run(recipe, args.recipe, args.results, progress=not args.no_progress)
-    print(f"leaderboard: {write_leaderboard(recipe, args.recipe, args.results)}")
+    planned = plan_recipes(args.recipes)
+    options = {"address": args.address, "num_cpus": args.num_cpus}
+    options = {name: value for name, value in options.items() if value is not None}
+    tally = sweep(planned, args.results, args.executor, not args.no_progress, **options)
+    for p in planned:
+        print(f"leaderboard: {write_leaderboard(p.recipe, p.source, args.results)}")
+    if tally.elsewhere:
+        print(f"{len(tally.elsewhere)} cells were left to another sweep on the same results")
+    if tally.failed:
+        print(
+            f"qbench: {len(tally.failed)} of {len(tally.ran)} cells failed: "
+            + ", ".join(job.label for job in tally.failed)
+            + "; rerun to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -17,7 +17,7 @@ from qbench.quant.method import QuantizerConfig
 from qbench.quant.rtn import RTNConfig
 from qbench.recipe import CheckpointSpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
-from qbench.runner import write_json_atomic
+from qbench.store import write_json_atomic
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
 

@@ -205,9 +205,7 @@ class TaskOptions(StrictModel):
 
 class EvalSpec(StrictModel):
     perplexity: list[PerplexitySpec] = Field(min_length=1)
-    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(
-        default_factory=list
-    )
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(default_factory=list)
     task_options: TaskOptions = Field(default_factory=TaskOptions)
     diagnostics: Annotated[DiagnosticsSpec | None, BeforeValidator(_diagnostics_switch)] = None
 
@@ -249,6 +247,20 @@ class GateSpec(StrictModel):
         return self
 
 
+class ResourcesSpec(StrictModel):
+    """What one cell reserves on a Ray cluster (`qbench sweep --executor ray`)."""
+
+    gpus_per_cell: float = Field(default=0, ge=0)
+    cpus_per_cell: float = Field(default=1, gt=0)
+
+    @field_validator("gpus_per_cell")
+    @classmethod
+    def _whole_or_fraction(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus}: give a fraction of one GPU (e.g. 0.5) or whole GPUs")
+        return gpus
+
+
 class Recipe(StrictModel):
     """Checkpoints x quantizers, evaluated as `eval` says."""
 
@@ -258,6 +270,7 @@ class Recipe(StrictModel):
     quantizers: list[Quantizer] = Field(default_factory=list)
     eval: EvalSpec
     gate: GateSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     _name = field_validator("name")(_check_name)
 

@@ -1,19 +1,24 @@
-"""Run the cells of a plan and write one JSON result per cell, atomically.
+"""Evaluate cells on a worker: one load per checkpoint, one record per cell, failures recorded.
 
-A cell whose result file exists is skipped, so an interrupted run resumes where it
-stopped; a result is written to a temporary file and renamed, so a killed run leaves
-no partial result.
+A `Worker` keeps the checkpoint it loaded last (a `CheckpointContext`): the pristine model,
+which every quantized cell deep-copies (weights restored from memory, never reloaded), its
+tokenizer, and a store of what the checkpoint's cells share: calibration token ids, the fp
+model's SmoothQuant activation absmax, GPTQ's layer-0 Hessians (qbench.data.calibration's
+`shared_statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
+included) or a non-finite perplexity becomes a `status: failed` record.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
-import itertools
-import json
+import gc
+import math
 import os
-import tempfile
+import socket
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,65 +26,132 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.load import load_checkpoint
+from qbench.data.calibration import sharing_statistics
 from qbench.data.sources import load_text
+from qbench.errors import QBenchError
 from qbench.eval.diagnostics import Diagnostics, diagnose, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
-from qbench.eval.tasks import default_work_dir, discard_request_cache, evaluate_cell_tasks
-from qbench.plan import Cell, plan
-from qbench.recipe import Recipe
+from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
+from qbench.plan import Cell
+from qbench.recipe import CheckpointSpec, Recipe
+from qbench.store import FAILED, OK, Result
 from qbench.versions import library_versions
 
-
-def runs_dir(results_root: Path, recipe: Recipe) -> Path:
-    return results_root / recipe.name / "runs"
+TRACEBACK_LINES = 40  # the tail of a failed cell's traceback kept in its record
 
 
-def read_result(results_root: Path, recipe: Recipe, cell: Cell) -> dict[str, Any] | None:
-    path = runs_dir(results_root, recipe) / cell.filename
-    return json.loads(path.read_text()) if path.is_file() else None
+class NonFiniteMetricError(QBenchError):
+    """A cell's model produced NaN or infinite perplexity."""
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+@dataclass
+class CheckpointContext:
+    """One checkpoint loaded on a worker, and the statistics its cells share."""
+
+    identity: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    shared: dict[Any, Any] = field(default_factory=dict)
 
 
-def run(recipe: Recipe, source: Path, results_root: Path, progress: bool = True) -> list[Cell]:
-    """Evaluate every cell of `recipe` that has no result yet; return the plan."""
-    cells = plan(recipe, source)
-    pending = [c for c in cells if read_result(results_root, recipe, c) is None]
-    print(
-        f"{recipe.name}: {len(cells)} cells, {len(cells) - len(pending)} done, "
-        f"{len(pending)} to run",
-        flush=True,
-    )
-    done = len(cells) - len(pending)
-    for _, group in itertools.groupby(pending, key=lambda c: c.checkpoint.name):
-        group = list(group)
-        model, tokenizer = load_checkpoint(group[0].checkpoint, progress)
-        for cell in group:
-            result = run_cell(cell, recipe, model, tokenizer, progress, results_root / recipe.name)
-            write_json_atomic(runs_dir(results_root, recipe) / cell.filename, result)
-            discard_request_cache(results_root / recipe.name, cell.key)
-            done += 1
-            scores = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"]["perplexity"].items())
-            if (average := result["metrics"].get("zero_shot_average")) is not None:
-                scores += f"; {len(recipe.eval.tasks)}-task average {average:.4f}"
-            print(
-                f"[{done}/{len(cells)}] {cell.checkpoint.name} x {cell.quantizer_name}: "
-                f"perplexity {scores} ({result['wall_time_s']:.1f} s)",
-                flush=True,
-            )
-    return cells
+def checkpoint_identity(checkpoint: CheckpointSpec) -> str:
+    """What the loaded weights depend on (not the recipe's name for them)."""
+    return checkpoint.model_dump_json(exclude={"name", "group", "seeds"})
+
+
+class Worker:
+    """Runs cells one at a time, keeping the last checkpoint loaded."""
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+        self.loads = 0  # checkpoint loads so far
+        self._context: CheckpointContext | None = None
+
+    def context(self, checkpoint: CheckpointSpec) -> CheckpointContext:
+        identity = checkpoint_identity(checkpoint)
+        if self._context is None or self._context.identity != identity:
+            self.release()
+            model, tokenizer = load_checkpoint(checkpoint, self.progress)
+            self._context = CheckpointContext(identity, model, tokenizer)
+            self.loads += 1
+        return self._context
+
+    def release(self) -> None:
+        """Drop the loaded checkpoint and what its cells shared."""
+        self._context = None
+        _free_memory()
+
+    def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Result:
+        """The cell's record: `status: ok` with metrics, or `status: failed` with the error."""
+        start = time.perf_counter()
+        try:
+            context = self.context(cell.checkpoint)
+            with sharing_statistics(context.shared):
+                result = run_cell(
+                    cell,
+                    recipe,
+                    context.model,
+                    context.tokenizer,
+                    self.progress,
+                    results_root / recipe.name,
+                )
+            check_finite(result)
+            return result
+        except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
+            record = failure_record(cell, recipe, error, time.perf_counter() - start)
+        _free_memory()  # the error's traceback held the cell's model copy
+        return record
+
+
+def check_finite(result: Result) -> None:
+    bad = {k: v for k, v in result["metrics"]["perplexity"].items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteMetricError(f"non-finite perplexity {bad}: the model produced NaN/inf")
+
+
+def failure_record(cell: Cell, recipe: Recipe, error: BaseException, wall_time_s: float) -> Result:
+    """A failed cell's record: the error's type, message and traceback tail; no metrics."""
+    lines = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return {
+        **_header(cell, recipe),
+        "status": FAILED,
+        "error": {
+            "type": type(error).__name__,
+            "message": str(error),
+            "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
+        },
+        **_footer(wall_time_s),
+    }
+
+
+def _header(cell: Cell, recipe: Recipe) -> Result:
+    return {
+        "recipe": recipe.name,
+        "key": cell.key,
+        "checkpoint": {"name": cell.checkpoint.name, "spec": cell.checkpoint.model_dump()},
+        "quantizer": {
+            "name": cell.quantizer_name,
+            "config": cell.quantizer.model_dump() if cell.quantizer else None,
+        },
+        "stage": cell.stage,
+        "precision": cell.quantizer.precision() if cell.quantizer else cell.checkpoint.dtype,
+        "seed": recipe.seed,
+    }
+
+
+def _footer(wall_time_s: float) -> Result:
+    return {
+        "versions": library_versions(),
+        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+        "wall_time_s": wall_time_s,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_cell(
@@ -123,15 +195,8 @@ def run_cell(
         else {"metrics": {}, "details": {}}
     )
     return {
-        "recipe": recipe.name,
-        "key": cell.key,
-        "checkpoint": {"name": cell.checkpoint.name, "spec": cell.checkpoint.model_dump()},
-        "quantizer": {
-            "name": cell.quantizer_name,
-            "config": cell.quantizer.model_dump() if cell.quantizer else None,
-        },
-        "stage": cell.stage,
-        "precision": cell.quantizer.precision() if cell.quantizer else cell.checkpoint.dtype,
+        **_header(cell, recipe),
+        "status": OK,
         "metrics": {
             "perplexity": {name: s.perplexity for name, s in scores.items()},
             **({"diagnostics": diagnostics.summary} if diagnostics else {}),
@@ -143,12 +208,9 @@ def run_cell(
             **tasks["details"],
         },
         "stages": stages,
-        "seed": recipe.seed,
-        "versions": library_versions(),
         "device": str(next(model.parameters()).device),
         "quantize_s": quantize_s,
-        "wall_time_s": time.perf_counter() - start,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_footer(time.perf_counter() - start),
     }
 
 

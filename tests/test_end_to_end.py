@@ -15,7 +15,7 @@ from conftest import write_recipe
 
 from qbench import runner
 from qbench.cli import main
-from qbench.recipe import load_recipe
+from qbench.sweep import plan_recipes, sweep
 
 TRAINED = """
 name: e2e
@@ -74,8 +74,7 @@ def test_recipe_runs_to_a_leaderboard_and_a_rerun_does_no_work(tmp_path, monkeyp
 
 def test_interrupted_run_resumes_with_identical_numbers(tmp_path, monkeypatch):
     path = write_recipe(tmp_path / "e2e.yaml", TRAINED)
-    recipe = load_recipe(path)
-    runner.run(recipe, path, tmp_path / "straight", progress=False)
+    sweep(plan_recipes([path]), tmp_path / "straight", progress=False)
 
     real_run_cell, calls = runner.run_cell, []
 
@@ -87,10 +86,10 @@ def test_interrupted_run_resumes_with_identical_numbers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "run_cell", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(recipe, path, tmp_path / "resumed", progress=False)
+        sweep(plan_recipes([path]), tmp_path / "resumed", progress=False)
     assert len(_metrics(tmp_path / "resumed")) == 2
     calls.clear()
-    runner.run(recipe, path, tmp_path / "resumed", progress=False)
+    sweep(plan_recipes([path]), tmp_path / "resumed", progress=False)
     assert calls == ["w4a16-g32", "w4a4"]  # only the unfinished cells ran
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
 

@@ -61,14 +61,14 @@ def test_gate_command_passes_then_fails_on_a_strict_threshold(tmp_path, llama_di
     results = ["--results", str(tmp_path)]
     assert main(["run", str(path), *results, "--no-progress"]) == 0
     assert main(["gate", str(path), *results]) == 0
-    assert "PASSED: 2 of 2 checks" in capsys.readouterr().out
+    assert "PASSED: 2 of 2 checks passed" in capsys.readouterr().out
 
     strict = RECIPE.replace("0.01", "1.5").replace("LLAMA", str(llama_dir))
     path.write_text(strict)
     assert main(["gate", str(path), *results]) == 1
     out = capsys.readouterr().out
     assert "| Base" in out and "Recovery" in out and "Threshold" in out
-    assert "FAIL" in out and "FAILED: 1 of 2 checks" in out
+    assert "FAIL" in out and "FAILED: 1 of 2 checks passed" in out
     assert main(["gate", str(path), *results, "--cadence", "nightly"]) == 0
     assert "skipped" in capsys.readouterr().out
 

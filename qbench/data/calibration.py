@@ -1,6 +1,13 @@
-"""Calibration text for methods that look at activations (SmoothQuant, GPTQ)."""
+"""Calibration text for methods that look at activations (SmoothQuant, GPTQ), and the
+memo through which the cells of one checkpoint share what they compute from it.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -9,6 +16,36 @@ from transformers import PreTrainedTokenizerBase
 from qbench.config import StrictModel
 from qbench.data.sources import TEXT_SOURCES, data_dir, load_text
 from qbench.errors import QBenchError
+
+T = TypeVar("T")
+_SHARED: contextvars.ContextVar[dict[Hashable, Any] | None] = contextvars.ContextVar(
+    "qbench_shared_statistics", default=None
+)
+
+
+@contextlib.contextmanager
+def sharing_statistics(store: dict[Hashable, Any]) -> Iterator[None]:
+    """Within the block, `shared_statistic` memoizes into `store`: the runner opens one store
+    per loaded checkpoint, so its cells compute calibration ids and fp statistics once."""
+    token = _SHARED.set(store)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def shared_statistic(key: Hashable, compute: Callable[[], T]) -> T:
+    """compute(), or its value memoized under `key` in the open store (if any).
+
+    Only for values determined by the checkpoint's unmodified weights and `key`: the
+    calibration ids, or statistics of the fp model taken before a method changes it.
+    """
+    store = _SHARED.get()
+    if store is None:
+        return compute()
+    if key not in store:
+        store[key] = compute()
+    return store[key]
 
 
 def default_calibration_data() -> str:
@@ -45,7 +82,17 @@ class CalibrationSpec(StrictModel):
 
 
 def calibration_ids(tokenizer: PreTrainedTokenizerBase, spec: CalibrationSpec) -> torch.Tensor:
-    """[sequences, seq_len] token windows at random offsets (torch's global RNG), as GPTQ."""
+    """[sequences, seq_len] token windows at random offsets, as GPTQ.
+
+    The offsets come from a generator seeded with torch.initial_seed() (the runner seeds
+    every cell with the recipe's seed), so they do not depend on what drew random numbers
+    before (a rotation), and cells sharing a checkpoint share the windows.
+    """
+    key = ("calibration_ids", spec.model_dump_json(exclude={"batch_size"}), torch.initial_seed())
+    return shared_statistic(key, lambda: _sample_windows(tokenizer, spec))
+
+
+def _sample_windows(tokenizer: PreTrainedTokenizerBase, spec: CalibrationSpec) -> torch.Tensor:
     ids = tokenizer(load_text(spec.data, spec.split), return_tensors="pt", verbose=False)
     ids = ids.input_ids[0]
     if ids.numel() <= spec.seq_len:
@@ -53,5 +100,6 @@ def calibration_ids(tokenizer: PreTrainedTokenizerBase, spec: CalibrationSpec) -
             f"calibration text {spec.data}/{spec.split} has {ids.numel()} tokens, "
             f"not more than seq_len {spec.seq_len}"
         )
-    starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.sequences,))
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.sequences,), generator=generator)
     return torch.stack([ids[s : s + spec.seq_len] for s in starts.tolist()])

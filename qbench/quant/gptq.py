@@ -7,7 +7,8 @@ from the later columns k; updates are applied lazily per block of `block_size` c
 Scales come from the original weight ("static groups"), so act-order keeps them per group.
 
 Layers are quantized in order: the Hessians of decoder layer i come from a forward pass
-through the already quantized layers 0..i-1 (stopped after layer i), as GPTQ does.
+through the already quantized layers 0..i-1 (stopped after layer i), as GPTQ does. Layer 0's
+come from the fp model alone, so (without rotation) the GPTQ cells of a checkpoint share them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids
+from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
 from qbench.quant.adapters import architecture
 from qbench.quant.calibrate import observe_inputs
@@ -66,7 +67,8 @@ class GPTQConfig(RTNConfig):
         layers = model.get_submodule(prefix)
         for i, layer in enumerate(layers):
             names = [n for n in linears if n.startswith(f"{prefix}.{i}.")]
-            self._quantize_linears(model, {n: linears.pop(n) for n in names}, ids, stop_at=layer)
+            group = {n: linears.pop(n) for n in names}
+            self._quantize_linears(model, group, ids, layer, shared=i == 0 and not self.rotate)
         self._quantize_linears(model, linears, ids, stop_at=None)  # lm_head, if asked
 
     def _quantize_linears(
@@ -75,10 +77,17 @@ class GPTQConfig(RTNConfig):
         linears: dict[str, nn.Linear],
         ids: torch.Tensor,
         stop_at: nn.Module | None,
+        shared: bool = False,
     ) -> None:
+        """`shared`: the inputs are the fp model's, so the Hessians are shared (see above)."""
         if not linears:
             return
-        hessians = input_hessians(model, linears, ids, self.calibration.batch_size, stop_at)
+
+        def compute() -> dict[str, torch.Tensor]:
+            return input_hessians(model, linears, ids, self.calibration.batch_size, stop_at)
+
+        key = ("gptq.hessians", tuple(linears), self.calibration.model_dump_json())
+        hessians = shared_statistic((*key, torch.initial_seed()), compute) if shared else compute()
         for name, linear in linears.items():
             weight = gptq_round(
                 linear.weight.detach(),

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids
+from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
 from qbench.quant.adapters import NormGroup, decoder_view
 from qbench.quant.calibrate import observe_inputs
@@ -35,8 +35,10 @@ class SmoothQuantConfig(RTNConfig):
         if tokenizer is None:
             raise QBenchError("smoothquant calibrates on text: pass the checkpoint's tokenizer")
         groups = [g for layer in decoder_view(model).layers for g in (layer.attn, layer.mlp)]
-        absmax = activation_absmax(
-            model, groups, calibration_ids(tokenizer, self.calibration), self.calibration.batch_size
+        ids = calibration_ids(tokenizer, self.calibration)
+        absmax = shared_statistic(  # of the fp model: shared by the checkpoint's smoothquant cells
+            ("smoothquant.absmax", self.calibration.model_dump_json(), torch.initial_seed()),
+            lambda: activation_absmax(model, groups, ids, self.calibration.batch_size),
         )
         for group, x_max in zip(groups, absmax, strict=True):
             smooth(group, x_max, self.alpha)

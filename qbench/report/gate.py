@@ -1,7 +1,8 @@
 """The regression gate: quantized cells must keep a minimum recovery of their fp cell.
 
 Recovery is quantized / fp for metrics where higher is better, and fp / quantized for
-perplexity, so 1.0 means no loss and lower means worse. Thresholds fail the gate;
+perplexity, so 1.0 means no loss and lower means worse. A recovery below its threshold, a
+missing cell and a failed cell (an exception, OOM or NaN, fp cells included) fail the gate;
 absolute expected values from a committed reference only warn.
 """
 
@@ -17,7 +18,7 @@ from tabulate import tabulate
 
 from qbench.plan import Cell, plan
 from qbench.recipe import Recipe
-from qbench.runner import read_result
+from qbench.store import FAILED, error_line, is_failed, read_result
 
 LOWER_IS_BETTER = {"perplexity"}
 
@@ -32,6 +33,8 @@ class Check:
     base: float | None
     quantized: float | None
     threshold: float
+    base_state: str = "missing"  # shown where a value is None: "missing" or "failed"
+    quantized_state: str = "missing"
 
     @property
     def recovery(self) -> float | None:
@@ -71,9 +74,15 @@ def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -
                     metric_value(results[fp.key], metric),
                     metric_value(results[cell.key], metric),
                     threshold,
+                    _state(results[fp.key]),
+                    _state(results[cell.key]),
                 )
             )
     return found
+
+
+def _state(result: dict[str, Any] | None) -> str:
+    return FAILED if is_failed(result) else "missing"
 
 
 def reference_warnings(
@@ -90,47 +99,44 @@ def reference_warnings(
         for metric, value in expected.get(name, {}).items():
             actual = metric_value(results[cell.key], metric)
             if actual is None or abs(actual - value) > gate.tolerance * abs(value):
-                warnings.append(f"{name} {metric}: {actual} vs reference {value}")
+                shown = _state(results[cell.key]) if actual is None else f"{actual:.6g}"
+                warnings.append(f"{name} {metric}: {shown} vs reference {value:.6g}")
     return warnings
 
 
 def run_gate(recipe: Recipe, source: Path, results_root: Path) -> tuple[bool, str]:
     """(passed, report) for `recipe`'s results under `results_root`."""
     cells = plan(recipe, source)
-    results = {c.key: read_result(results_root, recipe, c) for c in cells}
+    results = {c.key: read_result(results_root, c) for c in cells}
     found = checks(recipe, cells, results)
     rows = [
         [
             c.checkpoint,
             c.quantizer,
             c.metric,
-            _number(c.base),
-            _number(c.quantized),
-            _number(c.recovery),
+            _number(c.base, c.base_state),
+            _number(c.quantized, c.quantized_state),
+            _number(c.recovery, "–"),
             f"{c.threshold:.4g}",
             "pass" if c.passed else "FAIL",
         ]
         for c in found
     ]
-    headers = [
-        "Checkpoint",
-        "Quantizer",
-        "Metric",
-        "Base",
-        "Quantized",
-        "Recovery",
-        "Threshold",
-        "Status",
-    ]
+    headers = ["Checkpoint", "Quantizer", "Metric", "Base", "Quantized", "Recovery", "Threshold"]
+    failed = [c for c in cells if is_failed(results[c.key])]
     lines = [
         f"gate {recipe.name} ({recipe.gate.cadence}):",
-        tabulate(rows, headers, tablefmt="github", disable_numparse=True),
+        tabulate(rows, [*headers, "Status"], tablefmt="github", disable_numparse=True),
+    ]
+    lines += [
+        f"failed cell: {c.checkpoint.name}/{c.quantizer_name}: {error_line(results[c.key])}"
+        for c in failed
     ]
     lines += [f"warning: {w}" for w in reference_warnings(recipe, cells, results)]
-    passed = all(c.passed for c in found)
-    lines.append(
-        f"{'PASSED' if passed else 'FAILED'}: {sum(c.passed for c in found)} of {len(found)} checks"
-    )
+    passed = all(c.passed for c in found) and not failed
+    verdict = f"{'PASSED' if passed else 'FAILED'}: {sum(c.passed for c in found)} of "
+    verdict += f"{len(found)} checks passed"
+    lines.append(verdict + (f"; {len(failed)} cells failed" if failed else ""))
     return passed, "\n".join(lines)
 
 
@@ -140,12 +146,12 @@ def write_reference(recipe: Recipe, source: Path, results_root: Path, path: Path
     metrics = set(recipe.gate.min_recovery).union(*recipe.gate.quantizers.values())
     expected = {}
     for cell in cells:
-        result = read_result(results_root, recipe, cell)
+        result = read_result(results_root, cell)
         values = {m: v for m in sorted(metrics) if (v := metric_value(result, m)) is not None}
         if values:
             expected[f"{cell.checkpoint.name}/{cell.quantizer_name}"] = values
     path.write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def _number(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.4f}"
+def _number(value: float | None, otherwise: str) -> str:
+    return otherwise if value is None else f"{value:.4f}"

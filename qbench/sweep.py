@@ -1,0 +1,146 @@
+"""Sweeps: recipes -> plan -> cells -> executor -> results (-> leaderboards, by the CLI).
+
+Every recipe is loaded and planned before any model work, so one bad field stops the sweep
+before it starts. Cells with a finished record are skipped; missing and failed cells run, so
+a rerun retries only those. Pending cells are ordered by checkpoint (across recipes too), so
+a worker loads each checkpoint once. `qbench run RECIPE` is a sweep of one recipe, locally.
+
+The driver (this module) claims each cell before it is computed and writes its record when
+it comes back, whichever executor computed it (qbench.executors: `local`, `ray`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qbench import store
+from qbench.errors import QBenchError
+from qbench.eval.tasks import discard_request_cache
+from qbench.plan import Cell, plan
+from qbench.recipe import Recipe, RecipeError, load_recipe
+from qbench.runner import checkpoint_identity
+
+
+@dataclass(frozen=True)
+class PlannedRecipe:
+    recipe: Recipe
+    source: Path
+    cells: list[Cell]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell to compute, with the recipe that says how to evaluate it."""
+
+    recipe: Recipe
+    source: Path
+    cell: Cell
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe.name}: {self.cell.checkpoint.name} x {self.cell.quantizer_name}"
+
+
+def plan_recipes(sources: list[Path]) -> list[PlannedRecipe]:
+    """Load and plan every recipe; two recipes may not share a name (they share results/)."""
+    planned: list[PlannedRecipe] = []
+    for source in sources:
+        recipe = load_recipe(source)
+        same = [p.source for p in planned if p.recipe.name == recipe.name]
+        if same:
+            raise RecipeError(
+                f"{source}: name: '{recipe.name}' is also the name of {same[0]}; "
+                "recipes of one sweep need distinct names (each names its results folder)"
+            )
+        planned.append(PlannedRecipe(recipe, source, plan(recipe, source)))
+    return planned
+
+
+def pending_jobs(planned: list[PlannedRecipe], results_root: Path) -> list[Job]:
+    """Cells without a finished record, grouped by checkpoint; one summary line per recipe."""
+    jobs = []
+    for p in planned:
+        records = {c.key: store.read_result(results_root, c) for c in p.cells}
+        todo = [c for c in p.cells if not store.is_finished(records[c.key])]
+        failed = sum(store.is_failed(records[c.key]) for c in todo)
+        retried = f" ({failed} failed before: retried)" if failed else ""
+        print(
+            f"{p.recipe.name}: {len(p.cells)} cells, {len(p.cells) - len(todo)} done, "
+            f"{len(todo)} to run{retried}",
+            flush=True,
+        )
+        jobs += [Job(p.recipe, p.source, cell) for cell in todo]
+    order: dict[str, int] = {}
+    for job in jobs:
+        order.setdefault(checkpoint_identity(job.cell.checkpoint), len(order))
+    return sorted(jobs, key=lambda job: order[checkpoint_identity(job.cell.checkpoint)])
+
+
+@dataclass
+class Sweep:
+    """The driver's side of a sweep: claims cells, writes records, prints progress, counts."""
+
+    results_root: Path
+    total: int
+    progress: bool = True
+    ran: list[Job] = field(default_factory=list)
+    failed: list[Job] = field(default_factory=list)
+    elsewhere: list[Job] = field(default_factory=list)
+
+    def claim(self, job: Job) -> store.Claim | None:
+        """A claim on the job's cell, or None (with a line saying why) if it is not ours to run:
+        another live process holds it, or finished it since this sweep planned."""
+        claim = store.claim(self.results_root, job.cell)
+        if claim is None:
+            holder = store.claim_holder(self.results_root, job.cell)
+            print(f"{job.label}: being computed by {holder}; left to it", flush=True)
+            self.elsewhere.append(job)
+            return None
+        if store.is_finished(store.read_result(self.results_root, job.cell)):
+            claim.release()
+            print(f"{job.label}: finished by another sweep", flush=True)
+            self.elsewhere.append(job)
+            return None
+        return claim
+
+    def record(self, job: Job, result: store.Result) -> None:
+        """Write the cell's record (atomically) while its claim is held, and report it."""
+        store.write_json_atomic(store.result_path(self.results_root, job.cell), result)
+        self.ran.append(job)
+        position = f"[{len(self.ran)}/{self.total}] {job.label}"
+        if not store.is_finished(result):
+            self.failed.append(job)
+            print(f"{position}: FAILED {store.error_line(result)}", flush=True)
+            return
+        discard_request_cache(self.results_root / job.recipe.name, job.cell.key)
+        metrics = result["metrics"]
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items())
+        if (average := metrics.get("zero_shot_average")) is not None:
+            scores += f"; {len(job.recipe.eval.tasks)}-task average {average:.4f}"
+        print(f"{position}: perplexity {scores} ({result['wall_time_s']:.1f} s)", flush=True)
+
+
+def sweep(
+    planned: list[PlannedRecipe],
+    results_root: Path,
+    executor: str = "local",
+    progress: bool = True,
+    **options: object,
+) -> Sweep:
+    """Compute every pending cell of the planned recipes with `executor`; return the tally.
+
+    `options` go to the executor (ray: `address`, `num_cpus` of a local instance).
+    """
+    from qbench.executors import EXECUTORS
+
+    try:
+        factory = EXECUTORS.get(executor)
+    except KeyError as error:
+        raise QBenchError(f"--executor: {error.args[0]}") from None
+    runner = factory(**options)
+    jobs = pending_jobs(planned, results_root)
+    state = Sweep(results_root, len(jobs), progress)
+    if jobs:
+        runner.run(jobs, state)
+    return state
