@@ -24,12 +24,12 @@ smoke: install
 	$(BIN)/qbench gate recipes/ci-smoke.yaml
 
 test: install
-	$(BIN)/ruff check qbench tests
+	$(BIN)/ruff check qbench tests bench
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check qbench tests
-	$(BIN)/ruff format --check qbench tests
+	$(BIN)/ruff check qbench tests bench
+	$(BIN)/ruff format --check qbench tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -172,6 +172,9 @@ def _import_ray() -> Any:
 @functools.cache
 def _process_worker() -> Worker:
     """This Ray worker process's Worker: its loaded checkpoint outlives one task."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no bars in the driver's log
     return Worker(progress=False)
 
 

@@ -280,8 +280,10 @@ class Recipe(StrictModel):
         return [member for spec in checkpoints for member in spec.expand()]
 
     def metric_names(self) -> list[str]:
-        """The metrics every cell reports, as group.name paths."""
-        return [f"perplexity.{spec.column}" for spec in self.eval.perplexity]
+        """The metrics every cell reports, as group.name paths (the gate's metric names)."""
+        names = [f"perplexity.{spec.column}" for spec in self.eval.perplexity]
+        names += [f"tasks.{task.name}" for task in self.eval.tasks]
+        return names + (["zero_shot_average"] if self.eval.tasks else [])
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:

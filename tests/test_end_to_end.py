@@ -136,4 +136,5 @@ eval:
     subprocess.run(command, check=True, env=os.environ.copy(), capture_output=True)
     after = {p.name: p.read_text() for p in runs.glob("*.json")}
     assert len(after) == 8 and all(after[name] == text for name, text in finished.items())
-    assert list(runs.glob("*.tmp")) == []
+    assert list(runs.glob(".*.tmp")) == []
+    assert list((runs / ".claims").iterdir()) == []  # the dead run's claim blocked nothing

@@ -36,11 +36,16 @@ class Check:
     base_state: str = "missing"  # shown where a value is None: "missing" or "failed"
     quantized_state: str = "missing"
 
+    lower_is_better: bool | None = None  # None: perplexity is, everything else is not
+
     @property
     def recovery(self) -> float | None:
         if self.base is None or self.quantized is None:
             return None
-        if self.metric.split(".")[0] in LOWER_IS_BETTER:
+        lower = self.lower_is_better
+        if lower is None:
+            lower = self.metric.split(".")[0] in LOWER_IS_BETTER
+        if lower:
             return self.base / self.quantized if self.quantized else None
         return self.quantized / self.base if self.base else None
 
@@ -51,10 +56,28 @@ class Check:
 
 
 def metric_value(result: dict[str, Any] | None, metric: str) -> float | None:
-    """metrics.<group>.<name> of a result, or None if absent (a missing or failed cell)."""
-    group, _, name = metric.partition(".")
-    value = (result or {}).get("metrics", {}).get(group, {}).get(name)
+    """metrics.<group>.<name> (a task's headline value for tasks.<name>) or metrics.<name> of
+    a result; None if absent (a missing or failed cell)."""
+    value = _metric_entry(result, metric)
+    if isinstance(value, dict):  # a task: {metric, value, stderr, higher_is_better}
+        value = value.get("value")
     return float(value) if isinstance(value, int | float) else None
+
+
+def _metric_entry(result: dict[str, Any] | None, metric: str) -> Any:
+    value: Any = (result or {}).get("metrics") or {}
+    for part in metric.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _lower_is_better(metric: str, *results: dict[str, Any] | None) -> bool | None:
+    """What a task's entry says (lambada's perplexity: lower), else None (by metric name)."""
+    for result in results:
+        entry = _metric_entry(result, metric)
+        if isinstance(entry, dict) and "higher_is_better" in entry:
+            return not entry["higher_is_better"]
+    return None
 
 
 def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -> list[Check]:
@@ -76,6 +99,7 @@ def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -
                     threshold,
                     _state(results[fp.key]),
                     _state(results[cell.key]),
+                    _lower_is_better(metric, results[fp.key], results[cell.key]),
                 )
             )
     return found

@@ -10,7 +10,6 @@ missing is itself missing.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from tabulate import tabulate
 from qbench.eval.tasks import zero_shot_average
 from qbench.plan import Cell
 from qbench.recipe import Recipe
+from qbench.store import write_json_atomic
 
 Result = dict[str, Any] | None
 MISSING = "missing"
@@ -284,7 +284,7 @@ def write_task_outputs(
         return []
     records = summary(recipe, cells, results)
     path = folder / "tasks.json"
-    path.write_text(json.dumps({"recipe": recipe.name, "cells": records}, indent=2) + "\n")
+    write_json_atomic(path, {"recipe": recipe.name, "cells": records})
     return [path, write_recovery_plot(recipe, records, folder / "plots")]
 
 
