@@ -2,9 +2,9 @@
 
 1. Peak memory of a local sweep of N = 1, 4, 8 quantizers of one checkpoint against the fp
    model's size: each sweep runs in a fresh process and reports its peak RSS above the RSS
-   it had before the sweep (imports done), and the CUDA peak when a GPU is there. With one
-   pristine copy and one working copy per cell the peak should stay near 2x the model,
-   whatever N.
+   it had before the sweep (imports done), and the CUDA peak when a GPU is there. N = 0 (the
+   fp cell alone: loading and evaluating) shows what loading itself costs. With one pristine
+   copy and one working copy per cell, the peak should not grow with N.
 2. Wall time of one sweep of 8 cells with the local executor and with the Ray executor on a
    local Ray instance (all CPUs here), with Ray's start-up time shown apart.
 
@@ -61,7 +61,7 @@ def make_checkpoint(folder: Path, hidden: int, layers: int) -> Path:
 
 def write_recipe(path: Path, name: str, checkpoint: Path, quantizers: list[str], eval_: str):
     lines = [f"name: {name}", f"checkpoints: [{{name: model, path: {checkpoint}}}]"]
-    lines += ["quantizers:", *(f"  - {q}" for q in quantizers), f"eval: {eval_}"]
+    lines += [f"quantizers: [{', '.join(quantizers)}]", f"eval: {eval_}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -87,7 +87,7 @@ def measure_memory(folder: Path, checkpoint: Path) -> None:
     print(f"\n1. Peak memory of a local sweep vs the fp model ({model_bytes / 2**20:.0f} MiB)")
     print("   N quantizers | cells | RSS before | peak RSS | peak - before | x fp model | CUDA")
     eval_ = "{perplexity: [{data: embedded, seq_len: 64, max_windows: 1}]}"
-    for n in (1, 4, 8):
+    for n in (0, 1, 4, 8):
         recipe = write_recipe(folder / f"mem{n}.yaml", f"mem{n}", checkpoint, QUANTIZERS[:n], eval_)
         command = [sys.executable, __file__, "--memory-child", str(recipe), str(folder / "res")]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -102,6 +102,7 @@ def measure_memory(folder: Path, checkpoint: Path) -> None:
 
 
 def measure_executors(folder: Path, checkpoint: Path) -> None:
+    from qbench.executors import make_executor
     from qbench.sweep import plan_recipes, sweep
 
     eval_ = "{perplexity: [{data: embedded, seq_len: 128, max_windows: 16}]}"
@@ -111,7 +112,7 @@ def measure_executors(folder: Path, checkpoint: Path) -> None:
     times = {}
     for executor in ("local", "ray"):
         start = time.perf_counter()
-        tally = sweep(planned, folder / executor, executor, progress=False)
+        tally = sweep(planned, folder / executor, make_executor(executor), progress=False)
         times[executor] = time.perf_counter() - start
         assert len(tally.ran) == 8 and not tally.failed
     local, ray = (

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--results", type=Path, default=Path("results"))
     probe.set_defaults(command=_probe)
 
-    listing = commands.add_parser("list", help="methods, data sources, presets, variants")
+    listing = commands.add_parser("list", help="methods, data, presets, variants, executors")
     listing.set_defaults(command=_list)
     return parser
 
@@ -85,13 +85,14 @@ def _parser() -> argparse.ArgumentParser:
 def _sweep(args: argparse.Namespace) -> int:
     """`qbench sweep` (and `qbench run`, its one-recipe local case): cells, then leaderboards;
     exit 1 when a cell failed (its record says why; a rerun retries it)."""
+    from qbench.executors import make_executor
     from qbench.report.leaderboard import write_leaderboard
     from qbench.sweep import plan_recipes, sweep
 
-    planned = plan_recipes(args.recipes)
     options = {"address": args.address, "num_cpus": args.num_cpus}
-    options = {name: value for name, value in options.items() if value is not None}
-    tally = sweep(planned, args.results, args.executor, not args.no_progress, **options)
+    executor = make_executor(args.executor, **{k: v for k, v in options.items() if v is not None})
+    planned = plan_recipes(args.recipes)
+    tally = sweep(planned, args.results, executor, not args.no_progress)
     for p in planned:
         print(f"leaderboard: {write_leaderboard(p.recipe, p.source, args.results)}")
     if tally.elsewhere:
@@ -189,6 +190,7 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.checkpoints.train import PRESETS
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
+    from qbench.executors import EXECUTORS
     from qbench.quant import METHODS
 
     print("methods:     ", ", ".join(METHODS.names()))
@@ -199,6 +201,7 @@ def _list(args: argparse.Namespace) -> int:
     print("presets:     ", ", ".join(PRESETS.names()))
     print("variants:    ", ", ".join(sorted(VARIANTS)))
     print("tasks:       ", ", ".join(local_task_names()), "(local; or any lm-eval task name)")
+    print("executors:   ", ", ".join(EXECUTORS.names()))
     return 0
 
 

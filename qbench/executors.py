@@ -39,6 +39,15 @@ class Executor(Protocol):
 EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 
+def make_executor(name: str, **options: Any) -> Executor:
+    """The executor registered as `name`, with its options (ray: address, num_cpus)."""
+    try:
+        factory = EXECUTORS.get(name)
+    except KeyError as error:
+        raise QBenchError(f"--executor: {error.args[0]}") from None
+    return factory(**options)
+
+
 @EXECUTORS.register("local")
 class LocalExecutor:
     """One cell after another in this process; the worker keeps the current checkpoint."""

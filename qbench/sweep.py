@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qbench import store
-from qbench.errors import QBenchError
 from qbench.eval.tasks import discard_request_cache
 from qbench.plan import Cell, plan
 from qbench.recipe import Recipe, RecipeError, load_recipe
 from qbench.runner import checkpoint_identity
+
+if TYPE_CHECKING:
+    from qbench.executors import Executor
 
 
 @dataclass(frozen=True)
@@ -124,23 +127,14 @@ class Sweep:
 def sweep(
     planned: list[PlannedRecipe],
     results_root: Path,
-    executor: str = "local",
+    executor: Executor | None = None,
     progress: bool = True,
-    **options: object,
 ) -> Sweep:
-    """Compute every pending cell of the planned recipes with `executor`; return the tally.
+    """Compute every pending cell of the planned recipes (default: locally); return the tally."""
+    from qbench.executors import LocalExecutor
 
-    `options` go to the executor (ray: `address`, `num_cpus` of a local instance).
-    """
-    from qbench.executors import EXECUTORS
-
-    try:
-        factory = EXECUTORS.get(executor)
-    except KeyError as error:
-        raise QBenchError(f"--executor: {error.args[0]}") from None
-    runner = factory(**options)
     jobs = pending_jobs(planned, results_root)
     state = Sweep(results_root, len(jobs), progress)
     if jobs:
-        runner.run(jobs, state)
+        (executor or LocalExecutor()).run(jobs, state)
     return state

@@ -12,7 +12,7 @@ from conftest import write_recipe
 from qbench.cli import main
 from qbench.plan import plan
 from qbench.recipe import RecipeError, load_recipe
-from qbench.report.gate import Check, checks
+from qbench.report.gate import Check, _lower_is_better, checks, metric_value
 
 RECIPE = """
 name: gated
@@ -105,3 +105,45 @@ def test_gate_errors_name_the_field(tmp_path, old, new, expected):
     path = write_recipe(tmp_path / "g.yaml", RECIPE.replace(old, new).replace("LLAMA", "x"))
     with pytest.raises(RecipeError, match=re.escape(expected)):
         load_recipe(path)
+
+
+def _tasks(piqa: float, lambada_ppl: float) -> dict:
+    return {
+        "metrics": {
+            "tasks": {
+                "piqa": {"metric": "acc_norm", "value": piqa, "higher_is_better": True},
+                "lambada": {
+                    "metric": "perplexity",
+                    "value": lambada_ppl,
+                    "higher_is_better": False,
+                },
+            },
+            "zero_shot_average": piqa,
+        }
+    }
+
+
+def test_task_metrics_are_gated_by_their_headline_value_and_direction(tmp_path, llama_dir):
+    text = RECIPE.replace("LLAMA", str(llama_dir)).replace(
+        "perplexity: [{data: embedded, seq_len: 64, max_windows: 4}]",
+        "perplexity: [{data: embedded, seq_len: 64, max_windows: 4}]\n  tasks: [embedded_mc]",
+    )
+    text = text.replace("{perplexity.embedded: 0.95}", "{tasks.embedded_mc: 0.9}")
+    assert load_recipe(write_recipe(tmp_path / "g.yaml", text)).gate.min_recovery == {
+        "tasks.embedded_mc": 0.9
+    }
+    fp, quantized = _tasks(0.60, 10.0), _tasks(0.54, 12.5)
+    assert metric_value(quantized, "tasks.piqa") == 0.54
+    assert metric_value(quantized, "zero_shot_average") == 0.54
+    assert metric_value({"status": "failed", "error": {}}, "tasks.piqa") is None
+    for metric, recovery in (("tasks.piqa", 0.9), ("tasks.lambada", 0.8)):
+        check = Check(
+            "c",
+            "q",
+            metric,
+            metric_value(fp, metric),
+            metric_value(quantized, metric),
+            0.85,
+            lower_is_better=_lower_is_better(metric, fp, quantized),
+        )
+        assert check.recovery == pytest.approx(recovery) and check.passed == (recovery >= 0.85)

@@ -19,7 +19,7 @@ from qbench import runner, store
 from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError
-from qbench.executors import _check_resources
+from qbench.executors import RayExecutor, _check_resources
 from qbench.quant import gptq, smoothquant
 from qbench.quant.rtn import RTNConfig
 from qbench.recipe import RecipeError, load_recipe
@@ -251,10 +251,10 @@ quantizers:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a Ray task with one CPU runs: the same float sums
     try:
-        assert not sweep(planned, tmp_path / "local", "local", progress=False).failed
+        assert not sweep(planned, tmp_path / "local", progress=False).failed
     finally:
         torch.set_num_threads(threads)
-    tally = sweep(planned, tmp_path / "ray", "ray", progress=False, num_cpus=2)
+    tally = sweep(planned, tmp_path / "ray", RayExecutor(num_cpus=2), progress=False)
     assert len(tally.ran) == 3 and not tally.failed
     assert "ray: 3 cells on 2 CPUs, 0 GPUs" in capsys.readouterr().out
     local, ray = (
