@@ -31,6 +31,9 @@ FORWARDED_ENV = (
 )
 
 
+MAX_IN_FLIGHT = 256  # Ray tasks (and held claims, one open file each) at once
+
+
 class Executor(Protocol):
     def run(self, jobs: list[Job], sweep: Sweep) -> None:
         """Compute `jobs` in order, claiming each through `sweep` and recording its result."""
@@ -74,10 +77,10 @@ class RayExecutor:
     """One Ray task per cell, reserving the recipe's `resources` (num_gpus, num_cpus).
 
     Connects to the cluster at `address` (or $RAY_ADDRESS), else starts a local instance
-    with `num_cpus` (default: all). Tasks are submitted in checkpoint order, at most twice
-    the cluster's CPU count at a time (each claimed when submitted); a task's worker process
-    keeps its checkpoint loaded for the next task. Ray does not retry a task: a crashed
-    worker is a failed cell, which the next sweep retries.
+    with `num_cpus` (default: all). Tasks are submitted in checkpoint order, each claimed
+    when submitted, with twice as many in flight as the cluster runs at once (at most
+    MAX_IN_FLIGHT); a task's worker process keeps its checkpoint loaded for the next task.
+    Ray does not retry a task: a crashed worker is a failed cell, which the next sweep retries.
     """
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
@@ -117,7 +120,7 @@ class RayExecutor:
         # max_calls=0: a worker process runs any number of tasks, so it keeps its checkpoint
         # (Ray's default for functions declared with GPUs is a new process per task).
         task = ray.remote(max_calls=0)(_run_on_ray_worker)
-        window = max(2, 2 * int(cluster.get("CPU", 1)))
+        window = min(MAX_IN_FLIGHT, 2 * _cells_at_once(jobs, cluster))
         cpus, gpus = int(cluster.get("CPU", 0)), int(cluster.get("GPU", 0))
         print(f"ray: {len(jobs)} cells on {cpus} CPUs, {gpus} GPUs ({window} in flight)")
         queue = iter(jobs)
@@ -156,6 +159,17 @@ class RayExecutor:
         finally:
             for _, claim, _ in in_flight.values():
                 claim.release()
+
+
+def _cells_at_once(jobs: list[Job], cluster: dict[str, float]) -> int:
+    """How many cells the cluster runs at once, by the recipe that needs least per cell."""
+    counts = [1]
+    for resources in {id(job.recipe): job.recipe.resources for job in jobs}.values():
+        count = cluster.get("CPU", 0) / resources.cpus_per_cell
+        if resources.gpus_per_cell:
+            count = min(count, cluster.get("GPU", 0) / resources.gpus_per_cell)
+        counts.append(int(count))
+    return max(counts)
 
 
 def _check_resources(jobs: list[Job], cluster: dict[str, float]) -> None:

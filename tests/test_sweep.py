@@ -19,7 +19,7 @@ from qbench import runner, store
 from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError
-from qbench.executors import RayExecutor, _check_resources
+from qbench.executors import RayExecutor, _cells_at_once, _check_resources
 from qbench.quant import gptq, smoothquant
 from qbench.quant.rtn import RTNConfig
 from qbench.recipe import RecipeError, load_recipe
@@ -279,6 +279,7 @@ def test_ray_resources_are_checked_against_the_cluster(tmp_path, llama_dir):
     with pytest.raises(QBenchError, match=r"g\.yaml: resources\.gpus_per_cell: 1 per cell, but"):
         _check_resources(jobs, {"CPU": 2.0})
     _check_resources(jobs, {"CPU": 2.0, "GPU": 1.0})
+    assert _cells_at_once(jobs, {"CPU": 16.0, "GPU": 4.0}) == 4  # GPUs bound, not CPUs
     path.write_text(path.read_text().replace("gpus_per_cell: 1", "gpus_per_cell: 1.5"))
     with pytest.raises(RecipeError, match=r"resources\.gpus_per_cell: 1\.5: give a fraction"):
         load_recipe(path)
