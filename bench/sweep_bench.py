@@ -8,7 +8,7 @@
 2. Wall time of one sweep of 8 cells with the local executor and with the Ray executor on a
    local Ray instance (all CPUs here), with Ray's start-up time shown apart.
 
-    .venv/bin/python bench/sweep_bench.py [--hidden 1024 --layers 8]
+    .venv/bin/python bench/sweep_bench.py [--hidden 1024 --layers 8] [--only memory|executors]
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024, help="width of the memory model")
     parser.add_argument("--layers", type=int, default=8, help="layers of the memory model")
+    parser.add_argument("--only", choices=["memory", "executors"], help="one of the two parts")
     parser.add_argument("--memory-child", nargs=2, metavar=("RECIPE", "RESULTS"))
     args = parser.parse_args()
     if args.memory_child:
@@ -142,10 +143,10 @@ def main() -> None:
     print(f"qbench sweep benchmark on {device}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="qbench-sweep-bench-") as tmp:
         folder = Path(tmp)
-        big = make_checkpoint(folder / "big", args.hidden, args.layers)
-        measure_memory(folder, big)
-        small = make_checkpoint(folder / "small", 256, 4)
-        measure_executors(folder, small)
+        if args.only != "executors":
+            measure_memory(folder, make_checkpoint(folder / "big", args.hidden, args.layers))
+        if args.only != "memory":
+            measure_executors(folder, make_checkpoint(folder / "small", 256, 4))
 
 
 if __name__ == "__main__":

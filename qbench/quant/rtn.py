@@ -19,7 +19,9 @@ class RTNConfig(QuantizerConfig):
     method: Literal["rtn"] = "rtn"
 
     def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        for name, linear in target_linears(model, self).items():
+        linears = target_linears(model, self)
+        while linears:  # popped, so each float weight is freed as soon as it is replaced
+            name, linear = linears.popitem()
             replace_module(model, name, QuantLinear(linear, self.weights, self.activations))
         if self.embeddings:
             embed = model.get_input_embeddings()
