@@ -205,9 +205,7 @@ class TaskOptions(StrictModel):
 
 class EvalSpec(StrictModel):
     perplexity: list[PerplexitySpec] = Field(min_length=1)
-    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(
-        default_factory=list
-    )
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(default_factory=list)
     task_options: TaskOptions = Field(default_factory=TaskOptions)
     diagnostics: Annotated[DiagnosticsSpec | None, BeforeValidator(_diagnostics_switch)] = None
 
@@ -279,6 +277,17 @@ class Recipe(StrictModel):
         _reject_duplicates([_check_name(n) for n in names], "quantizers", "rename one")
         if self.gate is not None:
             self._check_gate(names)
+        return self
+
+    @model_validator(mode="after")
+    def _diagnosable(self) -> Recipe:
+        for i, quantizer in enumerate(self.quantizers if self.eval.diagnostics is not None else []):
+            if not quantizer.diagnosable:
+                raise ValueError(
+                    f"eval.diagnostics: quantizers[{i}] '{quantizer.name}' ({quantizer.method}) "
+                    "keeps its weights packed in the library's own storage, which the "
+                    "diagnostics do not read; remove eval.diagnostics or that quantizer"
+                )
         return self
 
     def _check_gate(self, quantizers: list[str]) -> None:

@@ -144,7 +144,7 @@ def run_cell(
         },
         "stages": stages,
         "seed": recipe.seed,
-        "versions": library_versions(),
+        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
         "device": str(next(model.parameters()).device),
         "quantize_s": quantize_s,
         "wall_time_s": time.perf_counter() - start,
