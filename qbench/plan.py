@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -82,7 +82,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
                 "quantizer": quantizer.model_dump(exclude={"name"}) if quantizer else None,
                 "eval": eval_identity,
                 "seed": recipe.seed,
-                "versions": versions,
+                "versions": versions | (quantizer.versions() if quantizer else {}),
             }
             if tasks:  # recipes without tasks keep their keys
                 determinants["tasks"] = tasks
@@ -127,16 +127,31 @@ def _check_fits(
                 f"checkpoint '{checkpoint.name}''s max_position_embeddings {context}"
             )
         linears = {name: m.in_features for name, m in target_linears(skeleton, quantizer).items()}
-        roles = {
-            "weights": linears | (embeddings if quantizer.embeddings else {}),
-            "activations": linears,
-        }
-        for role, widths in roles.items():
-            spec = getattr(quantizer, role)
-            for layer, width in widths.items() if spec is not None else ():
-                if problem := divides_error(spec, width):
-                    field, text, fix = problem
-                    raise RecipeError(
-                        f"{source}: quantizers[{i}].{role}.{field}: {text} of layer {layer} "
-                        f"in checkpoint '{checkpoint.name}'; {fix}"
-                    )
+        misfit = next(_misfits(quantizer, linears, embeddings), None)
+        if misfit is not None:
+            field, layer, text, fix = misfit
+            raise RecipeError(
+                f"{source}: quantizers[{i}].{field}: {text} of layer {layer} "
+                f"in checkpoint '{checkpoint.name}'; {fix}"
+            )
+
+
+def _misfits(
+    quantizer: QuantizerConfig, linears: dict[str, int], embeddings: dict[str, int]
+) -> Iterator[tuple[str, str, str, str]]:
+    """(field path, layer, problem, fix) for each layer of these input widths that `quantizer`
+    cannot quantize: its weight / activation formats, then the method's own fields."""
+    roles = {
+        "weights": linears | (embeddings if quantizer.embeddings else {}),
+        "activations": linears,
+    }
+    for role, widths in roles.items():
+        spec = getattr(quantizer, role)
+        for layer, width in widths.items() if spec is not None else ():
+            if problem := divides_error(spec, width):
+                field, text, fix = problem
+                yield f"{role}.{field}", layer, text, fix
+    for layer, width in linears.items():
+        if problem := quantizer.width_error(width):
+            field, text, fix = problem
+            yield field, layer, text, fix

@@ -38,6 +38,12 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
     if name == "none":
         return None
     known = {q.name: q for q in recipe.quantizers} if recipe else {}
+    if name in known and not known[name].diagnosable:
+        raise QBenchError(
+            f"--quantizer '{name}': {known[name].method} keeps its weights packed in the "
+            "library's own storage, which the probe's SQNR does not read; give wXaY or an "
+            "RTN-family quantizer"
+        )
     if name in known:
         return known[name]
     match = SHORTHAND.match(name)

@@ -296,6 +296,17 @@ class Recipe(StrictModel):
             self._check_gate(names)
         return self
 
+    @model_validator(mode="after")
+    def _diagnosable(self) -> Recipe:
+        for i, quantizer in enumerate(self.quantizers if self.eval.diagnostics is not None else []):
+            if not quantizer.diagnosable:
+                raise ValueError(
+                    f"eval.diagnostics: quantizers[{i}] '{quantizer.name}' ({quantizer.method}) "
+                    "keeps its weights packed in the library's own storage, which the "
+                    "diagnostics do not read; remove eval.diagnostics or that quantizer"
+                )
+        return self
+
     def _check_gate(self, quantizers: list[str]) -> None:
         known = self.metric_names()
         for name in self.gate.quantizers:

@@ -120,7 +120,7 @@ def failure_record(cell: Cell, recipe: Recipe, error: BaseException, wall_time_s
             "message": str(error),
             "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
         },
-        **_footer(wall_time_s),
+        **_footer(cell, wall_time_s),
     }
 
 
@@ -139,9 +139,9 @@ def _header(cell: Cell, recipe: Recipe) -> Result:
     }
 
 
-def _footer(wall_time_s: float) -> Result:
+def _footer(cell: Cell, wall_time_s: float) -> Result:
     return {
-        "versions": library_versions(),
+        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         "wall_time_s": wall_time_s,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -210,7 +210,7 @@ def run_cell(
         "stages": stages,
         "device": str(next(model.parameters()).device),
         "quantize_s": quantize_s,
-        **_footer(time.perf_counter() - start),
+        **_footer(cell, time.perf_counter() - start),
     }
 
 

@@ -3,7 +3,14 @@
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.quant import gptq, rotation, rtn, smoothquant  # noqa: F401  (register methods)
+from qbench.quant import (  # noqa: F401  (register methods)
+    bitsandbytes,
+    gptq,
+    quanto,
+    rotation,
+    rtn,
+    smoothquant,
+)
 from qbench.quant.method import METHODS, QuantizerConfig
 
 

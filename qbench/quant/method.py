@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -13,6 +15,10 @@ from qbench.registry import Registry
 
 class QuantizerConfig(StrictModel):
     """One named quantizer of a recipe. Subclasses set `method` and implement `apply`."""
+
+    # Whether outlier diagnostics can read the quantized model (not where a library keeps
+    # its weights packed in its own storage).
+    diagnosable: ClassVar[bool] = True
 
     name: str
     method: str
@@ -34,6 +40,21 @@ class QuantizerConfig(StrictModel):
         w = self.weights.bits if self.weights else 16
         a = self.activations.bits if self.activations else 16
         return f"W{w}A{a}"
+
+    def label(self) -> str:
+        """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token'."""
+        w = self.weights.label() if self.weights else "fp"
+        a = self.activations.label() if self.activations else "fp"
+        return f"{self.method}: {w} / {a}"
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the packages its results depend on beyond `library_versions()`."""
+        return {}
+
+    def width_error(self, in_features: int) -> tuple[str, str, str] | None:
+        """(field, problem, fix) when the method's own fields cannot quantize a target linear
+        of input width `in_features`; plan checks `weights:` / `activations:` formats apart."""
+        return None
 
     @property
     def has_transform(self) -> bool:

@@ -68,7 +68,10 @@ def leaderboard(
     headers = ["checkpoint", "quantizer", "precision", "weights / activations"]
     for col in columns:
         headers += [f"{col} transformed", f"{col} ppl", "Δ", "×fp"][0 if staged else 1 :]
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    packages = library_versions()
+    for quantizer in recipe.quantizers:  # a library backend adds its library
+        packages |= quantizer.versions()
+    versions = ", ".join(f"{k} {v}" for k, v in packages.items())
     done = sum(r is not None for r in results.values())
     failures = f", {len(failed)} failed" if failed else ""
     return "\n".join(
@@ -131,12 +134,7 @@ def _precision(cell: Cell) -> str:
 
 
 def _label(cell: Cell) -> str:
-    if cell.quantizer is None:
-        return "unquantized"
-    q = cell.quantizer
-    w = q.weights.label() if q.weights else "fp"
-    a = q.activations.label() if q.activations else "fp"
-    return f"{q.method}: {w} / {a}"
+    return cell.quantizer.label() if cell.quantizer else "unquantized"
 
 
 _STAGE_NOTE = [

@@ -1,0 +1,124 @@
+"""bitsandbytes: LLM.int8 (Linear8bitLt) and 4-bit NF4 / FP4 (Linear4bit) linear layers.
+
+- int8 (LLM.int8, Dettmers et al. 2022): weights int8 per output row (absmax); at every call
+  the input is cast to fp16 and quantized to int8 per token (absmax), the int8 x int8 product
+  accumulates in int32. Input columns holding any |x| > `threshold` bypass the int8 product:
+  they are multiplied in fp16 with the (dequantized) int8 weight columns. Labelled W8A8: the
+  main product is int8 x int8; threshold 0 turns the fp16 decomposition off.
+- nf4 / fp4 (QLoRA): weights in 4-bit NormalFloat / FP4 codes, one absmax scale per
+  `blocksize` consecutive elements of the flattened weight (blocks may span rows, so any
+  layer width works); `double_quant` quantizes those scales again (8-bit, blocks of 256).
+  The matmul runs in `compute_dtype` on the dequantized weight: W4A16.
+
+On CPUs with AVX512-BF16, bitsandbytes would run 4-bit layers through a fused kernel that
+casts inputs and scales to bf16 whatever the compute dtype; qbench allows that kernel only
+for compute_dtype bfloat16, so float32 compute means float32 everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qbench.quant.library import LibraryConfig
+from qbench.quant.method import METHODS, replace_module, target_linears
+
+FOUR_BIT_FIELDS = ("blocksize", "double_quant", "compute_dtype")
+
+
+def _drop_messages(logger: str, prefix: str) -> None:
+    logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(prefix))
+
+
+# bitsandbytes logs the fp16 cast of LLM.int8 at every call (documented above), and, on
+# AVX512-BF16 CPUs, that an optional package for its fused 4-bit kernel is missing.
+_drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+_drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+
+
+@METHODS.register("bitsandbytes")
+class BitsAndBytesConfig(LibraryConfig):
+    """Every target linear becomes a bitsandbytes Linear8bitLt (int8) or Linear4bit."""
+
+    PACKAGE: ClassVar[str] = "bitsandbytes"
+    OWN_FIELDS: ClassVar[str] = "scheme: int8 | nf4 | fp4"
+
+    method: Literal["bitsandbytes"] = "bitsandbytes"
+    scheme: Literal["int8", "nf4", "fp4"]
+    threshold: float = Field(default=6.0, ge=0)  # int8: LLM.int8's outlier threshold
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: bool = False
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the model's
+
+    @model_validator(mode="after")
+    def _fields_of_scheme(self) -> BitsAndBytesConfig:
+        given = self.model_fields_set
+        if self.scheme == "int8" and (four_bit := [f for f in FOUR_BIT_FIELDS if f in given]):
+            raise ValueError(f"{', '.join(four_bit)} applies to scheme nf4 / fp4, not int8: remove")
+        if self.scheme != "int8" and "threshold" in given:
+            raise ValueError(f"threshold is LLM.int8's (scheme int8), not {self.scheme}'s: remove")
+        return self
+
+    def precision(self) -> str:
+        return "W8A8" if self.scheme == "int8" else "W4A16"
+
+    def label(self) -> str:
+        if self.scheme == "int8":
+            outliers = f" + fp16 cols over {self.threshold:g}" if self.threshold else ""
+            return f"bitsandbytes: int8 channel / int8 token{outliers}"
+        extras = " double-quant" if self.double_quant else ""
+        compute = f" ({self.compute_dtype})" if self.compute_dtype else ""
+        return f"bitsandbytes: {self.scheme} b{self.blocksize}{extras} / fp{compute}"
+
+    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        for name, linear in target_linears(model, self).items():
+            module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
+            # The weight is quantized when it moves from the CPU to its device.
+            replace_module(model, name, module.to(linear.weight.device).train(linear.training))
+
+    def _int8(self, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=self.threshold,
+            device="meta",
+        )
+        module.weight = bnb.nn.Int8Params(
+            linear.weight.detach().cpu(), requires_grad=False, has_fp16_weights=False
+        )
+        module.bias = linear.bias
+        return module
+
+    def _four_bit(self, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        compute = getattr(torch, self.compute_dtype) if self.compute_dtype else linear.weight.dtype
+        module = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute,
+            compress_statistics=self.double_quant,
+            quant_type=self.scheme,
+            device="meta",
+        )
+        module.weight = bnb.nn.Params4bit(
+            linear.weight.detach().cpu(),
+            requires_grad=False,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type=self.scheme,
+            module=module,
+        )
+        module.bias = linear.bias
+        module.support_avx512bf16_for_cpu &= compute == torch.bfloat16
+        return module
