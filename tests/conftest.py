@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -97,13 +104,16 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 ARCH_CONFIGS = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
 }
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """tiny_model(kind, **shape) -> a small random fp32 model: 'llama', 'qwen2', 'qk-norm'
-    (qbench with Qwen3's q/k norms) or a qbench variant; shape overrides the sizes."""
+    """tiny_model(kind, **shape) -> a small random fp32 model: 'llama', 'qwen2', 'qwen3',
+    'mistral', 'qk-norm' (qbench with Qwen3's q/k norms) or a qbench variant; shape overrides
+    the sizes."""
     from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
 
     shape = dict(
@@ -120,7 +130,8 @@ def tiny_model():
         torch.manual_seed(0)
         sizes = {**shape, **overrides}
         if kind in ARCH_CONFIGS:
-            config = ARCH_CONFIGS[kind](**sizes)
+            head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]  # Qwen3's is 128
+            config = ARCH_CONFIGS[kind](**{"head_dim": head_dim, **sizes})
             from transformers import AutoModelForCausalLM
 
             return _randomize(AutoModelForCausalLM.from_config(config), 0)

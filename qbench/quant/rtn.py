@@ -18,7 +18,7 @@ class RTNConfig(QuantizerConfig):
 
     method: Literal["rtn"] = "rtn"
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         for name, linear in target_linears(model, self).items():
             replace_module(model, name, QuantLinear(linear, self.weights, self.activations))
         if self.embeddings:

@@ -102,7 +102,8 @@ def _label(cell: Cell) -> str:
     q = cell.quantizer
     w = q.weights.label() if q.weights else "fp"
     a = q.activations.label() if q.activations else "fp"
-    return f"{q.method}: {w} / {a}"
+    kv = f" / kv {q.kv.label()}" if q.kv else ""
+    return f"{q.method}: {w} / {a}{kv}"
 
 
 _STAGE_NOTE = [
