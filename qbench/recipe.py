@@ -205,9 +205,7 @@ class TaskOptions(StrictModel):
 
 class EvalSpec(StrictModel):
     perplexity: list[PerplexitySpec] = Field(min_length=1)
-    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(
-        default_factory=list
-    )
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_from_name)]] = Field(default_factory=list)
     task_options: TaskOptions = Field(default_factory=TaskOptions)
     diagnostics: Annotated[DiagnosticsSpec | None, BeforeValidator(_diagnostics_switch)] = None
 
