@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
+from qbench.eval.diagnostics import diagnose
 from qbench.plan import _quantizer_identity, plan
 from qbench.quant import quantize_
 from qbench.quant.kvcache import KVTransform, eager_attention, quantize_kv_cache
@@ -151,6 +152,17 @@ def test_eager_attention_keeps_the_kv_step():
     assert model.config._attn_implementation == "qbench_kv_eager"
     torch.testing.assert_close(_logits(model), sdpa, atol=1e-5, rtol=1e-4)
     assert eager_attention("sdpa") == "eager"
+
+
+def test_diagnostics_see_the_quantized_cache_and_restore_the_attention():
+    torch.manual_seed(0)
+    fp = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    model.load_state_dict(fp.state_dict())
+    quantize_kv_cache(model, KVQuant(bits=2))
+    mass = [diagnose(m, IDS).details["layers"][1]["first_token_mass"] for m in (fp, model)]
+    assert mass[0] != mass[1]  # the maps come from the rounded keys, not the float ones
+    assert model.config._attn_implementation == "qbench_kv_sdpa"
 
 
 def test_kv_alone_is_a_quantizer_and_labels_say_kv():

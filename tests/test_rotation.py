@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize
 
-from qbench.checkpoints.model import VARIANTS
+from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
 from qbench.quant import quantize_
 from qbench.quant.hadamard import (
     HadamardTransform,
@@ -22,6 +23,14 @@ from qbench.quant.rotation import HadamardInput, RotationConfig, rotate
 EVERY_KIND = ["llama", "qwen2", "qwen3", "mistral", "qk-norm", *VARIANTS]
 # every width the tests and the shipped recipes rotate (stories260K: 64, 172, head_dim 8; the
 # tiny/small presets: 128, 384, 256, 768, head_dim 32; Llama-2-7B: 4096, 11008, head_dim 128)
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 WIDTHS = [1, 2, 8, 16, 32, 64, 128, 172, 192, 256, 384, 512, 768, 2048, 4096, 11008]
 
 
@@ -38,11 +47,17 @@ def _orthogonal(m: torch.Tensor) -> bool:
 @pytest.mark.parametrize("n", WIDTHS)
 def test_rotations_are_orthogonal_for_every_width_used(n):
     rotation = HadamardTransform(n, random_signs=True)
-    m = rotation.matrix()
-    assert m.shape == (n, n) and _orthogonal(m)
+    base, power = rotation.base, rotation.factorization.power
+    assert power * base.shape[0] == n and _orthogonal(base)  # H_p (x) B: orthogonal iff B is
+    assert torch.equal(rotation.signs.abs(), torch.ones(n, dtype=torch.float64))
     x = torch.randn(3, n, dtype=torch.float64)
-    torch.testing.assert_close(rotation(x), x @ m)
-    torch.testing.assert_close(rotation.inverse(x), x @ m.T)
+    torch.testing.assert_close(rotation.inverse(rotation(x)), x)
+    torch.testing.assert_close(rotation(x).norm(dim=-1), x.norm(dim=-1))
+    if n <= 2048:  # the dense matrix (quadratic memory, cubic check): orthogonal, and equal
+        m = rotation.matrix()  # to what the fast path computes
+        assert m.shape == (n, n) and _orthogonal(m)
+        torch.testing.assert_close(rotation(x), x @ m)
+        torch.testing.assert_close(rotation.inverse(x), x @ m.T)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +127,25 @@ def test_rotation_leaves_fp32_logits_unchanged(kind, rotate_qk, tiny_model):
     assert torch.equal(model.model.norm.weight, torch.ones(64))
     kv = getattr(model.model.layers[0].self_attn, "kv_transform", None)
     assert (kv is not None and kv.qk_rotation is not None) == rotate_qk
+
+
+@pytest.mark.parametrize("norm", ["preaffine", "gatednorm"])
+def test_all_options_at_once_stay_lossless(norm):
+    """Every attention option together (headwise gate, bias slot, context scaling, softpick,
+    qk_norm) with a PreAffine or GatedNorm norm, Q/K rotated."""
+    options = dict(
+        attn_output_gate="headwise",
+        attn_kv_bias=True,
+        attn_context_scaling=True,
+        attn_softmax="softpick",
+        qk_norm=True,
+        norm=norm,
+    )
+    config = QBenchConfig(**SMALL, **options)
+    model = randomize(QBenchForCausalLM(config), 0)
+    before = _logits(model)
+    rotate(model, rotate_qk=True)
+    assert (_logits(model) - before).abs().max() < 1e-4 * before.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["preaffine", "gatednorm"])

@@ -166,6 +166,8 @@ def _sylvester_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
 
 def kronecker_apply(x: torch.Tensor, power: int, base: torch.Tensor) -> torch.Tensor:
     """x @ (sylvester(power) (x) base) along the last dimension, without forming the product."""
+    if base.shape[0] == 1:  # n is a power of two (base [[1]])
+        return fwht(x)
     blocks = x.reshape(*x.shape[:-1], power, base.shape[0]) @ base.to(x.dtype)
     if power > 1:
         blocks = fwht(blocks.transpose(-1, -2)).transpose(-1, -2)
