@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import PretrainedConfig
 
 from qbench.errors import QBenchError
 from qbench.registry import Registry
@@ -124,10 +125,9 @@ class DecoderView:
         return [g for layer in self.layers for g in (layer.attn, layer.mlp)] + [self.final]
 
 
-def head_dim(config: object) -> int:
+def head_dim(config: PretrainedConfig) -> int:
     """The attention head width of a model config."""
-    explicit = getattr(config, "head_dim", None)
-    return explicit or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def architecture(model: nn.Module) -> Architecture:

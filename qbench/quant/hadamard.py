@@ -168,7 +168,7 @@ def kronecker_apply(x: torch.Tensor, power: int, base: torch.Tensor) -> torch.Te
     """x @ (sylvester(power) (x) base) along the last dimension, without forming the product."""
     if base.shape[0] == 1:  # n is a power of two (base [[1]])
         return fwht(x)
-    blocks = x.reshape(*x.shape[:-1], power, base.shape[0]) @ base.to(x.dtype)
+    blocks = x.reshape(*x.shape[:-1], power, base.shape[0]) @ base.to(x)
     if power > 1:
         blocks = fwht(blocks.transpose(-1, -2)).transpose(-1, -2)
     return blocks.reshape(x.shape)
@@ -191,12 +191,12 @@ class HadamardTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.signs is not None:
-            x = x * self.signs.to(x.dtype)
-        return kronecker_apply(x, self.factorization.power, self.base)
+            x = x * self.signs.to(x)
+        return kronecker_apply(x, self.factorization.power, self.base.to(x))
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        y = kronecker_apply(x, self.factorization.power, self.base.T)  # H_p is symmetric
-        return y * self.signs.to(x.dtype) if self.signs is not None else y
+        y = kronecker_apply(x, self.factorization.power, self.base.T.to(x))  # H_p symmetric
+        return y * self.signs.to(x) if self.signs is not None else y
 
     def matrix(self) -> torch.Tensor:
         m = torch.kron(sylvester(self.factorization.power).to(self.base.device), self.base)

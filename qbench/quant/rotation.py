@@ -63,33 +63,32 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
     """
     view = decoder_view(model)
-    device = view.embed.weight.device
     _untie_lm_head(model)
     for group in view.norms:
         _fold_norm(group)
-    stream = HadamardTransform(view.embed.weight.shape[1], random_signs=True).to(device)
+    stream = HadamardTransform(view.embed.weight.shape[1], random_signs=True)
+    stream.to(view.embed.weight.device)
     _rotate_norms(model, view, stream)
     q = stream.matrix()
-    _set(view.embed, view.embed.weight.double() @ q)
+    _right(view.embed.weight, q)
     for group in view.norms:
         for reader in [*group.readers, *group.inner_readers]:
-            _set(reader, reader.weight.double() @ q)
+            _right(reader.weight, q)
     for layer in view.layers:
         for writer in (layer.attn_out, layer.mlp_out):
-            _set(writer, q.T @ writer.weight.double())
+            _left(writer.weight, q.T)
             if writer.bias is not None:
-                _set_tensor(writer.bias, writer.bias.double() @ q)
-        online = HadamardTransform(layer.mlp_out.in_features).to(device)
-        _set(layer.mlp_out, layer.mlp_out.weight.double() @ online.matrix())
+                _right(writer.bias, q)
+        online = HadamardTransform(layer.mlp_out.in_features).to(layer.mlp_out.weight.device)
+        _right(layer.mlp_out.weight, online.matrix())
         replace_module(model, layer.mlp_out_path, HadamardInput(layer.mlp_out, online))
         if layer.value_rotatable:
             _rotate_value_heads(layer.value, layer.value_bias, layer.attn_out, view.head_dim)
     if rotate_qk:
         for layer, kv in zip(view.layers, kv_transforms(model), strict=True):
-            kv.qk_rotation = HadamardTransform(view.head_dim).to(device)
+            kv.qk_rotation = HadamardTransform(view.head_dim).to(layer.value.weight.device)
             if layer.key_bias is not None:  # a learned key slot meets the rotated queries
-                h = kv.qk_rotation.matrix()
-                _set_tensor(layer.key_bias, layer.key_bias.double() @ h)
+                _right(layer.key_bias, kv.qk_rotation.matrix())
 
 
 def _rotate_norms(model: nn.Module, view: DecoderView, stream: HadamardTransform) -> None:
@@ -118,25 +117,32 @@ def _untie_lm_head(model: nn.Module) -> None:
 def _fold_norm(group: NormGroup) -> None:
     scale = group.norm.weight.double()
     for reader in [*group.readers, *group.inner_readers]:
-        _set(reader, reader.weight.double() * scale)
+        _set_tensor(reader.weight, reader.weight.double() * scale.to(reader.weight.device))
     _set_tensor(group.norm.weight, torch.ones_like(scale))
 
 
 def _rotate_value_heads(
     value: nn.Linear, value_bias: nn.Parameter | None, out: nn.Linear, head_dim: int
 ) -> None:
+    """v_proj rows per head H^T (so v -> v H), value biases alike, o_proj columns per head H."""
     h = HadamardTransform(head_dim).matrix().to(value.weight.device)
     rows = value.weight.double().reshape(-1, head_dim, value.in_features)
-    _set(value, (h.T @ rows).reshape(value.weight.shape))
+    _set_tensor(value.weight, (h.T @ rows).reshape(value.weight.shape))
     for bias in (value.bias, value_bias):
         if bias is not None:
             _set_tensor(bias, (bias.double().reshape(-1, head_dim) @ h).reshape(bias.shape))
     columns = out.weight.double().reshape(out.out_features, -1, head_dim)
-    _set(out, (columns @ h).reshape(out.weight.shape))
+    _set_tensor(out.weight, (columns @ h.to(out.weight.device)).reshape(out.weight.shape))
 
 
-def _set(module: nn.Module, weight: torch.Tensor) -> None:
-    _set_tensor(module.weight, weight)
+def _right(target: torch.Tensor, m: torch.Tensor) -> None:
+    """target <- target @ m, in float64 on target's device."""
+    _set_tensor(target, target.double() @ m.to(target.device))
+
+
+def _left(target: torch.Tensor, m: torch.Tensor) -> None:
+    """target <- m @ target, in float64 on target's device."""
+    _set_tensor(target, m.to(target.device) @ target.double())
 
 
 def _set_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
