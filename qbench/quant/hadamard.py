@@ -142,9 +142,9 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """x @ sylvester(n) along the last dimension (n a power of two) in O(n log n).
 
     The fast Walsh-Hadamard transform, pure torch (runs on any device): H_n = H_{n/b} (x) H_b,
-    the H_b of the lowest log2(b) levels as one dense product (b = min(n, FWHT_BLOCK): a small
-    matmul is faster than that many elementwise passes, on CPU and GPU), then the butterfly
-    (a + b, a - b) for each level above.
+    the H_b of the lowest log2(b) levels as one dense product (b = min(n, FWHT_BLOCK): on CPU
+    a small matmul beats that many elementwise passes), then the butterfly (a + b, a - b) for
+    each level above. bench/hadamard_bench.py times it against the dense n x n product.
     """
     n = x.shape[-1]
     if n & (n - 1):
