@@ -41,6 +41,7 @@ def methods(sequences: int) -> dict[str, dict]:
         "rtn clip-search": {"method": "rtn", **w4a4, "weights": {"bits": 4, "clip_search": True}},
         "smoothquant": {"method": "smoothquant", "calibration": calibration, **w4a4},
         "rotation": {"method": "rotation", **w4a4},
+        "rotation + kv4": {"method": "rotation", **w4a4, "kv": {"bits": 4, "clip": 0.95}},
         "gptq": {"method": "gptq", "calibration": calibration, **w4a4},
         "gptq + rotation": {"method": "gptq", "rotate": True, "calibration": calibration, **w4a4},
     }

@@ -21,8 +21,9 @@ from qbench.checkpoints.load import checkpoint_config, checkpoint_identity
 from qbench.data.sources import load_text, text_fingerprint
 from qbench.errors import QBenchError
 from qbench.eval.tasks import task_identity
+from qbench.quant.adapters import ARCHITECTURES, head_dim
 from qbench.quant.method import QuantizerConfig, target_linears
-from qbench.quant.spec import divides_error
+from qbench.quant.spec import KVQuant, divides_error
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
 from qbench.versions import library_versions
 
@@ -79,7 +80,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             determinants = {
                 "checkpoint": identity,
                 "dtype": checkpoint.dtype,
-                "quantizer": quantizer.model_dump(exclude={"name"}) if quantizer else None,
+                "quantizer": _quantizer_identity(quantizer) if quantizer else None,
                 "eval": eval_identity,
                 "seed": recipe.seed,
                 "versions": versions | (quantizer.versions() if quantizer else {}),
@@ -91,6 +92,11 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             blob = json.dumps(determinants, sort_keys=True).encode()
             cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
     return cells
+
+
+def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
+    """The quantizer's fields but its name; kv only when set, so older keys stay valid."""
+    return quantizer.model_dump(exclude={"name"} if quantizer.kv else {"name", "kv"})
 
 
 def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
@@ -126,6 +132,8 @@ def _check_fits(
                 f"{source}: quantizers[{i}].calibration.seq_len: {calibration.seq_len} exceeds "
                 f"checkpoint '{checkpoint.name}''s max_position_embeddings {context}"
             )
+        if quantizer.kv is not None:
+            _check_kv(source, f"quantizers[{i}].kv", quantizer.kv, checkpoint, config)
         linears = {name: m.in_features for name, m in target_linears(skeleton, quantizer).items()}
         misfit = next(_misfits(quantizer, linears, embeddings), None)
         if misfit is not None:
@@ -155,3 +163,25 @@ def _misfits(
         if problem := quantizer.width_error(width):
             field, text, fix = problem
             yield field, layer, text, fix
+
+
+def _check_kv(
+    source: Path, where: str, kv: KVQuant, checkpoint: CheckpointSpec, config: PretrainedConfig
+) -> None:
+    """The KV step has an adapter for the model, and groups or blocks divide head_dim."""
+    if config.model_type not in ARCHITECTURES:
+        raise RecipeError(
+            f"{source}: {where}: no KV-cache support for model_type '{config.model_type}' of "
+            f"checkpoint '{checkpoint.name}' (no architecture adapter; known: "
+            f"{', '.join(ARCHITECTURES)}); remove kv: for it"
+        )
+    width = head_dim(config)
+    if kv.block is not None and width % kv.block:
+        what = (
+            f"group {kv.group} does" if kv.group else f"{kv.format}'s {kv.block}-element blocks do"
+        )
+        raise RecipeError(
+            f"{source}: {where}.{'group' if kv.group else 'format'}: {what} not divide "
+            f"head_dim {width} of checkpoint '{checkpoint.name}'; use a group that divides "
+            f"{width}, or no group (one scale per token and head)"
+        )

@@ -90,7 +90,7 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter random (norm scales around 1), so no variant module is neutral."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -130,11 +130,12 @@ def tiny_model():
         torch.manual_seed(0)
         sizes = {**shape, **overrides}
         if kind in ARCH_CONFIGS:
-            config = ARCH_CONFIGS[kind](**sizes)
+            head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]  # Qwen3's is 128
+            config = ARCH_CONFIGS[kind](**{"head_dim": head_dim, **sizes})
             from transformers import AutoModelForCausalLM
 
-            return _randomize(AutoModelForCausalLM.from_config(config), 0)
+            return randomize(AutoModelForCausalLM.from_config(config), 0)
         options = {"qk_norm": True} if kind == "qk-norm" else variant_options(kind)
-        return _randomize(QBenchForCausalLM(QBenchConfig(**sizes, **options)), 0)
+        return randomize(QBenchForCausalLM(QBenchConfig(**sizes, **options)), 0)
 
     return build

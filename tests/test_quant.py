@@ -141,6 +141,6 @@ def test_rtn_lm_head_and_tied_embeddings_on_request():
     assert isinstance(model.lm_head, QuantLinear)
 
 
-def test_quantizer_needs_weights_or_activations():
-    with pytest.raises(ValueError, match="set weights: and/or activations:"):
+def test_quantizer_needs_weights_activations_or_kv():
+    with pytest.raises(ValueError, match="set weights:, activations: and/or kv:"):
         _rtn()

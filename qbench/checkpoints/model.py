@@ -47,6 +47,14 @@ ones, gate_up zero (each GatedNorm halves its output; gate_down is random, so W_
 forward() takes an optional 2-D padding mask; positions then count real tokens only, so a
 left-padded row gives the logits of the unpadded sequence. There is no KV cache: generate()
 recomputes the whole prefix at every step.
+
+Two hooks for qbench.quant, None unless a quantizer sets them:
+- `self_attn.kv_transform(q, k, v) -> (q, k, v)` after RoPE, before the attn-bias slot is
+  prepended and KV heads repeated: KV-cache rounding and QuaRot's per-head Q/K rotation;
+- `<norm>.stream_rotation`: the residual stream arrives rotated by an orthogonal Q (QuaRot,
+  with the norm's weight folded into its readers); the norm then takes its channel-wise products
+  (pre_scale, the GatedNorm gate) in the original basis, ((x Q^T) * v) Q, and computes the
+  same function in the rotated basis; RMS normalization commutes with Q.
 """
 
 import dataclasses
@@ -188,16 +196,23 @@ class QBenchRMSNorm(nn.Module):
         self.pre_scale = nn.Parameter(torch.ones(dim)) if kind == "preaffine" else None
         self.gate_down = nn.Linear(dim, rank, bias=False) if kind == "gatednorm" else None
         self.gate_up = zero_init_linear(rank, dim) if kind == "gatednorm" else None
+        self.stream_rotation: nn.Module | None = None  # see the module docstring
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_scale is not None:
-            x = x * self.pre_scale
+            x = self._channel_scale(x, self.pre_scale)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         y = self.weight * h.to(x.dtype)
         if self.gate_down is not None and self.gate_up is not None:
-            y = y * torch.sigmoid(self.gate_up(F.silu(self.gate_down(y))))
+            y = self._channel_scale(y, torch.sigmoid(self.gate_up(F.silu(self.gate_down(y)))))
         return y
+
+    def _channel_scale(self, x: Tensor, scale: Tensor) -> Tensor:
+        """x * scale channel by channel, in the original basis if the stream is rotated."""
+        if self.stream_rotation is None:
+            return x * scale
+        return self.stream_rotation(self.stream_rotation.inverse(x) * scale)
 
 
 def rope_cos_sin(
@@ -272,6 +287,7 @@ class QBenchAttention(nn.Module):
         kv_shape = (self.n_kv_heads, self.head_dim)
         self.k_bias = nn.Parameter(torch.zeros(kv_shape)) if config.attn_kv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(kv_shape)) if config.attn_kv_bias else None
+        self.kv_transform: nn.Module | None = None  # see the module docstring
 
     def forward(
         self,
@@ -293,6 +309,8 @@ class QBenchAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        if self.kv_transform is not None:  # KV-cache rounding, Q/K rotation (qbench.quant)
+            q, k, v = self.kv_transform(q, k, v)
 
         keep = attention_mask
         if self.k_bias is not None and self.v_bias is not None:

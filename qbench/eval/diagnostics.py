@@ -39,6 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from qbench.config import StrictModel
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
+from qbench.quant.kvcache import eager_attention
 from qbench.quant.linear import QuantLinear
 from qbench.quant.method import QuantizerConfig, target_linears
 
@@ -281,10 +282,11 @@ def _hooked(hooks: list[Hook]) -> Iterator[None]:
 def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
     """Eager attention meanwhile (sdpa returns no attention maps), then the previous one."""
     previous = getattr(model.config, "_attn_implementation", "eager")
-    if previous in (None, "eager"):
+    eager = eager_attention(previous)  # keeps a quantized KV cache
+    if previous in (None, eager):
         yield
         return
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(eager)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import PretrainedConfig
 
 from qbench.errors import QBenchError
 from qbench.registry import Registry
@@ -23,6 +24,13 @@ class Architecture:
     the norm module that read its scaled output (GatedNorm's gate). `optional` lists paths a
     variant may lack (absent or None). `value_rotatable(attention)`: whether the attention
     output may be rotated per head (false when something multiplies it channel by channel).
+    `key_bias` / `value_bias`: learned key/value slots of the attention (float parameters).
+    `norm_rotation`: the attribute through which a norm with more than a weight (PreAffine,
+    GatedNorm) takes the residual stream's rotation and then computes its channel-wise
+    products in the original basis; None where norms are a weight only.
+    `attention_interface`: whether attention runs through transformers' AttentionInterface
+    (qbench's KV step is then a registered attention implementation); otherwise the attention
+    module calls its own `kv_transform` after RoPE.
     """
 
     layers: str = "model.layers"
@@ -31,6 +39,7 @@ class Architecture:
     attn_readers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     attention: str = "self_attn"
     value: str = "self_attn.v_proj"
+    key_bias: str | None = None
     value_bias: str | None = None
     attn_out: str = "self_attn.o_proj"
     mlp_norm: str = "post_attention_layernorm"
@@ -39,6 +48,8 @@ class Architecture:
     norm_readers: tuple[str, ...] = ()
     optional: frozenset[str] = frozenset()
     value_rotatable: Callable[[nn.Module], bool] = lambda attention: True
+    norm_rotation: str | None = None
+    attention_interface: bool = True
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")
@@ -53,15 +64,24 @@ ARCHITECTURES.register("qbench")(
             "self_attn.gate",
             "self_attn.context_scale",
         ),
+        key_bias="self_attn.k_bias",
         value_bias="self_attn.v_bias",
         norm_readers=("gate_down",),
         optional=frozenset(
-            {"self_attn.gate", "self_attn.context_scale", "self_attn.v_bias", "gate_down"}
+            {
+                "self_attn.gate",
+                "self_attn.context_scale",
+                "self_attn.k_bias",
+                "self_attn.v_bias",
+                "gate_down",
+            }
         ),
         # an elementwise output gate multiplies each channel of each head: no per-head rotation
         value_rotatable=lambda attention: (
             attention.gate is None or attention.gate.out_features == attention.n_heads
         ),
+        norm_rotation="stream_rotation",
+        attention_interface=False,
     )
 )
 
@@ -81,6 +101,7 @@ class LayerView:
     mlp: NormGroup
     attention: nn.Module
     value: nn.Linear
+    key_bias: nn.Parameter | None
     value_bias: nn.Parameter | None
     attn_out: nn.Linear
     mlp_out: nn.Linear
@@ -92,10 +113,21 @@ class LayerView:
 class DecoderView:
     """The resolved modules of one model."""
 
+    architecture: Architecture
     embed: nn.Embedding
     layers: list[LayerView]
     final: NormGroup
     head_dim: int
+
+    @property
+    def norms(self) -> list[NormGroup]:
+        """Every norm on the residual stream with its readers, in order, the final one last."""
+        return [g for layer in self.layers for g in (layer.attn, layer.mlp)] + [self.final]
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """The attention head width of a model config."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def architecture(model: nn.Module) -> Architecture:
@@ -135,6 +167,7 @@ def decoder_view(model: nn.Module) -> DecoderView:
                 mlp=group(layer, arch.mlp_norm, arch.mlp_readers),
                 attention=attention,
                 value=find(layer, arch.value),
+                key_bias=find(layer, arch.key_bias) if arch.key_bias else None,
                 value_bias=find(layer, arch.value_bias) if arch.value_bias else None,
                 attn_out=find(layer, arch.attn_out),
                 mlp_out=find(layer, arch.mlp_out),
@@ -144,6 +177,4 @@ def decoder_view(model: nn.Module) -> DecoderView:
         )
     final = group(model, arch.final_norm, ())
     final.readers = [model.get_output_embeddings()]
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return DecoderView(model.get_input_embeddings(), layers, final, head_dim)
+    return DecoderView(arch, model.get_input_embeddings(), layers, final, head_dim(model.config))

@@ -64,10 +64,10 @@ class BitsAndBytesConfig(LibraryConfig):
             raise ValueError(f"threshold is LLM.int8's (scheme int8), not {self.scheme}'s: remove")
         return self
 
-    def precision(self) -> str:
-        return "W8A8" if self.scheme == "int8" else "W4A16"
+    def linear_bits(self) -> tuple[int, int]:
+        return (8, 8) if self.scheme == "int8" else (4, 16)
 
-    def label(self) -> str:
+    def linear_label(self) -> str:
         if self.scheme == "int8":
             outliers = f" + fp16 cols over {self.threshold:g}" if self.threshold else ""
             return f"bitsandbytes: int8 channel / int8 token{outliers}"
@@ -75,7 +75,7 @@ class BitsAndBytesConfig(LibraryConfig):
         compute = f" ({self.compute_dtype})" if self.compute_dtype else ""
         return f"bitsandbytes: {self.scheme} b{self.blocksize}{extras} / fp{compute}"
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         for name, linear in target_linears(model, self).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.

@@ -52,13 +52,13 @@ class GPTQConfig(RTNConfig):
 
     def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         if self.rotate:
-            rotate(model)
+            rotate(model, rotate_qk=self.kv is not None)
 
     @property
     def has_transform(self) -> bool:
         return self.rotate
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         if tokenizer is None:
             raise QBenchError("gptq calibrates on text: pass the checkpoint's tokenizer")
         ids = calibration_ids(tokenizer, self.calibration)

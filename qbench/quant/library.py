@@ -34,6 +34,10 @@ class LibraryConfig(QuantizerConfig):
             raise ValueError(f"{method} quantizes linear layers only: remove embeddings")
         return data
 
+    @property
+    def quantizes_linears(self) -> bool:
+        return True
+
     def versions(self) -> dict[str, str]:
         return {self.PACKAGE: version(self.PACKAGE)}
 

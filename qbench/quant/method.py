@@ -9,12 +9,17 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
-from qbench.quant.spec import ActivationQuant, WeightQuant
+from qbench.quant.kvcache import quantize_kv_cache
+from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
 from qbench.registry import Registry
 
 
 class QuantizerConfig(StrictModel):
-    """One named quantizer of a recipe. Subclasses set `method` and implement `apply`."""
+    """One named quantizer of a recipe.
+
+    Subclasses set `method`, implement `quantize_linears` and may override `transform`.
+    `kv` quantizes the KV cache, whatever the method.
+    """
 
     # Whether outlier diagnostics can read the quantized model (not where a library keeps
     # its weights packed in its own storage).
@@ -24,25 +29,35 @@ class QuantizerConfig(StrictModel):
     method: str
     weights: WeightQuant | None = None
     activations: ActivationQuant | None = None
+    kv: KVQuant | None = None
     lm_head: bool = False
     embeddings: bool = False
 
     @model_validator(mode="after")
     def _quantizes_something(self) -> QuantizerConfig:
-        if self.weights is None and self.activations is None:
-            raise ValueError("set weights: and/or activations: (the fp reference is implicit)")
+        if self.weights is None and self.activations is None and self.kv is None:
+            raise ValueError("set weights:, activations: and/or kv: (the fp reference is implicit)")
         if self.embeddings and self.weights is None:
             raise ValueError("embeddings: true needs weights: (embeddings have no activations)")
         return self
 
     def precision(self) -> str:
-        """The W/A label of leaderboards, e.g. 'W4A8' (16 for what stays in float)."""
+        """The label of leaderboards, e.g. 'W4A8', 'W4A4KV4' (16 for what stays in float)."""
+        w, a = self.linear_bits()
+        return f"W{w}A{a}" + (f"KV{self.kv.bits}" if self.kv else "")
+
+    def linear_bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits) of the quantized linears; 16 for float."""
         w = self.weights.bits if self.weights else 16
         a = self.activations.bits if self.activations else 16
-        return f"W{w}A{a}"
+        return w, a
 
     def label(self) -> str:
-        """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token'."""
+        """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token / kv int4 token'."""
+        return self.linear_label() + (f" / kv {self.kv.label()}" if self.kv else "")
+
+    def linear_label(self) -> str:
+        """What the linears get, e.g. 'rtn: int4 g32 / int8 token'."""
         w = self.weights.label() if self.weights else "fp"
         a = self.activations.label() if self.activations else "fp"
         return f"{self.method}: {w} / {a}"
@@ -57,6 +72,11 @@ class QuantizerConfig(StrictModel):
         return None
 
     @property
+    def quantizes_linears(self) -> bool:
+        """Whether the method rounds linears (not a KV-cache-only quantizer)."""
+        return self.weights is not None or self.activations is not None
+
+    @property
     def has_transform(self) -> bool:
         """Whether the method changes the float model before rounding (a "transformed" stage)."""
         return type(self).transform is not QuantizerConfig.transform
@@ -65,7 +85,14 @@ class QuantizerConfig(StrictModel):
         """Change `model` in place without changing its function in float (smooth, rotate)."""
 
     def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Round the (transformed) `model` in place."""
+        """Round the (transformed) `model` in place: its linears, then the KV cache if asked."""
+        if self.quantizes_linears:
+            self.quantize_linears(model, tokenizer)
+        if self.kv is not None:
+            quantize_kv_cache(model, self.kv)
+
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Round the linears (and embeddings) as the method says."""
         raise NotImplementedError
 
     def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> None:

@@ -61,10 +61,10 @@ class QuantoConfig(LibraryConfig):
             raise ValueError("calibration sets activation scales: add activation_qtype or remove")
         return self
 
-    def precision(self) -> str:
-        return f"W{WEIGHT_BITS[self.weight_qtype]}A{16 if self.activation_qtype is None else 8}"
+    def linear_bits(self) -> tuple[int, int]:
+        return WEIGHT_BITS[self.weight_qtype], 16 if self.activation_qtype is None else 8
 
-    def label(self) -> str:
+    def linear_label(self) -> str:
         weights = {"qint8": "int8 channel"}.get(
             self.weight_qtype, f"{self.weight_qtype[1:]} asym g{self.group or '(auto)'}"
         )
@@ -83,7 +83,7 @@ class QuantoConfig(LibraryConfig):
             )
         return None
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         from optimum.quanto import Calibration, freeze, qtypes, quantize
 
         names = list(target_linears(model, self))

@@ -18,7 +18,7 @@ class RTNConfig(QuantizerConfig):
 
     method: Literal["rtn"] = "rtn"
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         linears = target_linears(model, self)
         while linears:  # popped, so each float weight is freed as soon as it is replaced
             name, linear = linears.popitem()

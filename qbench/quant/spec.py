@@ -5,7 +5,8 @@ dimension is the reduction (input) dimension of a linear layer:
 - tensor: the whole tensor;
 - channel: one output row of a weight;
 - token: one row of activations (one token's hidden vector);
-- group: `group` contiguous elements along the last dimension, within a row.
+- group: `group` contiguous elements along the last dimension, within a row;
+- head: one token's key or value vector of one attention head (KV cache).
 
 Block formats fix their own blocks along the last dimension (mxfp4: 32 elements with a
 power-of-two scale; nvfp4: 16 elements with an FP8 scale). For nvfp4 the granularity is the
@@ -150,6 +151,26 @@ class ActivationQuant(TensorQuant):
 
     granularity: Literal["tensor", "token", "group"] = "token"
     clip_search: Literal[False] = False  # a search at every call: weights only
+
+
+class KVQuant(TensorQuant):
+    """The KV cache: keys (after RoPE) and values, rounded dynamically at every call.
+
+    One scale and zero point per token and head by default, or per `group` elements within a
+    head; asymmetric by default (QuaRot's KV4: asymmetric, group 128 = Llama's head_dim, clip
+    0.95). Formats other than int are symmetric, as for weights and activations.
+    """
+
+    granularity: Literal["head", "group"] = "head"
+    symmetric: bool = False
+    clip_search: Literal[False] = False  # a search at every call: weights only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _float_formats_symmetric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format", "int") != "int":
+            return {"symmetric": True, **data}
+        return data
 
 
 def divides_error(spec: TensorQuant, in_features: int) -> tuple[str, str, str] | None:
