@@ -223,6 +223,27 @@ def test_backend_changes_logits_by_a_plausible_amount(kind, backend, tiny_model,
     assert low < error < high
 
 
+@pytest.mark.parametrize("backend", ["bnb-int8", "quanto-w4a8-fp8"])
+def test_backend_with_kv_rounds_its_linears_and_the_kv_cache(backend, tiny_model, tokenizer_dir):
+    """`kv:` works with any method: a backend quantizer with it rounds the linears through the
+    library and the KV cache through qbench, and its precision and label say so."""
+    from qbench.quant.kvcache import KVTransform
+
+    fields, bits = BACKENDS[backend]
+    config = _config(**fields, kv={"bits": 4})
+    assert config.precision().endswith("KV4") and config.precision().startswith(f"W{bits}")
+    assert "/ kv int4" in config.label()
+    model = tiny_model("llama", intermediate_size=128)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    without_kv = quantize_(copy.deepcopy(model), _config(**fields), tokenizer)
+    quantize_(model, config, tokenizer)
+    assert type(model.model.layers[0].mlp.down_proj) is not nn.Linear
+    assert all(
+        isinstance(layer.self_attn.kv_transform, KVTransform) for layer in model.model.layers
+    )
+    assert not torch.allclose(_logits(model), _logits(without_kv))
+
+
 @pytest.mark.parametrize(
     "fields", [BACKENDS["bnb-nf4"][0], {"method": "quanto", "weight_qtype": "qint4"}]
 )
