@@ -6,7 +6,9 @@ Prints:
 2. forward time of each fake-quant format (weights and activations) relative to the fp model,
    through the eager reference and through the compiled fast path (qbench.quant.fused), with
    the fast path's first call (compilation) apart and the largest logit difference between
-   the two paths.
+   the two paths;
+3. one linear layer of the model's width (x [tokens, hidden] -> intermediate): fake-quant of
+   x alone, eager vs compiled (the fused kernel), and the whole layer vs its fp matmul.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/quant_bench.py [--random-width 512] [--repeats 5]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import gc
 import statistics
 import sys
@@ -38,8 +41,10 @@ from common import (
 )
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.nn import functional as F
 
-from qbench.quant import METHODS, quantize_
+from qbench.quant import METHODS, fused, quantize_
+from qbench.quant.spec import ActivationQuant, fake_quant
 
 FORMATS = {
     "int8": {"bits": 8},
@@ -164,6 +169,47 @@ def forward_table(model: nn.Module, ids: torch.Tensor, repeats: int) -> None:
     table(title, header, rows)
 
 
+@torch.no_grad()
+def layer_table(config: object, tokens: int, repeats: int, device: torch.device) -> None:
+    """One linear layer: fake-quant of its input alone and the whole layer, per format."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, config.hidden_size, generator=generator).to(device)
+    weight = torch.randn(config.intermediate_size, config.hidden_size, generator=generator)
+    weight = weight.to(device) / config.hidden_size**0.5
+    rows = []
+    for name, fmt in FORMATS.items():
+        spec = ActivationQuant.model_validate(fmt)
+        kernel = torch.compile(functools.partial(fake_quant, spec=spec), dynamic=False)
+        kernel(x)  # compiles
+        fused.quantized_linear(x, weight, None, spec)  # compiles
+        times = interleaved(
+            {
+                "quant reference": lambda spec=spec: fake_quant(x, spec),
+                "quant fused": lambda kernel=kernel: kernel(x),
+                "fp": lambda: F.linear(x, weight),
+                "reference": lambda spec=spec: F.linear(fake_quant(x, spec), weight),
+                "fast": lambda spec=spec: fused.quantized_linear(x, weight, None, spec),
+            },
+            repeats,
+        )
+        ms = {key: statistics.median(value) * 1e3 for key, value in times.items()}
+        rows.append(
+            [
+                name,
+                f"{ms['quant reference']:.2f}",
+                f"{ms['quant fused']:.2f}",
+                f"{median_ratio(times['quant reference'], times['quant fused']):.1f}",
+                f"{ms['fp']:.2f}",
+                f"{median_ratio(times['reference'], times['fp']):.2f}",
+                f"{median_ratio(times['fast'], times['fp']):.2f}",
+            ]
+        )
+    header = ["format (A)", "fake-quant ref ms", "fused ms", "ref / fused", "fp matmul ms",
+              "layer ref / fp", "layer fast / fp"]  # fmt: skip
+    shape = f"x [{tokens}, {config.hidden_size}] -> {config.intermediate_size}"
+    table(f"One linear layer, {shape}, median of {repeats} rounds", header, rows)
+
+
 def _with_mode(model: nn.Module, ids: torch.Tensor, mode: str) -> object:
     with fast_quant(mode):
         return model(ids)
@@ -182,7 +228,9 @@ def main() -> None:
     quantization_table(model, tokenizer, args.sequences, size)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, args.batch, generator=generator)
-    forward_table(model, ids.to(next(model.parameters()).device), args.repeats)
+    device = next(model.parameters()).device
+    forward_table(model, ids.to(device), args.repeats)
+    layer_table(model.config, ids.numel(), args.repeats, device)
 
 
 if __name__ == "__main__":
