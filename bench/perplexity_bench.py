@@ -13,7 +13,10 @@ The two conventions differ, so their perplexities differ a little:
   (its first token is the previous window's last, as context), and the tail is scored.
 The "same windows" column is the check: lm-eval's own scoring (`_loglikelihood_tokens`, which
 loglikelihood_rolling calls) fed qbench's windows, each window's first token as context; it
-must reproduce qbench's perplexity.
+must reproduce qbench's perplexity: to the printed digits in fp, and to about 1e-5 relative
+with 4-bit activations, because lm-eval feeds a window without its last token (which has no
+target), so the matmuls have other shapes, differ in the last float bits, and a 4-bit
+rounding can flip.
 
 Throughput: scored tokens per second, median of --repeats runs, the two harnesses run one
 after the other in each round; the fast path's first run (compilation) is reported apart,
