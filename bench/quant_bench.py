@@ -1,27 +1,50 @@
 """Quantizer benchmark, measured in one run on one model (a script, not a test).
 
-Prints: quantization time per method; forward time of each fake-quant format (weights and
-activations) relative to the float model; peak extra memory while quantizing (CPU: resident
-set size sampled every 2 ms; CUDA: max allocated) relative to the float model's size.
+Prints:
+1. quantization time per method (W4A4) and the peak extra memory while quantizing (CPU:
+   resident set size sampled every 2 ms; CUDA: max allocated), relative to the fp model's size;
+2. forward time of each fake-quant format (weights and activations) relative to the fp model,
+   through the eager reference and through the compiled fast path (qbench.quant.fused), with
+   the fast path's first call (compilation) apart and the largest logit difference between
+   the two paths;
+3. one linear layer of the model's width (x [tokens, hidden] -> intermediate): fake-quant of
+   x alone, eager vs compiled (the fused kernel), and the whole layer vs its fp matmul.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/quant_bench.py [--path DIR] [--sequences N]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/quant_bench.py [--random-width 512] [--repeats 5]
+
+Without a GPU everything runs on the CPU; with one, on CUDA (same script).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import functools
+import gc
 import statistics
+import sys
 import threading
 import time
 
 import psutil
 import torch
+from common import (
+    add_model_arguments,
+    describe,
+    fast_quant,
+    interleaved,
+    load_model,
+    median_ratio,
+    seconds,
+    table,
+)
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn import functional as F
 
-from qbench.checkpoints.load import load_checkpoint
-from qbench.quant import METHODS, quantize_
-from qbench.recipe import CheckpointSpec
+from qbench.quant import METHODS, fused, quantize_
+from qbench.quant.spec import ActivationQuant, fake_quant
 
 FORMATS = {
     "int8": {"bits": 8},
@@ -51,6 +74,9 @@ class PeakMemory:
     """Peak memory above the level at entry: CUDA max allocated, else sampled RSS."""
 
     def __enter__(self) -> PeakMemory:
+        gc.collect()  # free what earlier measurements left, and give it back to the system
+        if sys.platform == "linux":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -83,17 +109,6 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-@torch.no_grad()
-def forward_seconds(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
-    model(ids)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def quantized(model: nn.Module, config: dict, tokenizer: object) -> tuple[nn.Module, float]:
     spec = METHODS.get(config["method"]).model_validate({"name": "bench", **config})
     torch.manual_seed(0)
@@ -102,41 +117,121 @@ def quantized(model: nn.Module, config: dict, tokenizer: object) -> tuple[nn.Mod
     return result, time.perf_counter() - start
 
 
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    print(f"\n{title}\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+def quantization_table(model: nn.Module, tokenizer: object, sequences: int, size: int) -> None:
+    rows = []
+    for name, config in methods(sequences).items():
+        with PeakMemory() as memory:
+            _, elapsed = quantized(model, config, tokenizer)
+        rows.append(
+            [name, f"{elapsed:.2f}", f"{memory.extra / 2**20:.1f}", f"{memory.extra / size:.2f}"]
+        )
+    header = ["method", "time s", "peak extra MiB", "peak extra / fp size"]
+    table("Quantization (W4A4; the peak includes the model copy being quantized)", header, rows)
+
+
+@torch.no_grad()
+def forward_table(model: nn.Module, ids: torch.Tensor, repeats: int) -> None:
+    """Per format: fp, reference and fast forward times, measured round by round."""
+    rows = []
+    for name, fmt in FORMATS.items():
+        fake, _ = quantized(model, {"method": "rtn", "weights": fmt, "activations": fmt}, None)
+        graphs = counters["stats"]["unique_graphs"]
+        with fast_quant("1"):
+            first = seconds(lambda fake=fake: fake(ids))  # compiles every linear shape
+            fast_logits = fake(ids).logits
+        compiled = counters["stats"]["unique_graphs"] - graphs
+        with fast_quant("0"):
+            gap = (fast_logits - fake(ids).logits).abs().max().item()
+        times = interleaved(
+            {
+                "fp": lambda: model(ids),
+                "reference": lambda fake=fake: _with_mode(fake, ids, "0"),
+                "fast": lambda fake=fake: _with_mode(fake, ids, "1"),
+            },
+            repeats,
+        )
+        ms = {key: statistics.median(value) * 1e3 for key, value in times.items()}
+        rows.append(
+            [
+                name,
+                f"{ms['fp']:.1f}",
+                f"{ms['reference']:.1f}",
+                f"{ms['fast']:.1f}",
+                f"{median_ratio(times['reference'], times['fp']):.2f}",
+                f"{median_ratio(times['fast'], times['fp']):.2f}",
+                f"{median_ratio(times['reference'], times['fast']):.2f}",
+                f"{first:.1f} ({compiled} graphs)",
+                f"{gap:.1e}" if gap else "0 (identical)",
+            ]
+        )
+    header = ["format (W and A)", "fp ms", "reference ms", "fast ms", "reference / fp",
+              "fast / fp", "reference / fast", "fast 1st call s", "max |Δ logit|"]  # fmt: skip
+    title = f"Forward, batch {tuple(ids.shape)}, median of {repeats} rounds (1st call: compile)"
+    table(title, header, rows)
+
+
+@torch.no_grad()
+def layer_table(config: object, tokens: int, repeats: int, device: torch.device) -> None:
+    """One linear layer: fake-quant of its input alone and the whole layer, per format."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, config.hidden_size, generator=generator).to(device)
+    weight = torch.randn(config.intermediate_size, config.hidden_size, generator=generator)
+    weight = weight.to(device) / config.hidden_size**0.5
+    rows = []
+    for name, fmt in FORMATS.items():
+        spec = ActivationQuant.model_validate(fmt)
+        kernel = torch.compile(functools.partial(fake_quant, spec=spec), dynamic=False)
+        kernel(x)  # compiles
+        fused.quantized_linear(x, weight, None, spec)  # compiles
+        times = interleaved(
+            {
+                "quant reference": lambda spec=spec: fake_quant(x, spec),
+                "quant fused": lambda kernel=kernel: kernel(x),
+                "fp": lambda: F.linear(x, weight),
+                "reference": lambda spec=spec: F.linear(fake_quant(x, spec), weight),
+                "fast": lambda spec=spec: fused.quantized_linear(x, weight, None, spec),
+            },
+            repeats,
+        )
+        ms = {key: statistics.median(value) * 1e3 for key, value in times.items()}
+        rows.append(
+            [
+                name,
+                f"{ms['quant reference']:.2f}",
+                f"{ms['quant fused']:.2f}",
+                f"{median_ratio(times['quant reference'], times['quant fused']):.1f}",
+                f"{ms['fp']:.2f}",
+                f"{median_ratio(times['reference'], times['fp']):.2f}",
+                f"{median_ratio(times['fast'], times['fp']):.2f}",
+            ]
+        )
+    header = ["format (A)", "fake-quant ref ms", "fused ms", "ref / fused", "fp matmul ms",
+              "layer ref / fp", "layer fast / fp"]  # fmt: skip
+    shape = f"x [{tokens}, {config.hidden_size}] -> {config.intermediate_size}"
+    table(f"One linear layer, {shape}, median of {repeats} rounds", header, rows)
+
+
+def _with_mode(model: nn.Module, ids: torch.Tensor, mode: str) -> object:
+    with fast_quant(mode):
+        return model(ids)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--path", help="a local HF checkpoint (default: the tiny trained one)")
+    add_model_arguments(parser)
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per format")
+    parser.add_argument("--batch", type=int, nargs=2, default=[8, 128], metavar=("N", "LEN"))
     args = parser.parse_args()
-    spec = {"path": args.path} if args.path else {"train": {"preset": "tiny"}}
-    model, tokenizer = load_checkpoint(CheckpointSpec(name="bench", **spec), progress=False)
-    model.eval()
+    model, tokenizer = load_model(args)
     size = model_bytes(model)
-    ids = torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator())
-    on = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
-    print(f"model: {model.config.model_type}, {size / 2**20:.2f} MiB fp ({on})")
-
-    rows = []
-    for name, config in methods(args.sequences).items():
-        with PeakMemory() as memory:
-            _, seconds = quantized(model, config, tokenizer)
-        rows.append(
-            [name, f"{seconds:.2f}", f"{memory.extra / 2**20:.1f}", f"{memory.extra / size:.2f}"]
-        )
-    table("Quantization (W4A4)", ["method", "time s", "peak extra MiB", "peak / fp size"], rows)
-
-    fp_time = forward_seconds(model, ids)
-    rows = [["fp", f"{fp_time * 1e3:.1f}", "1.00"]]
-    for name, fmt in FORMATS.items():
-        fake, _ = quantized(model, {"method": "rtn", "weights": fmt, "activations": fmt}, None)
-        seconds = forward_seconds(fake, ids)
-        rows.append([name, f"{seconds * 1e3:.1f}", f"{seconds / fp_time:.2f}"])
-    table(f"Forward, batch {tuple(ids.shape)}", ["format (W and A)", "ms", "× fp"], rows)
+    print(f"{describe(model)}; {size / 2**20:.1f} MiB fp")
+    quantization_table(model, tokenizer, args.sequences, size)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, args.batch, generator=generator)
+    device = next(model.parameters()).device
+    forward_table(model, ids.to(device), args.repeats)
+    layer_table(model.config, ids.numel(), args.repeats, device)
 
 
 if __name__ == "__main__":

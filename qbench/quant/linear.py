@@ -6,11 +6,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qbench.quant import fused
 from qbench.quant.spec import ActivationQuant, WeightQuant, fake_quant
 
 
 class QuantLinear(nn.Module):
-    """Quantizes its weight once, at construction, and its input at every call."""
+    """Quantizes its weight once, at construction, and its input at every call.
+
+    The input's fake-quant and the matmul run compiled (qbench.quant.fused) on CUDA, or
+    everywhere with QBENCH_FAST_QUANT=1; eagerly (the reference) otherwise.
+    """
 
     def __init__(
         self,
@@ -30,11 +35,14 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(weight, False)
         self.bias = linear.bias
         self.weights, self.activations = weights, activations
+        fused.fast_quant_mode()  # a bad QBENCH_FAST_QUANT fails here, before any forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations is not None:
-            x = fake_quant(x, self.activations)
-        return F.linear(x, self.weight, self.bias)
+        if self.activations is None:
+            return F.linear(x, self.weight, self.bias)
+        if fused.use_fast_path(x):
+            return fused.quantized_linear(x, self.weight, self.bias, self.activations)
+        return F.linear(fake_quant(x, self.activations), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         w = self.weights.label() if self.weights else "fp"
