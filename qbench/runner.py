@@ -33,6 +33,7 @@ from qbench.eval.diagnostics import Diagnostics, diagnose, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
+from qbench.quant.fused import fast_quant_mode
 from qbench.recipe import CheckpointSpec, Recipe
 from qbench.store import FAILED, OK, Result
 from qbench.versions import library_versions
@@ -209,6 +210,7 @@ def run_cell(
         },
         "stages": stages,
         "device": str(next(model.parameters()).device),
+        "fast_quant": fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         "quantize_s": quantize_s,
         **_footer(cell, time.perf_counter() - start),
     }
