@@ -46,34 +46,30 @@ def _save(model: torch.nn.Module, tokenizer_dir: Path, path: Path) -> Path:
     return path
 
 
+# The random test models' sizes: MLP width 172 (like stories260K) is not a multiple of 8.
+TINY_SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A random Llama whose MLP width (172, like stories260K) is not a multiple of 8."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = LlamaConfig(**TINY_SHAPE)
     return _save(LlamaForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = Qwen2Config(**TINY_SHAPE | {"intermediate_size": 128})
     return _save(Qwen2ForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
 
 
@@ -116,19 +112,9 @@ def tiny_model():
     the sizes."""
     from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
 
-    shape = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-
     def build(kind: str, **overrides: int) -> torch.nn.Module:
         torch.manual_seed(0)
-        sizes = {**shape, **overrides}
+        sizes = {**TINY_SHAPE, **overrides}
         if kind in ARCH_CONFIGS:
             head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]  # Qwen3's is 128
             config = ARCH_CONFIGS[kind](**{"head_dim": head_dim, **sizes})

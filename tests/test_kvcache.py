@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import TINY_SHAPE, write_recipe
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -21,16 +21,7 @@ from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import KVQuant, fake_quant
 from qbench.recipe import RecipeError, load_recipe
 
-SHAPE = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+SHAPE = TINY_SHAPE | {"intermediate_size": 128, "head_dim": 16}
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import TINY_SHAPE, randomize
 
 from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
 from qbench.quant import quantize_
@@ -23,14 +23,7 @@ from qbench.quant.rotation import HadamardInput, RotationConfig, rotate
 EVERY_KIND = ["llama", "qwen2", "qwen3", "mistral", "qk-norm", *VARIANTS]
 # every width the tests and the shipped recipes rotate (stories260K: 64, 172, head_dim 8; the
 # tiny/small presets: 128, 384, 256, 768, head_dim 32; Llama-2-7B: 4096, 11008, head_dim 128)
-SMALL = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=172,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+SMALL = TINY_SHAPE
 WIDTHS = [1, 2, 8, 16, 32, 64, 128, 172, 192, 256, 384, 512, 768, 2048, 4096, 11008]
 
 
