@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from common import seconds
 
 from qbench.quant.hadamard import HadamardTransform
 
 
-def seconds(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
+def median_seconds(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def main() -> None:
@@ -49,8 +40,8 @@ def main() -> None:
         rotation = HadamardTransform(n).to(device)
         dense = rotation.matrix().float()
         x = torch.randn(args.tokens, n, device=device)
-        fast_s = seconds(lambda r=rotation, x=x: r(x))
-        dense_s = seconds(lambda x=x, m=dense: x @ m)
+        fast_s = median_seconds(lambda r=rotation, x=x: r(x))
+        dense_s = median_seconds(lambda x=x, m=dense: x @ m)
         diff = (rotation(x) - x @ dense).abs().max().item()
         print(
             f"| {n} | {rotation.factorization} | {fast_s * 1e3:.2f} | {dense_s * 1e3:.2f} | "
