@@ -18,7 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.train import PRESETS
 from qbench.config import StrictModel
-from qbench.data.sources import TEXT_SOURCES, text_source
+from qbench.data.sources import TEXT_SOURCES, check_split, text_source
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.quant import METHODS
@@ -153,11 +153,7 @@ class PerplexitySpec(StrictModel):
 
     @model_validator(mode="after")
     def _known_split(self) -> PerplexitySpec:
-        splits = TEXT_SOURCES.get(self.data).splits
-        if self.split not in splits:
-            raise ValueError(
-                f"split '{self.split}' is not one of {self.data}'s splits: {', '.join(splits)}"
-            )
+        check_split(self.data, self.split)
         return self
 
     @property

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
-from qbench.data.sources import TEXT_SOURCES, data_dir, load_text
+from qbench.data.sources import TEXT_SOURCES, check_split, data_dir, load_text
 from qbench.errors import QBenchError
 
 T = TypeVar("T")
@@ -75,9 +75,7 @@ class CalibrationSpec(StrictModel):
 
     @model_validator(mode="after")
     def _known_split(self) -> CalibrationSpec:
-        splits = TEXT_SOURCES.get(self.data).splits
-        if self.split not in splits:
-            raise ValueError(f"split '{self.split}' is not one of {self.data}'s: {splits}")
+        check_split(self.data, self.split)
         return self
 
 

@@ -43,6 +43,13 @@ def data_dir() -> Path | None:
     return None
 
 
+def check_split(source: str, split: str) -> None:
+    """ValueError (for a pydantic validator) when `split` is not one of `source`'s splits."""
+    splits = TEXT_SOURCES.get(source).splits
+    if split not in splits:
+        raise ValueError(f"split '{split}' is not one of {source}'s splits: {', '.join(splits)}")
+
+
 def load_text(source: str, split: str) -> str:
     """The text of one split of a source, rows joined with a blank line."""
     return _cached_text(source, split, data_dir())
