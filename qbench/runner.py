@@ -191,6 +191,7 @@ def run_cell(
             Path(cell.filename).stem,
             work_dir or default_work_dir(recipe.name),
             progress,
+            cell.quantizer.tokens_share_scales() if cell.quantizer else None,
         )
         if recipe.eval.tasks
         else {"metrics": {}, "details": {}}

@@ -100,3 +100,91 @@ def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir)
 def test_gptq_needs_int_weights():
     with pytest.raises(ValueError, match="gptq rounds int weights"):
         GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}})
+
+
+def _reference_gptq(w, h, bits, group, blocksize, actorder, static_groups, damp=0.01):
+    """GPTQ's reference `fasterquant` (IST-DASLab/gptq, gptq.py), transcribed line by line with
+    a symmetric per-row quantizer of QuaRot's rule (scale absmax / (2^(b-1) - 1))."""
+    maxq = 2 ** (bits - 1) - 1
+
+    def find_params(x):
+        return (x.abs().amax(1) / maxq).clamp(min=1e-30)
+
+    def quantize(x, scale):
+        return torch.clamp(torch.round(x / scale), -maxq - 1, maxq) * scale
+
+    W, H = w.clone().double(), h.clone().double()
+    columns = W.shape[1]
+    if static_groups:
+        groups = [find_params(W[:, i : i + group]) for i in range(0, columns, group)]
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Q = torch.zeros_like(W)
+    H[range(columns), range(columns)] += damp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale = None
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1, Err1, Hinv1 = torch.zeros_like(W1), torch.zeros_like(W1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = W1[:, i]
+            if not static_groups:
+                if (i1 + i) % group == 0:
+                    scale = find_params(W[:, (i1 + i) : (i1 + i + group)])
+            else:
+                idx = perm[i1 + i] if actorder else i1 + i
+                scale = groups[int(idx) // group]
+            q = quantize(x, scale)
+            Q1[:, i] = q
+            err1 = (x - q) / Hinv1[i, i]
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if actorder:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.float()
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("static_groups", [True, False], ids=["static", "dynamic"])
+def test_groups_follow_gptqs_reference_code(static_groups, act_order):
+    x, w = _batch(), torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
+    hessian = 2 * x.double().T @ x.double() / x.shape[0]
+    spec = WeightQuant.model_validate({"bits": 3, "group": 16})
+    ours = gptq_round(w, hessian, spec, 0.01, 24, act_order, static_groups)
+    expected = _reference_gptq(w, hessian, 3, 16, 24, act_order, static_groups)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    other = gptq_round(w, hessian, spec, 0.01, 24, act_order, not static_groups)
+    assert not torch.equal(ours, other)  # the option changes the rounded weight
+
+
+def test_static_groups_needs_a_group():
+    with pytest.raises(ValueError, match="static_groups applies to weights with a group"):
+        GPTQConfig.model_validate(
+            {"name": "g", "method": "gptq", "weights": {"bits": 4}, "static_groups": False}
+        )
+    config = GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"bits": 4}})
+    assert config.static_groups
+
+
+def test_gptq_rounds_the_embedding_when_asked(tiny_model, tokenizer_dir):
+    """`embeddings: true` rounds the input embedding by RTN, as rtn does (it used to be ignored)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GPTQConfig.model_validate(
+        {
+            "name": "g",
+            "method": "gptq",
+            "weights": {"bits": 4},
+            "embeddings": True,
+            "calibration": CALIBRATION,
+        }
+    )
+    model = tiny_model("llama")
+    embed = model.get_input_embeddings().weight.detach().clone()
+    quantize_(model, config, tokenizer)
+    expected = fake_quant(embed, config.weights)
+    assert torch.equal(model.get_input_embeddings().weight, expected)
+    assert not torch.equal(expected, embed)

@@ -12,6 +12,7 @@ from qbench.quant import quantize_
 from qbench.quant.hadamard import (
     HadamardTransform,
     fwht,
+    hadamard_construction,
     hadamard_factorization,
     paley,
     sylvester,
@@ -56,20 +57,52 @@ def test_rotations_are_orthogonal_for_every_width_used(n):
 @pytest.mark.parametrize(
     ("n", "expected"),
     [
-        (64, "64 = sylvester(64)"),
-        (12, "12 = sylvester(1) x paley-1(12, q=11)"),
-        (28, "28 = sylvester(1) x paley-2(28, q=13)"),
-        (192, "192 = sylvester(16) x paley-1(12, q=11)"),
-        (384, "384 = sylvester(32) x paley-1(12, q=11)"),
-        (14336, "14336 = sylvester(512) x paley-2(28, q=13)"),
-        (13824, "13824 = sylvester(128) x paley-1(108, q=107)"),
-        (172, "172 = sylvester(4) x random-orthogonal(43)"),
-        (11008, "11008 = sylvester(256) x random-orthogonal(43)"),
-        (6, "6 = sylvester(2) x random-orthogonal(3)"),
+        (64, "sylvester(64)"),
+        (12, "compressed-tensors(12)"),
+        (192, "sylvester(16) x compressed-tensors(12)"),
+        (384, "sylvester(32) x compressed-tensors(12)"),
+        (3072, "sylvester(256) x compressed-tensors(12)"),
+        (8192, "sylvester(8192)"),
+        (172, "compressed-tensors(172)"),  # stories260K's MLP; QuaRot's hand-made H_172
+        (2752, "sylvester(16) x compressed-tensors(172)"),
+        (5504, "sylvester(32) x compressed-tensors(172)"),
+        (11008, "sylvester(64) x compressed-tensors(172)"),  # Llama-2-7B's MLP
+        (14336, "sylvester(512) x compressed-tensors(28)"),
+        (13824, "sylvester(128) x compressed-tensors(108)"),
+        (10944, "sylvester(16) x paley-1(684, q=683)"),  # bases above the table's 256
+        (29568, "sylvester(32) x paley-2(924, q=461)"),
+        (13696, "sylvester(128) x random-orthogonal(107)"),  # 428 * 2^i: no construction
+        (6, "sylvester(2) x random-orthogonal(3)"),  # n = 2 (mod 4): no Hadamard matrix
+        (43, "random-orthogonal(43)"),
     ],
 )
 def test_factorization_says_which_construction_a_width_gets(n, expected):
-    assert str(hadamard_factorization(n)) == expected
+    assert hadamard_construction(n) == expected == str(hadamard_factorization(n))
+    assert hadamard_factorization(n).is_hadamard == ("random-orthogonal" not in expected)
+
+
+@pytest.mark.parametrize("order", [12, 28, 108, 172, 252])
+def test_table_bases_are_compressed_tensors_matrices(order):
+    """The base is the table's matrix (read here from its file), up to the signs of its rows."""
+    from compressed_tensors.transform.utils.hadamard import REPO_PATH
+    from safetensors import safe_open
+
+    with safe_open(REPO_PATH, framework="pt") as table:
+        expected = table.get_tensor(str(order)).double().T / order**0.5
+    base = HadamardTransform(order).base
+    signs = base[:, :1] / expected[:, :1]
+    assert torch.equal(signs.abs(), torch.ones_like(signs)) and torch.equal(base, signs * expected)
+
+
+@pytest.mark.parametrize("n", [10944, 29568])
+def test_paley_bases_above_256_are_hadamard(n):
+    rotation = HadamardTransform(n, random_signs=True)
+    base = rotation.base
+    order = base.shape[0]
+    assert order > 256 and torch.equal(base.abs(), torch.full_like(base, order**-0.5))
+    assert _orthogonal(base)
+    x = torch.randn(2, n, dtype=torch.float64)
+    torch.testing.assert_close(rotation.inverse(rotation(x)), x)
 
 
 @pytest.mark.parametrize("n", [12, 20, 24, 28, 36, 44, 60, 108, 148, 192, 384, 768, 1024])

@@ -16,6 +16,12 @@ Task names resolve in this order:
 
 A request cache (lm-eval's CachingLM, one sqlite file per cell) makes an interrupted task
 run resume without recomputing the requests it finished.
+
+Batches: lm-eval pads the shorter requests of a batch on the right and calls the model
+without an attention mask. A causal model's real tokens never see that padding, unless a
+dynamic quantization scale spans several tokens of a sequence
+(`QuantizerConfig.tokens_share_scales`): such a cell runs its tasks one request per call
+(batch size 1, no padding), and each task's details say so (`batch_size`, `batch_size_reason`).
 """
 
 from __future__ import annotations
@@ -215,6 +221,8 @@ class TaskRun:
     limit: int | None
     num_fewshot: int
     eval_s: float
+    batch_size: int  # requests per model call (lm-eval's batch size)
+    batch_size_reason: str | None  # why it is not task_options.batch_size
 
     def computed(self, count: int) -> TaskRun:
         """This run, saying that `count` of its requests reached the model."""
@@ -298,6 +306,7 @@ def evaluate_tasks(
     cache: Path | None = None,
     samples_dir: Path | None = None,
     progress: bool = True,
+    one_request_per_call: str | None = None,
 ) -> list[TaskRun]:
     """Run each task of `tasks` (recipe TaskSpecs) under `options` (TaskOptions) on `model`.
 
@@ -306,14 +315,21 @@ def evaluate_tasks(
     through `pip freeze`, two seconds per call here). `cache` is the prefix of the cell's
     sqlite request cache (None: no cache); `samples_dir` receives one <task>.jsonl of
     lm-eval's per-document records when options.log_samples is on.
+    `one_request_per_call`: the reason to run at batch size 1 instead of options.batch_size
+    (a quantizer's `tokens_share_scales()`), recorded in each TaskRun.
     """
     from lm_eval.api.model import CachingLM
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
     runs = []
+    batch = (
+        (1, f"{one_request_per_call}: no padding may enter it")
+        if one_request_per_call
+        else (options.batch_size, None)
+    )
     with _lm_eval_quiet(progress):
-        hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
+        hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch[0])
         computed = _count_computed(hflm)
         lm = CachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
         try:
@@ -330,7 +346,7 @@ def evaluate_tasks(
                     log_samples=options.log_samples,
                 )
                 elapsed = time.perf_counter() - start
-                run = _task_run(spec.name, resolved, loaded, output, limit, fewshot, elapsed)
+                run = _task_run(spec.name, resolved, loaded, output, limit, fewshot, elapsed, batch)
                 runs.append(run.computed(computed[0] - computed_before))
                 if options.log_samples and samples_dir is not None:
                     _write_samples(samples_dir, output)
@@ -390,7 +406,9 @@ def _task_run(
     limit: int | None,
     fewshot: int,
     elapsed: float,
+    batch: tuple[int, str | None],
 ) -> TaskRun:
+    """`batch`: (batch size, the reason it is not task_options.batch_size, or None)."""
     metrics, stderrs = _parse(name, output)
     metric = headline_metric(name, metrics)
     better = output.get("higher_is_better", {}).get(name, {})
@@ -410,6 +428,8 @@ def _task_run(
         limit=limit,
         num_fewshot=fewshot,
         eval_s=elapsed,
+        batch_size=batch[0],
+        batch_size_reason=batch[1],
     )
 
 
@@ -453,6 +473,7 @@ def evaluate_cell_tasks(
     stem: str,
     work_dir: Path,
     progress: bool = True,
+    one_request_per_call: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The `metrics` and `details` entries of a cell's result for the recipe's tasks.
 
@@ -469,6 +490,7 @@ def evaluate_cell_tasks(
         cache=request_cache_path(work_dir, key),
         samples_dir=work_dir / "samples" / stem,
         progress=progress,
+        one_request_per_call=one_request_per_call,
     )
     headlines = {run.name: run.headline() for run in runs}
     return {

@@ -4,7 +4,10 @@
   the input is cast to fp16 and quantized to int8 per token (absmax), the int8 x int8 product
   accumulates in int32. Input columns holding any |x| > `threshold` bypass the int8 product:
   they are multiplied in fp16 with the (dequantized) int8 weight columns. Labelled W8A8: the
-  main product is int8 x int8; threshold 0 turns the fp16 decomposition off.
+  main product is int8 x int8; threshold 0 turns the fp16 decomposition off. bitsandbytes
+  picks the outlier columns over every token of a call, so qbench calls each int8 layer on
+  one sequence at a time (`PerSequence`): a sequence's result never depends on the others of
+  its batch, and the cell's tasks run one request per call (no padding enters the choice).
 - nf4 / fp4 (QLoRA): weights in 4-bit NormalFloat / FP4 codes, one absmax scale per
   `blocksize` consecutive elements of the flattened weight (blocks may span rows, so any
   layer width works); `double_quant` quantizes those scales again (8-bit, blocks of 256).
@@ -41,6 +44,20 @@ _drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be
 _drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
 
 
+class PerSequence(nn.Module):
+    """Applies `module` to one sequence of a [..., tokens, features] input at a time."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            return self.module(x)
+        sequences = [self.module(s) for s in x.reshape(-1, *x.shape[-2:])]
+        return torch.stack(sequences).reshape(*x.shape[:-1], -1)
+
+
 @METHODS.register("bitsandbytes")
 class BitsAndBytesConfig(LibraryConfig):
     """Every target linear becomes a bitsandbytes Linear8bitLt (int8) or Linear4bit."""
@@ -75,11 +92,19 @@ class BitsAndBytesConfig(LibraryConfig):
         compute = f" ({self.compute_dtype})" if self.compute_dtype else ""
         return f"bitsandbytes: {self.scheme} b{self.blocksize}{extras} / fp{compute}"
 
+    def tokens_share_scales(self) -> str | None:
+        if self.scheme == "int8" and self.threshold > 0:
+            return "LLM.int8 picks its fp16 outlier columns over all tokens of a sequence"
+        return None
+
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         for name, linear in target_linears(model, self).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.
-            replace_module(model, name, module.to(linear.weight.device).train(linear.training))
+            module = module.to(linear.weight.device).train(linear.training)
+            replace_module(
+                model, name, PerSequence(module) if self.tokens_share_scales() else module
+            )
 
     def _int8(self, linear: nn.Linear) -> nn.Module:
         import bitsandbytes as bnb

@@ -33,9 +33,15 @@ class Format:
 FORMATS: Registry[Format] = Registry("number format")
 
 
+def int_clip(rows: torch.Tensor, spec: TensorQuant) -> float | torch.Tensor:
+    """The clip ratio of an int spec on these rows: searched per row, or the spec's `clip`."""
+    if not spec.clip_search:
+        return spec.clip
+    return search_clip_int(rows, spec.bits, spec.symmetric, spec.scale_rule, spec.clip_search_norm)
+
+
 def _int(rows: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
-    clip = search_clip_int(rows, spec.bits, spec.symmetric) if spec.clip_search else spec.clip
-    return quantize_int(rows, spec.bits, spec.symmetric, clip)
+    return quantize_int(rows, spec.bits, spec.symmetric, int_clip(rows, spec), spec.scale_rule)
 
 
 def _scaled_fp(element: str) -> Callable[[torch.Tensor, TensorQuant], torch.Tensor]:
@@ -46,5 +52,7 @@ FORMATS.register("int")(Format(None, None, _int))
 FORMATS.register("fp8_e4m3")(Format(8, None, _scaled_fp("e4m3")))
 FORMATS.register("fp8_e5m2")(Format(8, None, _scaled_fp("e5m2")))
 FORMATS.register("fp4_e2m1")(Format(4, None, _scaled_fp("e2m1")))
-FORMATS.register("mxfp4")(Format(4, MX_BLOCK, lambda rows, spec: quantize_mxfp4(rows)))
+FORMATS.register("mxfp4")(
+    Format(4, MX_BLOCK, lambda rows, spec: quantize_mxfp4(rows, spec.scale_rule))
+)
 FORMATS.register("nvfp4")(Format(4, NV_BLOCK, lambda rows, spec: quantize_nvfp4(rows)))

@@ -8,6 +8,7 @@ round-to-nearest, ties to even mantissa, saturating at the format's largest valu
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -15,6 +16,7 @@ E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of E2M1's largest binade (4 and 6)
 MX_BLOCK, NV_BLOCK = 32, 16
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def round_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -27,7 +29,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Nearest FP4 E2M1 value: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives; saturates at ±6."""
     magnitude = x.abs().clamp(max=E2M1_MAX)
     # Spacing of the grid: 0.5 below 2 (subnormals and the first binade), 1 in [2, 4), 2 above.
-    step = torch.exp2(torch.floor(torch.log2(magnitude.clamp(min=1))) - 1)
+    step = torch.exp2((float_exponent(magnitude.clamp(min=1)) - 1).to(magnitude.dtype))
     return torch.sign(x) * torch.round(magnitude / step) * step
 
 
@@ -47,44 +49,78 @@ def quantize_scaled_fp(rows: torch.Tensor, element: str, clip: float) -> torch.T
     return rounding(rows / scale) * scale
 
 
-def mx_scale(blocks: torch.Tensor) -> torch.Tensor:
-    """OCP MX shared scale of each row of `blocks`: 2^(floor(log2 max|x|) - emax_elem).
+MxScaleRule = Literal["floor", "even"]
+F32_MANTISSA_BITS, F32_EXPONENT_BIAS = 23, 127
+E2M1_MANTISSA_BITS = 1
+E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127
 
-    E8M0 holds exponents -127..127; an all-zero block gets 2^-127 (its values stay zero).
+
+def float_exponent(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2 |x|) of float32 values, read from their exponent bits (int32).
+
+    Exact where float32 log2 is not: log2 of 2^k (1 - 2^-24) rounds to k. Zero and subnormals
+    read -127 (the biased exponent 0), as torchao's MX code reads them.
     """
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    exponent = torch.floor(torch.log2(amax)) - E2M1_EMAX
-    return torch.exp2(exponent.clamp(-127, 127))
+    bits = x.float().view(torch.int32)
+    return ((bits >> F32_MANTISSA_BITS) & 0xFF) - F32_EXPONENT_BIAS
 
 
-def quantize_mxfp4(rows: torch.Tensor) -> torch.Tensor:
+def mx_scale(blocks: torch.Tensor, rule: MxScaleRule = "floor") -> torch.Tensor:
+    """The shared power-of-two (E8M0) scale of each row of `blocks` (float32 [..., 32]).
+
+    "floor" (OCP MX v1.0, section 6.3): 2^(floor(log2 max|x|) - emax_elem), emax_elem = 2 for
+    E2M1, so a block max in [4, 8) * 2^k gets scale 2^k and values above 6 * 2^k saturate.
+    "even" (torchao's ScaleCalculationMode.EVEN, compressed-tensors' MX scales): max|x| is first
+    rounded to E2M1's one mantissa bit (half up, on the float's bits), so a max in [7, 8) * 2^k
+    gets 2^(k+1) instead of saturating. The exponent comes from the float's exponent bits
+    (`float_exponent`), clamped to E8M0's -127..127; an all-zero block gets 2^-127.
+    """
+    amax = blocks.float().abs().amax(dim=-1, keepdim=True)
+    if rule == "even":
+        half_ulp = 1 << (F32_MANTISSA_BITS - E2M1_MANTISSA_BITS - 1)
+        sign_and_exponent = ~((1 << F32_MANTISSA_BITS) - 1)
+        amax = ((amax.view(torch.int32) + half_ulp) & sign_and_exponent).view(torch.float32)
+    exponent = float_exponent(amax) - E2M1_EMAX
+    return torch.exp2(exponent.clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT).float())
+
+
+def quantize_mxfp4(rows: torch.Tensor, rule: MxScaleRule = "floor") -> torch.Tensor:
     """MXFP4: blocks of 32 consecutive elements share a power-of-two (E8M0) scale.
 
-    Elements are E2M1; as the OCP spec says, a block whose max|x| / scale exceeds 6 saturates.
+    Elements are E2M1; a block whose max|x| / scale exceeds 6 saturates (OCP spec). `rule`:
+    see `mx_scale`.
     """
     blocks = rows.reshape(-1, MX_BLOCK)
-    scale = mx_scale(blocks)
+    scale = mx_scale(blocks, rule).to(rows.dtype)
     return (round_e2m1(blocks / scale) * scale).reshape(rows.shape)
 
 
 def nv_scales(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 (FP32 scale per row [n, 1], FP8 E4M3 scale per 16-block [n, blocks, 1]).
+    """NVFP4 (FP32 global scale per row [n, 1], E4M3 block scale per 16-block [n, blocks, 1]).
 
-    The row scale maps the row's max|x| onto 448 * 6, the largest E4M3 block scale times the
-    largest E2M1 element; each block scale, max|block| / (6 * row scale), is rounded to E4M3.
+    As compressed-tensors computes them (generate_gparam, calculate_qparams): the global scale
+    g = 448 * 6 / max|row| maps the row's max onto the largest E4M3 block scale times the
+    largest E2M1 element (g = 1 where that overflows: a row of zeros); each block scale,
+    g * max|block| / 6, is rounded to E4M3 (saturating at 448). A block scale that rounds to 0
+    (block max at most 2^-10 * 6 / g) stays 0: `quantize_nvfp4` decodes that block to zeros.
     """
-    row_scale = rows.abs().amax(dim=1, keepdim=True) / (torch.finfo(torch.float8_e4m3fn).max * 6)
-    row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+    global_scale = (FP8_E4M3_MAX * E2M1_MAX) / rows.abs().amax(dim=1, keepdim=True)
+    global_scale = torch.where(global_scale.isfinite(), global_scale, torch.ones_like(global_scale))
     blocks = rows.reshape(rows.shape[0], -1, NV_BLOCK)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    block_scale = round_fp8(block_amax / (E2M1_MAX * row_scale[..., None]), torch.float8_e4m3fn)
-    return row_scale, block_scale
+    block_scale = round_fp8(global_scale[..., None] * (block_amax / E2M1_MAX), torch.float8_e4m3fn)
+    return global_scale, block_scale
 
 
 def quantize_nvfp4(rows: torch.Tensor) -> torch.Tensor:
-    """NVFP4: E2M1 elements, an E4M3 scale per 16-element block, an FP32 scale per row."""
-    row_scale, block_scale = nv_scales(rows)
-    scale = block_scale * row_scale[..., None]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    """NVFP4: E2M1 elements, an E4M3 scale per 16-element block, an FP32 scale per row.
+
+    x -> round_e2m1(x / s) * s with s = block scale / global scale (see `nv_scales`); a block
+    whose E4M3 scale is 0 decodes to 0, as a zero scale does in the format.
+    """
+    global_scale, block_scale = nv_scales(rows)
+    scale = block_scale / global_scale[..., None]
     blocks = rows.reshape(rows.shape[0], -1, NV_BLOCK)
-    return (round_e2m1(blocks / scale) * scale).reshape(rows.shape)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    out = torch.where(scale > 0, round_e2m1(blocks / safe) * safe, torch.zeros_like(blocks))
+    return out.reshape(rows.shape)

@@ -20,14 +20,16 @@ point: within one quantization step.
 
 Shapes: the token dimension is dynamic, so a perplexity or lm-eval loop compiles once per
 (activation spec, weight shape, dtype), not once per batch shape; a single token (decoding)
-compiles once more. Compile time: about 10 s for the first graph of a process on a 2-core
-CPU (inductor's start-up), 1-3 s for each further one; inductor caches compiled graphs on
-disk across processes.
+compiles once more. A per-sequence scale (activations' granularity tensor) keeps the
+sequence dimension, also dynamic (a batch of one sequence compiles once more). Compile time:
+about 10 s for the first graph of a process on a 2-core CPU (inductor's start-up), 1-3 s for
+each further one; inductor caches compiled graphs on disk across processes.
 
 Speed on a CPU (bench/quant_bench.py): a compiled call costs about 70 us of guards and
 wrappers; the fused kernel beats eager fake-quant for INT and FP8 and about ties for the E2M1
-formats (FP4, MXFP4, NVFP4), whose per-element log2/exp2 cost the same compiled or not. Eager
-fake-quant on a GPU is a chain of small memory-bound kernels, which is what fusion removes.
+formats (FP4, MXFP4, NVFP4), whose per-element rounding steps (exp2) cost the same compiled
+or not. Eager fake-quant on a GPU is a chain of small memory-bound kernels, which is what
+fusion removes.
 """
 
 from __future__ import annotations
@@ -90,7 +92,13 @@ def _compiled(spec: ActivationQuant) -> Callable[..., torch.Tensor]:
 def quantized_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ActivationQuant
 ) -> torch.Tensor:
-    """`F.linear(fake_quant(x, spec), weight, bias)`, compiled; x is [..., in_features]."""
-    rows = x.reshape(-1, x.shape[-1])
-    torch._dynamo.maybe_mark_dynamic(rows, 0)
-    return _compiled(spec)(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    """`F.linear(fake_quant(x, spec), weight, bias)`, compiled; x is [..., in_features].
+
+    The compiled graph sees [tokens, in_features] rows, or [sequences, tokens, in_features]
+    where a scale spans a sequence (granularity tensor), with those sizes dynamic.
+    """
+    per_sequence = spec.granularity == "tensor" and x.dim() > 2
+    inputs = x.reshape(-1, *x.shape[-2:]) if per_sequence else x.reshape(-1, x.shape[-1])
+    for dim in range(inputs.dim() - 1):
+        torch._dynamo.maybe_mark_dynamic(inputs, dim)
+    return _compiled(spec)(inputs, weight, bias).reshape(*x.shape[:-1], weight.shape[0])

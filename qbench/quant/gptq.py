@@ -4,7 +4,12 @@ Per linear, with H = 2/n sum x x^T over its calibration inputs: dampen H (+ damp
 diag H), take the upper Cholesky factor U of H^-1, and for each column j (optionally in
 order of decreasing diag H, "act-order") round w_j, then subtract (w_j - q_j) / U_jj * U_j,k
 from the later columns k; updates are applied lazily per block of `block_size` columns.
-Scales come from the original weight ("static groups"), so act-order keeps them per group.
+Group scales: `static_groups: true` (default; AutoGPTQ's / GPTQModel's name) takes every
+group's scale from the original weight before any column is rounded, so act-order keeps the
+groups contiguous in the original columns; `static_groups: false` is GPTQ's reference code:
+a group's scale is computed when the column loop reaches its first column, from the weights
+updated so far (by every earlier lazy block, as the reference reads them), and with
+act-order the groups are consecutive columns in the permuted order.
 
 Layers are quantized in order: the Hessians of decoder layer i come from a forward pass
 through the already quantized layers 0..i-1 (stopped after layer i), as GPTQ does. Layer 0's
@@ -25,7 +30,9 @@ from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_sta
 from qbench.errors import QBenchError
 from qbench.quant.adapters import architecture
 from qbench.quant.calibrate import observe_inputs
-from qbench.quant.integer import IntGrid, int_grid, search_clip_int
+from qbench.quant.formats import int_clip
+from qbench.quant.hadamard import hadamard_versions
+from qbench.quant.integer import IntGrid, int_grid
 from qbench.quant.linear import QuantLinear
 from qbench.quant.method import METHODS, replace_module, target_linears
 from qbench.quant.rotation import rotate
@@ -42,12 +49,15 @@ class GPTQConfig(RTNConfig):
     damp: float = Field(default=0.01, gt=0)
     block_size: int = Field(default=128, ge=1)
     act_order: bool = False
+    static_groups: bool = True
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
     @model_validator(mode="after")
     def _int_weights(self) -> GPTQConfig:
         if self.weights is None or self.weights.format != "int":
             raise ValueError("gptq rounds int weights: set weights: {bits: ...} (format int)")
+        if "static_groups" in self.model_fields_set and self.weights.group is None:
+            raise ValueError("static_groups applies to weights with a group: add weights.group")
         return self
 
     def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
@@ -57,6 +67,9 @@ class GPTQConfig(RTNConfig):
     @property
     def has_transform(self) -> bool:
         return self.rotate
+
+    def versions(self) -> dict[str, str]:
+        return hadamard_versions() if self.rotate else {}
 
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         if tokenizer is None:
@@ -96,6 +109,7 @@ class GPTQConfig(RTNConfig):
                 self.damp,
                 self.block_size,
                 self.act_order,
+                self.static_groups,
             )
             quantized = QuantLinear(linear, self.weights, self.activations, rounded=weight)
             replace_module(model, name, quantized)
@@ -138,16 +152,17 @@ def input_hessians(
     return {n: 2 * sums[n] / max(counts[n], 1) for n in linears}
 
 
+def column_grid(columns: torch.Tensor, spec: WeightQuant) -> IntGrid:
+    """The grid of a [out, k] slice of a weight: one per row, or one for all (granularity
+    tensor), with the spec's clip (searched when `clip_search`) and scale rule."""
+    rows = columns.reshape(1, -1) if spec.granularity == "tensor" else columns
+    return int_grid(rows, spec.bits, spec.symmetric, int_clip(rows, spec), spec.scale_rule)
+
+
 def weight_grids(weight: torch.Tensor, spec: WeightQuant) -> tuple[list[IntGrid], int]:
     """(grids, columns per grid): one per group, or one for all columns."""
     width = spec.group or weight.shape[1]
-    grids = []
-    for start in range(0, weight.shape[1], width):
-        rows = weight[:, start : start + width]
-        if spec.granularity == "tensor":
-            rows = rows.reshape(1, -1)
-        clip = search_clip_int(rows, spec.bits, spec.symmetric) if spec.clip_search else spec.clip
-        grids.append(int_grid(rows, spec.bits, spec.symmetric, clip))
+    grids = [column_grid(weight[:, i : i + width], spec) for i in range(0, weight.shape[1], width)]
     return grids, width
 
 
@@ -159,10 +174,15 @@ def gptq_round(
     damp: float,
     block_size: int,
     act_order: bool,
+    static_groups: bool = True,
 ) -> torch.Tensor:
-    """The GPTQ-rounded weight [out, in] (float32) for inputs with Hessian `hessian`."""
+    """The GPTQ-rounded weight [out, in] (float32) for inputs with Hessian `hessian` [in, in].
+
+    `static_groups` (with spec.group): see the module docstring.
+    """
     w = weight.double().clone()
-    grids, width = weight_grids(w, spec)
+    dynamic = spec.group is not None and not static_groups
+    grids, width = ([], spec.group) if dynamic else weight_grids(w, spec)
     h = hessian.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
@@ -179,7 +199,11 @@ def gptq_round(
         block, errors = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
         for i in range(i2 - i1):
             column = block[:, i]
-            q[:, i1 + i] = grids[int(order[i1 + i]) // width].round(column)
+            if dynamic and (i1 + i) % width == 0:  # GPTQ's reference reads W, not the block
+                grid = column_grid(w[:, i1 + i : i1 + i + width], spec)
+            elif not dynamic:
+                grid = grids[int(order[i1 + i]) // width]
+            q[:, i1 + i] = grid.round(column)
             errors[:, i] = (column - q[:, i1 + i]) / u[i1 + i, i1 + i]
             block[:, i:] -= errors[:, i : i + 1] @ u[i1 + i : i1 + i + 1, i1 + i : i2]
         w[:, i2:] -= errors @ u[i1:i2, i2:]

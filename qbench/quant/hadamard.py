@@ -1,21 +1,25 @@
 """Orthogonal Hadamard matrices for rotations, for any width n, and their fast application.
 
-A width n is factored as n = p * m with p a power of two and m a small "base" order, and
-rotated by H_p (x) B_m: H_p the normalized Sylvester matrix (applied by the fast
-Walsh-Hadamard transform, O(n log n)), B_m a dense normalized Hadamard matrix built by one of
-Paley's constructions, as QuaRot's small tables of Hadamard matrices do:
+A width n is factored as n = p * m with p a power of two and m a "base" order, and rotated
+by H_p (x) B_m: H_p the normalized Sylvester matrix (applied by the fast Walsh-Hadamard
+transform, O(n log n)), B_m a dense normalized Hadamard matrix. The base is the smallest
+order m = 4 * odd(n) * 2^i that one of these gives, in this order of preference:
 
-- Paley I: order q + 1 for a prime q = 3 (mod 4) (12 = 11 + 1, 20, 24, 44, 48, 60, 68, ...);
-- Paley II: order 2 (q + 1) for a prime q = 1 (mod 4) (28 = 2 * 14 with q = 13, 36, 76, ...).
+1. compressed-tensors' table of Hadamard matrices (its hadamards.safetensors: every multiple
+   of 4 up to 256, from N. J. A. Sloane's library, the source of QuaRot's and SpinQuant's
+   tables too), through its public `random_hadamard_matrix` (seed 0, so the table's matrix
+   with fixed row signs): 172 = 4 * 43 (stories260K, Llama-2-7B's 11008 = 64 * 172), 12, 28,
+   108, ...;
+2. a Paley construction for larger orders, which QuaRot's table lacks:
+   Paley I: order q + 1 for a prime q = 3 (mod 4) (10944 = 16 * 684, q = 683);
+   Paley II: order 2 (q + 1) for a prime q = 1 (mod 4) (29568 = 32 * 924, q = 461);
+3. none: where n = 2 (mod 4) or n is odd (no Hadamard matrix of order n exists), or the odd
+   part's multiples have neither, B is a random orthogonal matrix of the odd order (QR of a
+   Gaussian, torch's global RNG): H_p (x) B is still orthogonal, which is all losslessness
+   needs, but spreads outliers less evenly than a true Hadamard matrix.
 
-`hadamard_factorization(n)` picks the smallest base m * 2^i (i >= 2, at most
-`MAX_BASE_ORDER`) with a construction, where m is the odd part of n: 192 = 16 * 12 (Paley I),
-768 = 64 * 12, 14336 = 512 * 28 (Paley II), 13824 = 128 * 108. Where none applies -- the odd
-part's multiples have no Paley order (172 = 4 * 43 of stories260K, 11008 = 256 * 43 of
-Llama-2-7B; QuaRot ships a hand-made H_172 there), n = 2 mod 4 (no Hadamard matrix exists) or n
-is odd -- B is a random orthogonal matrix of the odd order m (QR of a Gaussian): H_p (x) B is
-still orthogonal, which is all losslessness needs, but spreads outliers less evenly than a
-true Hadamard matrix. `str(hadamard_factorization(n))` says which construction n got.
+`hadamard_construction(n)` names the matrix a width gets (for records), e.g.
+"sylvester(64) x compressed-tensors(172)"; `hadamard_factorization(n)` gives the parts.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 from torch import nn
 
-MAX_BASE_ORDER = 256  # largest dense base factor; its product costs `order` MACs per element
+TABLE = "compressed-tensors"  # the construction name of a base from compressed-tensors' table
+TABLE_SEED = 0  # the generator seed of the table matrices' row signs
 FWHT_BLOCK = 64  # the fast transform's lowest levels, applied as one dense product
 
 
@@ -35,8 +41,8 @@ FWHT_BLOCK = 64  # the fast transform's lowest levels, applied as one dense prod
 class HadamardFactorization:
     """n = power * order: Sylvester H_power (x) a base factor of size `order`.
 
-    construction: "sylvester" (order 1, n a power of two), "paley-1" / "paley-2" (with prime
-    `q`), or "random-orthogonal" (no Hadamard construction for this n).
+    construction: "sylvester" (order 1, n a power of two), "compressed-tensors" (the table),
+    "paley-1" / "paley-2" (with prime `q`), or "random-orthogonal" (no Hadamard matrix).
     """
 
     n: int
@@ -47,9 +53,9 @@ class HadamardFactorization:
 
     def __str__(self) -> str:
         if self.order == 1:
-            return f"{self.n} = sylvester({self.power})"
+            return f"sylvester({self.power})"
         base = f"{self.construction}({self.order}" + (f", q={self.q})" if self.q else ")")
-        return f"{self.n} = sylvester({self.power}) x {base}"
+        return base if self.power == 1 else f"sylvester({self.power}) x {base}"
 
     @property
     def is_hadamard(self) -> bool:
@@ -70,8 +76,24 @@ def _paley(order: int) -> tuple[str, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _table_matrix(order: int) -> torch.Tensor | None:
+    """compressed-tensors' Hadamard matrix of this order (entries +-1, float64), if tabled.
+
+    Called with order = 4 * odd: the helper finds it only as the table's entry of that order
+    (it would build order * 2^j from a smaller entry, but the odd part fixes the entry).
+    """
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    generator = torch.Generator().manual_seed(TABLE_SEED)
+    try:
+        return random_hadamard_matrix(order, torch.float64, gen=generator)
+    except ValueError:  # "Cannot construct random hadamard matrix of size ..."
+        return None
+
+
 def hadamard_factorization(n: int) -> HadamardFactorization:
-    """How a width-n rotation is built (see the module docstring)."""
+    """How a width-n rotation is built (see the module docstring); ValueError for n < 1."""
     if n < 1:
         raise ValueError(f"a rotation needs a positive width, not {n}")
     power_of_two = n & -n
@@ -79,11 +101,24 @@ def hadamard_factorization(n: int) -> HadamardFactorization:
     if odd == 1:
         return HadamardFactorization(n, n, 1, "sylvester")
     order = 4 * odd
-    while order <= min(n, MAX_BASE_ORDER):
+    if order <= n and _table_matrix(order) is not None:
+        return HadamardFactorization(n, n // order, order, TABLE)
+    while order <= n:
         if paley := _paley(order):
             return HadamardFactorization(n, n // order, order, *paley)
         order *= 2
     return HadamardFactorization(n, power_of_two, odd, "random-orthogonal")
+
+
+def hadamard_versions() -> dict[str, str]:
+    """The package whose table the base matrices come from, with its version (for keys)."""
+    return {"compressed-tensors": version("compressed-tensors")}
+
+
+def hadamard_construction(n: int) -> str:
+    """The matrix a width-n rotation gets, e.g. "sylvester(64) x compressed-tensors(172)",
+    "sylvester(16) x paley-1(684, q=683)" or "sylvester(4) x random-orthogonal(43)"."""
+    return str(hadamard_factorization(n))
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -129,13 +164,17 @@ def random_orthogonal(m: int) -> torch.Tensor:
 
 
 def base_factor(factorization: HadamardFactorization) -> torch.Tensor:
-    """The dense base factor B (float64); random orthogonal ones use torch's global RNG."""
-    if factorization.construction == "sylvester":
+    """The dense, normalized base factor B (float64); random orthogonal ones use torch's
+    global RNG."""
+    construction, order = factorization.construction, factorization.order
+    if construction == "sylvester":
         return torch.ones(1, 1, dtype=torch.float64)
-    if factorization.construction == "random-orthogonal":
-        return random_orthogonal(factorization.order)
+    if construction == "random-orthogonal":
+        return random_orthogonal(order)
+    if construction == TABLE:
+        return _table_matrix(order) / order**0.5
     assert factorization.q is not None
-    return paley(factorization.construction, factorization.q)
+    return paley(construction, factorization.q)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

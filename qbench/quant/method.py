@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
 from qbench.quant.kvcache import quantize_kv_cache
-from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
+from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant, fake_quant
 from qbench.registry import Registry
 
 
@@ -85,15 +85,35 @@ class QuantizerConfig(StrictModel):
         """Change `model` in place without changing its function in float (smooth, rotate)."""
 
     def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Round the (transformed) `model` in place: its linears, then the KV cache if asked."""
+        """Round the (transformed) `model` in place: its linears, the input embedding (RTN of
+        `weights`) when `embeddings: true`, then the KV cache if asked.
+
+        With `lm_head: true` or `embeddings: true` lm_head and the embedding get different
+        weights, so they are untied first (`untie_word_embeddings`).
+        """
+        if self.lm_head or self.embeddings:
+            untie_word_embeddings(model)
         if self.quantizes_linears:
             self.quantize_linears(model, tokenizer)
+        if self.embeddings:
+            embed = model.get_input_embeddings()
+            embed.weight = nn.Parameter(fake_quant(embed.weight.detach(), self.weights), False)
         if self.kv is not None:
             quantize_kv_cache(model, self.kv)
 
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Round the linears (and embeddings) as the method says."""
+        """Round the linears as the method says."""
         raise NotImplementedError
+
+    def tokens_share_scales(self) -> str | None:
+        """Why a dynamic scale of this quantizer spans several tokens of a sequence, or None.
+
+        Such a scale would also see the padding lm-eval appends to the shorter requests of a
+        batch, so the cell's tasks run one request per call (qbench.eval.tasks).
+        """
+        if self.activations is not None and self.activations.granularity == "tensor":
+            return "activations: granularity tensor takes one dynamic scale per sequence"
+        return None
 
     def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Transform, then quantize `model` in place; calibrating methods need the tokenizer."""
@@ -112,6 +132,20 @@ def target_linears(model: nn.Module, config: QuantizerConfig) -> dict[str, nn.Li
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (config.lm_head or module is not lm_head)
     }
+
+
+def untie_word_embeddings(model: nn.Module) -> None:
+    """Give lm_head its own weight and tell transformers not to tie it again.
+
+    `tie_weights()` (which lm-eval's HFLM calls on the model it wraps) ties lm_head to the input
+    embedding wherever the config's `tie_word_embeddings` is true; it is set false on the config
+    and on its text config (which composite models read).
+    """
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

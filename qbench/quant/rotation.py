@@ -28,9 +28,9 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.errors import QBenchError
 from qbench.quant.adapters import DecoderView, NormGroup, decoder_view
-from qbench.quant.hadamard import HadamardTransform
+from qbench.quant.hadamard import HadamardTransform, hadamard_versions
 from qbench.quant.kvcache import kv_transforms
-from qbench.quant.method import METHODS, replace_module
+from qbench.quant.method import METHODS, replace_module, untie_word_embeddings
 from qbench.quant.rtn import RTNConfig
 
 
@@ -52,6 +52,9 @@ class RotationConfig(RTNConfig):
 
     method: Literal["rotation"] = "rotation"
 
+    def versions(self) -> dict[str, str]:
+        return hadamard_versions()
+
     def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         rotate(model, rotate_qk=self.kv is not None)
 
@@ -63,7 +66,7 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
     """
     view = decoder_view(model)
-    _untie_lm_head(model)
+    untie_word_embeddings(model)  # lm_head takes the final norm's scale, the embedding does not
     for group in view.norms:
         _fold_norm(group)
     stream = HadamardTransform(view.embed.weight.shape[1], random_signs=True)
@@ -104,14 +107,6 @@ def _rotate_norms(model: nn.Module, view: DecoderView, stream: HadamardTransform
             )
         if extra:
             setattr(group.norm, hook, stream)
-
-
-def _untie_lm_head(model: nn.Module) -> None:
-    """lm_head gets its own weight: it takes the final norm's scale, the embeddings do not."""
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
 
 
 def _fold_norm(group: NormGroup) -> None:

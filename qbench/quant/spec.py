@@ -8,10 +8,20 @@ dimension is the reduction (input) dimension of a linear layer:
 - group: `group` contiguous elements along the last dimension, within a row;
 - head: one token's key or value vector of one attention head (KV cache).
 
+For activations, "tensor" is one scale per sequence: every dimension but the last two of
+an activation [..., tokens, features] is a batch dimension, so a sequence's scale never sees
+another sequence of its batch, and the metrics do not depend on the batch size (a weight,
+2-D, is one sequence: one scale). Padding inside a sequence still enters its scale: see
+`QuantizerConfig.tokens_share_scales`.
+
 Block formats fix their own blocks along the last dimension (mxfp4: 32 elements with a
 power-of-two scale; nvfp4: 16 elements with an FP8 scale). For nvfp4 the granularity is the
 scope of its second, FP32 scale (weights: tensor; activations: token, i.e. dynamic per-token
 block scales); mxfp4 has no second scale and takes no granularity.
+
+`scale_rule` names a convention where the field has two: int (symmetric) "qmax" (default) or
+"half-range" (see qbench.quant.integer); mxfp4 "floor" (default, OCP MX) or "even" (see
+qbench.quant.fp). `clip_search_norm`: the exponent p of the clip search's sum |error|^p.
 """
 
 from __future__ import annotations
@@ -23,6 +33,10 @@ from pydantic import field_validator, model_validator
 
 from qbench.config import StrictModel
 from qbench.quant.formats import FORMATS
+from qbench.quant.integer import CLIP_SEARCH_NORM
+
+# The conventions `scale_rule` chooses between, per format; the first is the default.
+SCALE_RULES = {"int": ("qmax", "half-range"), "mxfp4": ("floor", "even")}
 
 
 class TensorQuant(StrictModel):
@@ -35,6 +49,20 @@ class TensorQuant(StrictModel):
     group: int | None = None
     clip: float = 1.0
     clip_search: bool = False
+    clip_search_norm: float = CLIP_SEARCH_NORM
+    scale_rule: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scale_rule(cls, data: Any) -> Any:
+        """The format's default convention, written out so that records name it."""
+        if not isinstance(data, dict) or "scale_rule" in data:
+            return data
+        name = data.get("format", "int")
+        symmetric = data.get("symmetric", cls.model_fields["symmetric"].default)
+        if name in SCALE_RULES and (name != "int" or symmetric is True):
+            return {**data, "scale_rule": SCALE_RULES[name][0]}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -79,6 +107,13 @@ class TensorQuant(StrictModel):
             raise ValueError("must be in (0, 1]: the fraction of the range kept")
         return clip
 
+    @field_validator("clip_search_norm")
+    @classmethod
+    def _norm_positive(cls, norm: float) -> float:
+        if not 0 < norm <= 16:
+            raise ValueError("must be in (0, 16]: the exponent p of sum |error|^p (GPTQ: 2.4)")
+        return norm
+
     @field_validator("group")
     @classmethod
     def _group_positive(cls, group: int | None) -> int | None:
@@ -111,6 +146,26 @@ class TensorQuant(StrictModel):
         for problem, present in problems.items():
             if present:
                 raise ValueError(problem)
+        if "clip_search_norm" in self.model_fields_set and not self.clip_search:
+            raise ValueError("clip_search_norm applies with clip_search: true: add it or remove")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_rule_of_format(self) -> TensorQuant:
+        rules = SCALE_RULES.get(self.format, ()) if self.symmetric else ()
+        if self.scale_rule is None and not rules:
+            return self
+        if self.format == "int" and not self.symmetric:
+            raise ValueError(
+                "scale_rule applies to symmetric int (an asymmetric grid spans min..max): remove"
+            )
+        if not rules:
+            raise ValueError(f"{self.format} has one scale rule: remove scale_rule")
+        if self.scale_rule not in rules:
+            raise ValueError(
+                f"unknown scale_rule {self.scale_rule!r} for {self.format}: "
+                f"use {' or '.join(rules)} (default {rules[0]})"
+            )
         return self
 
     @property
@@ -128,7 +183,12 @@ class TensorQuant(StrictModel):
         if self.clip < 1:
             parts.append(f"clip{self.clip:g}")
         if self.clip_search:
-            parts.append("clip-search")
+            norm = (
+                f" p{self.clip_search_norm:g}" if self.clip_search_norm != CLIP_SEARCH_NORM else ""
+            )
+            parts.append("clip-search" + norm)
+        if self.scale_rule not in (None, SCALE_RULES[self.format][0]):
+            parts.append(str(self.scale_rule))
         return " ".join(parts)
 
 
@@ -192,12 +252,17 @@ def divides_error(spec: TensorQuant, in_features: int) -> tuple[str, str, str] |
 
 
 def fake_quant(x: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
-    """Quantize and dequantize `x` as `spec` says; same shape and dtype as `x`."""
+    """Quantize and dequantize `x` as `spec` says; same shape and dtype as `x`.
+
+    x: [..., tokens, features] (an activation: granularity tensor = one scale per sequence)
+    or [rows, features] (a weight, or one sequence). Raises ValueError when a group or block
+    does not divide the last dimension.
+    """
     if spec.block is not None and x.shape[-1] % spec.block:
         what = "group" if spec.group else f"{spec.format} block"
         raise ValueError(f"{what} {spec.block} does not divide the last dimension {x.shape[-1]}")
     if spec.granularity == "tensor":
-        rows = x.reshape(1, -1)
+        rows = x.reshape(-1, x.shape[-2] * x.shape[-1]) if x.dim() > 2 else x.reshape(1, -1)
     elif spec.granularity == "group":
         rows = x.reshape(-1, spec.group)
     else:
