@@ -52,16 +52,20 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> Perplexity:
-    """Mean next-token NLL over every window, batched; the first token of a window has no target."""
+    """Mean next-token NLL over every window, batched; the first token of a window has no target.
+
+    Each token's NLL is kept (float32, 4 bytes per token) and summed once at the end in
+    float64, so the result does not depend on `batch_size` (a running float32 sum per batch
+    would, in its last bits).
+    """
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     windows = windows_of(ids, seq_len, max_windows)
     device = next(model.parameters()).device
-    total = 0.0
+    nll = []
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        nll.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
     predicted = windows.shape[0] * (seq_len - 1)
-    mean_nll = total / predicted
+    mean_nll = torch.cat(nll).double().sum().item() / predicted
     return Perplexity(math.exp(mean_nll), mean_nll, windows.shape[0], predicted, ids.numel())
