@@ -136,6 +136,8 @@ class TensorQuant(StrictModel):
             f"{self.format} is symmetric: remove symmetric: false": self.format != "int"
             and not self.symmetric,
             "clip_search applies to int only": self.clip_search and self.format != "int",
+            "clip_search picks the clip of each row: remove clip": self.clip_search
+            and self.clip < 1,
             f"{self.format} fixes its blocks at {block} elements: remove group": block is not None
             and self.group is not None,
             f"{self.format} scales from each block's max: remove clip": block is not None
