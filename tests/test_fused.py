@@ -112,3 +112,18 @@ def test_quantized_model_is_identical_and_compiles_once_per_weight_shape(
         reference = [model(ids[:2]).logits, model(ids).logits, model(ids[:, :40]).logits]
     assert all(torch.equal(f, r) for f, r in zip(fast, reference, strict=True))
     assert compiled == 4  # new batch sizes and sequence lengths reuse the graphs
+
+
+@pytest.mark.parametrize("name", ["int4 tensor", "nvfp4 tensor"])
+def test_fast_path_takes_one_scale_per_sequence(name):
+    """granularity tensor: one scale per sequence, compiled as the reference computes it."""
+    spec = ActivationQuant.model_validate(
+        {"granularity": "tensor", **({"bits": 4} if name == "int4 tensor" else {"format": "nvfp4"})}
+    )
+    weight = torch.eye(IN)
+    x = hard_inputs(13)[:12].reshape(3, 4, IN)  # three sequences, loud and quiet ones
+    with torch.no_grad():
+        for batch in (x, x[:2]):  # a second batch size reuses the graph
+            out = fused.quantized_linear(batch, weight, None, spec)
+            each = torch.stack([fake_quant(sequence, spec) for sequence in batch])
+            assert torch.equal(out, fake_quant(batch, spec)) and torch.equal(out, each)

@@ -209,3 +209,16 @@ def test_rotation_then_rtn_quantizes_inside_the_online_hadamard(tiny_model):
     kv = model.model.layers[0].self_attn.kv_transform
     assert isinstance(kv, KVTransform) and kv.qk_rotation is not None and kv.quant is config.kv
     assert _logits(model).isfinite().all()
+
+
+def test_rotation_constructions_name_each_rotated_width():
+    from transformers import LlamaConfig
+
+    from qbench.quant.rotation import rotation_constructions
+
+    llama2_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
+    assert rotation_constructions(llama2_7b) == {
+        "residual": {"width": 4096, "matrix": "sylvester(4096)"},
+        "mlp": {"width": 11008, "matrix": "sylvester(64) x compressed-tensors(172)"},
+        "head": {"width": 128, "matrix": "sylvester(128)"},
+    }

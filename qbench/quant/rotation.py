@@ -24,11 +24,11 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from qbench.errors import QBenchError
-from qbench.quant.adapters import DecoderView, NormGroup, decoder_view
-from qbench.quant.hadamard import HadamardTransform, hadamard_versions
+from qbench.quant.adapters import DecoderView, NormGroup, decoder_view, head_dim
+from qbench.quant.hadamard import HadamardTransform, hadamard_construction, hadamard_versions
 from qbench.quant.kvcache import kv_transforms
 from qbench.quant.method import METHODS, replace_module, untie_word_embeddings
 from qbench.quant.rtn import RTNConfig
@@ -92,6 +92,18 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
             kv.qk_rotation = HadamardTransform(view.head_dim).to(layer.value.weight.device)
             if layer.key_bias is not None:  # a learned key slot meets the rotated queries
                 _right(layer.key_bias, kv.qk_rotation.matrix())
+
+
+def rotation_constructions(config: PretrainedConfig) -> dict[str, dict[str, int | str]]:
+    """The Hadamard matrix each rotated width of a model gets (for records): the residual
+    stream (hidden_size), down_proj's input (intermediate_size) and the heads (head_dim),
+    e.g. {"mlp": {"width": 11008, "matrix": "sylvester(64) x compressed-tensors(172)"}}."""
+    widths = {
+        "residual": config.hidden_size,
+        "mlp": config.intermediate_size,
+        "head": head_dim(config),
+    }
+    return {role: {"width": n, "matrix": hadamard_construction(n)} for role, n in widths.items()}
 
 
 def _rotate_norms(model: nn.Module, view: DecoderView, stream: HadamardTransform) -> None:
