@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from qbench.data.sources import load_text
 from qbench.eval.perplexity import perplexity
 from qbench.eval.tasks import evaluate_tasks
-from qbench.quant import quantize_
+from qbench.quant import METHODS, quantize_
 from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import ActivationQuant, fake_quant
 
@@ -112,3 +112,40 @@ def test_task_scores_are_the_same_at_batch_1_and_32(name, qwen2, tmp_path):
     assert [(d, acc, norm) for d, _, acc, norm in one] == [(d, a, n) for d, _, a, n in many]
     for (_, a, _, _), (_, b, _, _) in zip(one, many, strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=0)
+
+
+def test_llm_int8_outlier_columns_are_chosen_per_sequence(qwen2):
+    """bitsandbytes picks LLM.int8's fp16 columns over every token of a call; qbench calls it
+    on one sequence at a time, so a loud sequence cannot change a quiet one's result."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    from qbench.quant.bitsandbytes import per_sequence_linear8bitlt
+
+    linear = torch.nn.Linear(64, 8)
+    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
+    x[1, :, 3] = 20.0  # an outlier column in the second sequence only
+    outputs = {}
+    for kind in (bnb.nn.Linear8bitLt, per_sequence_linear8bitlt()):
+        layer = kind(64, 8, has_fp16_weights=False, threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(linear.weight.detach(), requires_grad=False,
+                                         has_fp16_weights=False)  # fmt: skip
+        layer.bias = linear.bias
+        layer = layer.to("cpu").eval()  # training mode would take the W8A16 path
+        with torch.no_grad():
+            outputs[kind] = (layer(x)[0], layer(x[:1])[0])
+    together, alone = outputs[bnb.nn.Linear8bitLt]
+    assert not torch.equal(together, alone)  # bitsandbytes alone: batch-dependent
+    together, alone = outputs[per_sequence_linear8bitlt()]
+    assert torch.equal(together, alone)
+
+    model, tokenizer = copy.deepcopy(qwen2[0]), qwen2[1]
+    config = {"name": "q", "method": "bitsandbytes", "scheme": "int8", "threshold": 0.5}
+    quantize_(model, METHODS.get("bitsandbytes").model_validate(config))
+    text = load_text("embedded", "test")
+    scores = [
+        perplexity(model, tokenizer, text, 32, batch, max_windows=8, progress=False).perplexity
+        for batch in (1, 8)
+    ]
+    assert scores[0] == scores[1]

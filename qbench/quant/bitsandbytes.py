@@ -6,8 +6,9 @@
   they are multiplied in fp16 with the (dequantized) int8 weight columns. Labelled W8A8: the
   main product is int8 x int8; threshold 0 turns the fp16 decomposition off. bitsandbytes
   picks the outlier columns over every token of a call, so qbench calls each int8 layer on
-  one sequence at a time (`PerSequence`): a sequence's result never depends on the others of
-  its batch, and the cell's tasks run one request per call (no padding enters the choice).
+  one sequence at a time (`per_sequence_linear8bitlt`): a sequence's result never depends on
+  the others of its batch, and the cell's tasks run one request per call (no padding enters
+  the choice).
 - nf4 / fp4 (QLoRA): weights in 4-bit NormalFloat / FP4 codes, one absmax scale per
   `blocksize` consecutive elements of the flattened weight (blocks may span rows, so any
   layer width works); `double_quant` quantizes those scales again (8-bit, blocks of 256).
@@ -20,6 +21,7 @@ for compute_dtype bfloat16, so float32 compute means float32 everywhere.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import ClassVar, Literal
 
@@ -44,18 +46,20 @@ _drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be
 _drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
 
 
-class PerSequence(nn.Module):
-    """Applies `module` to one sequence of a [..., tokens, features] input at a time."""
+@functools.cache
+def per_sequence_linear8bitlt() -> type[nn.Module]:
+    """bitsandbytes' Linear8bitLt, called on one sequence of a [..., tokens, features] input
+    at a time, so that LLM.int8's outlier columns are chosen per sequence."""
+    import bitsandbytes as bnb
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
+    class PerSequenceLinear8bitLt(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() < 3:
+                return super().forward(x)
+            sequences = [super(PerSequenceLinear8bitLt, self).forward(s) for s in x.flatten(0, -3)]
+            return torch.stack(sequences).reshape(*x.shape[:-1], -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            return self.module(x)
-        sequences = [self.module(s) for s in x.reshape(-1, *x.shape[-2:])]
-        return torch.stack(sequences).reshape(*x.shape[:-1], -1)
+    return PerSequenceLinear8bitLt
 
 
 @METHODS.register("bitsandbytes")
@@ -101,15 +105,13 @@ class BitsAndBytesConfig(LibraryConfig):
         for name, linear in target_linears(model, self).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.
-            module = module.to(linear.weight.device).train(linear.training)
-            replace_module(
-                model, name, PerSequence(module) if self.tokens_share_scales() else module
-            )
+            replace_module(model, name, module.to(linear.weight.device).train(linear.training))
 
     def _int8(self, linear: nn.Linear) -> nn.Module:
         import bitsandbytes as bnb
 
-        module = bnb.nn.Linear8bitLt(
+        kind = per_sequence_linear8bitlt() if self.threshold > 0 else bnb.nn.Linear8bitLt
+        module = kind(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
