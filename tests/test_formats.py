@@ -425,3 +425,12 @@ def test_scale_rule_and_norm_are_checked_at_load():
         _w(bits=4, clip_search=True, clip_search_norm=0)
     assert _w(bits=4, scale_rule="half-range").label() == "int4 channel half-range"
     assert _a(format="mxfp4", scale_rule="even").label() == "mxfp4 even"
+
+
+def test_nan_stays_nan_in_block_formats():
+    """A NaN must reach the perplexity (which then fails the cell), not vanish in a block."""
+    x = torch.ones(1, 32)
+    x[0, 3] = float("nan")
+    for fmt in ("nvfp4", "mxfp4"):
+        out = fake_quant(x, _w(format=fmt))
+        assert out[0, :16].isnan().any(), fmt

@@ -121,6 +121,6 @@ def quantize_nvfp4(rows: torch.Tensor) -> torch.Tensor:
     global_scale, block_scale = nv_scales(rows)
     scale = block_scale / global_scale[..., None]
     blocks = rows.reshape(rows.shape[0], -1, NV_BLOCK)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    out = torch.where(scale > 0, round_e2m1(blocks / safe) * safe, torch.zeros_like(blocks))
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # NaN stays NaN
+    out = torch.where(scale == 0, torch.zeros_like(blocks), round_e2m1(blocks / safe) * safe)
     return out.reshape(rows.shape)
