@@ -425,6 +425,13 @@ def test_scale_rule_and_norm_are_checked_at_load():
         _w(bits=4, clip_search=True, clip_search_norm=0)
     assert _w(bits=4, scale_rule="half-range").label() == "int4 channel half-range"
     assert _a(format="mxfp4", scale_rule="even").label() == "mxfp4 even"
+    labels = [_w(bits=4), _w(format="mxfp4"), _a(format="nvfp4"), _w(bits=4, symmetric=False)]
+    assert [s.label() for s in labels] == [
+        "int4 channel",
+        "mxfp4",
+        "nvfp4 token",
+        "int4 channel asym",
+    ]
 
 
 def test_nan_stays_nan_in_block_formats():

@@ -189,8 +189,8 @@ class TensorQuant(StrictModel):
                 f" p{self.clip_search_norm:g}" if self.clip_search_norm != CLIP_SEARCH_NORM else ""
             )
             parts.append("clip-search" + norm)
-        if self.scale_rule not in (None, SCALE_RULES[self.format][0]):
-            parts.append(str(self.scale_rule))
+        if self.scale_rule is not None and self.scale_rule != SCALE_RULES[self.format][0]:
+            parts.append(self.scale_rule)
         return " ".join(parts)
 
 
