@@ -17,9 +17,9 @@ from typing import TypeVar
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from qbench.checkpoints.load import checkpoint_config, checkpoint_identity
+from qbench.checkpoints.load import CheckpointIdentity, checkpoint_config, checkpoint_identity
 from qbench.data.sources import load_text, text_fingerprint
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
 from qbench.quant.adapters import ARCHITECTURES, head_dim
 from qbench.quant.method import QuantizerConfig, target_linears
@@ -38,6 +38,7 @@ class Cell:
     checkpoint: CheckpointSpec
     quantizer: QuantizerConfig | None
     key: str
+    identity: CheckpointIdentity  # the checkpoint's content, as the key holds it
 
     @property
     def quantizer_name(self) -> str:
@@ -46,6 +47,24 @@ class Cell:
     @property
     def stage(self) -> str:
         return "quantized" if self.quantizer else "fp"
+
+    @property
+    def precision(self) -> str:
+        """The quantizer's precision label (e.g. W4A8), or the checkpoint's dtype for fp."""
+        return self.quantizer.precision() if self.quantizer else self.checkpoint.dtype
+
+    @property
+    def label(self) -> str:
+        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized'."""
+        return self.quantizer.label() if self.quantizer else "unquantized"
+
+    @property
+    def load_key(self) -> str:
+        """What the loaded model depends on: cells with equal load keys share one load."""
+        spec = self.checkpoint
+        return json.dumps(
+            [self.identity.model_dump(), spec.dtype, spec.trust_remote_code], sort_keys=True
+        )
 
     @property
     def filename(self) -> str:
@@ -74,11 +93,11 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
     for i, checkpoint in enumerate(recipe.checkpoints):
         where = f"checkpoints[{i}].{checkpoint.source_field}"
         config = _at(source, where, lambda c=checkpoint: checkpoint_config(c))
-        _check_fits(recipe, source, checkpoint, config)
+        _check_fits(recipe, source, checkpoint, config, where)
         identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
         for quantizer in [None, *recipe.quantizers]:
             determinants = {
-                "checkpoint": identity,
+                "checkpoint": identity.model_dump(),
                 "dtype": checkpoint.dtype,
                 "quantizer": _quantizer_identity(quantizer) if quantizer else None,
                 "eval": eval_identity,
@@ -90,8 +109,16 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             if recipe.eval.diagnostics is not None:
                 determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
             blob = json.dumps(determinants, sort_keys=True).encode()
-            cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
+            key = hashlib.sha256(blob).hexdigest()
+            cells.append(Cell(recipe.name, checkpoint, quantizer, key, identity))
     return cells
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A digest of everything in `recipe` that shapes its cells and their results (all but
+    `gate` and `resources`): a plan.json holds it to show which recipe it was planned from."""
+    blob = recipe.model_dump_json(exclude={"gate", "resources"}).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
@@ -110,7 +137,11 @@ def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
 
 
 def _check_fits(
-    recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
+    recipe: Recipe,
+    source: Path,
+    checkpoint: CheckpointSpec,
+    config: PretrainedConfig,
+    where: str,
 ) -> None:
     """Group and block sizes divide every quantized layer's width; windows fit the context."""
     context = getattr(config, "max_position_embeddings", None)
@@ -120,10 +151,16 @@ def _check_fits(
                 f"{source}: eval.perplexity[{i}].seq_len: {spec.seq_len} exceeds checkpoint "
                 f"'{checkpoint.name}''s max_position_embeddings {context}; use seq_len <= {context}"
             )
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=checkpoint.trust_remote_code
-        )
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=checkpoint.trust_remote_code
+            )
+    except Exception as error:  # a config transformers accepts but cannot build a model from
+        raise RecipeError(
+            f"{source}: {where}: the config of checkpoint '{checkpoint.name}' does not build a "
+            f"model: {describe(error)}"
+        ) from None
     embeddings = {"embeddings": skeleton.get_input_embeddings().weight.shape[1]}
     for i, quantizer in enumerate(recipe.quantizers):
         calibration = getattr(quantizer, "calibration", None)

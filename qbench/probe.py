@@ -13,11 +13,11 @@ from qbench.checkpoints.load import load_checkpoint
 from qbench.data.sources import load_text
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
+from qbench.files import write_json_atomic
 from qbench.quant.method import QuantizerConfig
 from qbench.quant.rtn import RTNConfig
 from qbench.recipe import CheckpointSpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
-from qbench.store import write_json_atomic
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
 

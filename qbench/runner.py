@@ -11,13 +11,9 @@ included) or a non-finite perplexity becomes a `status: failed` record.
 from __future__ import annotations
 
 import copy
-import datetime
 import gc
 import math
-import os
-import socket
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.load import load_checkpoint
+from qbench.checkpoints.load import load_identified
 from qbench.data.calibration import sharing_statistics
 from qbench.data.sources import load_text
 from qbench.errors import QBenchError
@@ -34,11 +30,8 @@ from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.fused import fast_quant_mode
-from qbench.recipe import CheckpointSpec, Recipe
-from qbench.store import FAILED, OK, Result
-from qbench.versions import library_versions
-
-TRACEBACK_LINES = 40  # the tail of a failed cell's traceback kept in its record
+from qbench.recipe import Recipe
+from qbench.record import Record
 
 
 class NonFiniteMetricError(QBenchError):
@@ -49,15 +42,10 @@ class NonFiniteMetricError(QBenchError):
 class CheckpointContext:
     """One checkpoint loaded on a worker, and the statistics its cells share."""
 
-    identity: str
+    load_key: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     shared: dict[Any, Any] = field(default_factory=dict)
-
-
-def checkpoint_identity(checkpoint: CheckpointSpec) -> str:
-    """What the loaded weights depend on (not the recipe's name for them)."""
-    return checkpoint.model_dump_json(exclude={"name", "group", "seeds"})
 
 
 class Worker:
@@ -68,12 +56,12 @@ class Worker:
         self.loads = 0  # checkpoint loads so far
         self._context: CheckpointContext | None = None
 
-    def context(self, checkpoint: CheckpointSpec) -> CheckpointContext:
-        identity = checkpoint_identity(checkpoint)
-        if self._context is None or self._context.identity != identity:
+    def context(self, cell: Cell) -> CheckpointContext:
+        """The loaded checkpoint of `cell` (loaded now unless the last cell's was the same)."""
+        if self._context is None or self._context.load_key != cell.load_key:
             self.release()
-            model, tokenizer = load_checkpoint(checkpoint, self.progress)
-            self._context = CheckpointContext(identity, model, tokenizer)
+            model, tokenizer = load_identified(cell.checkpoint, cell.identity, self.progress)
+            self._context = CheckpointContext(cell.load_key, model, tokenizer)
             self.loads += 1
         return self._context
 
@@ -82,13 +70,13 @@ class Worker:
         self._context = None
         _free_memory()
 
-    def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Result:
+    def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Record:
         """The cell's record: `status: ok` with metrics, or `status: failed` with the error."""
         start = time.perf_counter()
         try:
-            context = self.context(cell.checkpoint)
+            context = self.context(cell)
             with sharing_statistics(context.shared):
-                result = run_cell(
+                return run_cell(
                     cell,
                     recipe,
                     context.model,
@@ -96,57 +84,16 @@ class Worker:
                     self.progress,
                     results_root / recipe.name,
                 )
-            check_finite(result)
-            return result
         except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
-            record = failure_record(cell, recipe, error, time.perf_counter() - start)
+            record = Record.failed(cell, recipe, error, time.perf_counter() - start)
         _free_memory()  # the error's traceback held the cell's model copy
         return record
 
 
-def check_finite(result: Result) -> None:
-    bad = {k: v for k, v in result["metrics"]["perplexity"].items() if not math.isfinite(v)}
+def check_finite(scores: dict[str, Perplexity]) -> None:
+    bad = {k: s.perplexity for k, s in scores.items() if not math.isfinite(s.perplexity)}
     if bad:
         raise NonFiniteMetricError(f"non-finite perplexity {bad}: the model produced NaN/inf")
-
-
-def failure_record(cell: Cell, recipe: Recipe, error: BaseException, wall_time_s: float) -> Result:
-    """A failed cell's record: the error's type, message and traceback tail; no metrics."""
-    lines = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return {
-        **_header(cell, recipe),
-        "status": FAILED,
-        "error": {
-            "type": type(error).__name__,
-            "message": str(error),
-            "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
-        },
-        **_footer(cell, wall_time_s),
-    }
-
-
-def _header(cell: Cell, recipe: Recipe) -> Result:
-    return {
-        "recipe": recipe.name,
-        "key": cell.key,
-        "checkpoint": {"name": cell.checkpoint.name, "spec": cell.checkpoint.model_dump()},
-        "quantizer": {
-            "name": cell.quantizer_name,
-            "config": cell.quantizer.model_dump() if cell.quantizer else None,
-        },
-        "stage": cell.stage,
-        "precision": cell.quantizer.precision() if cell.quantizer else cell.checkpoint.dtype,
-        "seed": recipe.seed,
-    }
-
-
-def _footer(cell: Cell, wall_time_s: float) -> Result:
-    return {
-        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
-        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
-        "wall_time_s": wall_time_s,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _free_memory() -> None:
@@ -162,8 +109,11 @@ def run_cell(
     tokenizer: PreTrainedTokenizerBase,
     progress: bool = True,
     work_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Quantize a copy of `model` as the cell says, evaluate it, and describe the result.
+) -> Record:
+    """Quantize a copy of `model` as the cell says, evaluate it, and return its record.
+
+    Raises NonFiniteMetricError when a perplexity is NaN or infinite (Worker.execute records
+    that, as any exception, as a failed cell).
 
     `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples.
     """
@@ -181,6 +131,7 @@ def run_cell(
         cell.quantizer.quantize(model, tokenizer)
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
+    check_finite(scores)
     diagnostics = _diagnostics(cell, recipe, model, fp_model, tokenizer)
     tasks = (
         evaluate_cell_tasks(
@@ -195,25 +146,26 @@ def run_cell(
         if recipe.eval.tasks
         else {"metrics": {}, "details": {}}
     )
-    return {
-        **_header(cell, recipe),
-        "status": OK,
-        "metrics": {
+    return Record.ok(
+        cell,
+        recipe,
+        time.perf_counter() - start,
+        metrics={
             "perplexity": {name: s.perplexity for name, s in scores.items()},
             **({"diagnostics": diagnostics.summary} if diagnostics else {}),
             **tasks["metrics"],
         },
-        "details": {
+        details={
             "perplexity": {name: s.as_dict() for name, s in scores.items()},
             **({"diagnostics": diagnostics.details} if diagnostics else {}),
             **tasks["details"],
         },
-        "stages": stages,
-        "device": str(next(model.parameters()).device),
-        "fast_quant": fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
-        "quantize_s": quantize_s,
-        **_footer(cell, time.perf_counter() - start),
-    }
+        stages=stages,
+        coverage=None,  # what the quantizer rounded: filled by the quantizers (qbench.quant)
+        device=str(next(model.parameters()).device),
+        fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
+        quantize_s=quantize_s,
+    )
 
 
 def _perplexities(

@@ -16,6 +16,7 @@ from conftest import REPO, write_recipe
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from qbench import runner, store
+from qbench.checkpoints.load import CheckpointIdentity
 from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError
@@ -136,8 +137,8 @@ def test_sweep_of_two_recipes_loads_their_shared_checkpoint_once(
         )
         for name in quantizers
     ]
-    real_load, loads = runner.load_checkpoint, []
-    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: loads.append(1) or real_load(*a))
+    real_load, loads = runner.load_identified, []
+    monkeypatch.setattr(runner, "load_identified", lambda *a: loads.append(1) or real_load(*a))
     assert main(["sweep", *map(str, paths), "--results", str(tmp_path), "--no-progress"]) == 0
     assert len(loads) == 1
     for name in quantizers:
@@ -186,7 +187,7 @@ quantizers:
     swept = _records(tmp_path / "swept", "shared")
     for cell in planned.cells[1:]:
         alone = runner.Worker(progress=False).execute(cell, planned.recipe, tmp_path / "alone")
-        shared = swept["llama", cell.quantizer_name]
+        alone, shared = alone.to_json(), swept["llama", cell.quantizer_name]
         assert alone["metrics"] == shared["metrics"] and alone["stages"] == shared["stages"]
 
 
@@ -306,7 +307,11 @@ def test_ci_gpu_recipe_loads_and_plans(monkeypatch):
     def config(spec):  # the hub is unreachable here: Qwen3-0.6B's config, by hand
         return Qwen3Config(**QWEN3_0_6B) if spec.hf == "Qwen/Qwen3-0.6B" else real(spec)
 
+    def identity(spec):  # and its commit
+        return CheckpointIdentity(hf=spec.hf, revision="main", commit="0" * 40)
+
     monkeypatch.setattr(planner, "checkpoint_config", config)
+    monkeypatch.setattr(planner, "checkpoint_identity", identity)
     monkeypatch.chdir(REPO)
     recipe = load_recipe("recipes/ci-gpu.yaml")
     assert recipe.gate.cadence == "nightly" and recipe.resources.gpus_per_cell == 1

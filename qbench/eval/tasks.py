@@ -14,8 +14,9 @@ Task names resolve in this order:
    reached: lm-eval's own definition, dataset from the hub. Offline (HF_HUB_OFFLINE or
    HF_DATASETS_OFFLINE set) a local name without its files is an error naming the files.
 
-A request cache (lm-eval's CachingLM, one sqlite file per cell) makes an interrupted task
-run resume without recomputing the requests it finished.
+A request cache (lm-eval's CachingLM storing JSON, one sqlite file per cell; see
+request_cache.py) makes an interrupted task run resume without recomputing the requests it
+finished.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Literal
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
+from qbench.files import write_text_atomic
 from qbench.registry import did_you_mean
 
 TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
@@ -304,18 +306,19 @@ def evaluate_tasks(
     lm-eval's `evaluator.evaluate` runs each task with the seeds and few-shot settings that
     `simple_evaluate` would give it (simple_evaluate itself also collects environment info
     through `pip freeze`, two seconds per call here). `cache` is the prefix of the cell's
-    sqlite request cache (None: no cache); `samples_dir` receives one <task>.jsonl of
+    sqlite request cache (JSON values; None: no cache); `samples_dir` receives one <task>.jsonl of
     lm-eval's per-document records when options.log_samples is on.
     """
-    from lm_eval.api.model import CachingLM
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from qbench.eval.request_cache import JsonCachingLM
 
     runs = []
     with _lm_eval_quiet(progress):
         hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
         computed = _count_computed(hflm)
-        lm = CachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
+        lm = JsonCachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
         try:
             for spec in tasks:
                 resolved = resolve_task(spec.name)
@@ -335,7 +338,7 @@ def evaluate_tasks(
                 if options.log_samples and samples_dir is not None:
                     _write_samples(samples_dir, output)
         finally:
-            if isinstance(lm, CachingLM):
+            if isinstance(lm, JsonCachingLM):
                 lm.dbdict.close()
     return runs
 
@@ -416,10 +419,9 @@ def _task_run(
 def _write_samples(folder: Path, output: dict[str, Any]) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    folder.mkdir(parents=True, exist_ok=True)
     for task, samples in output.get("samples", {}).items():
         lines = (json.dumps(s, default=handle_non_serializable) for s in samples)
-        (folder / f"{task}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+        write_text_atomic(folder / f"{task}.jsonl", "".join(f"{line}\n" for line in lines))
 
 
 # ---------------------------------------------------------------- a cell's task section
