@@ -98,9 +98,10 @@ def read_text_nofollow(path: Path, limit: int) -> str:
         if error.errno == errno.ENOENT:
             raise
         raise ValueError(error.strerror or str(error)) from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ValueError("not a regular file")
     with os.fdopen(descriptor, "rb") as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise ValueError("not a regular file")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")

@@ -9,14 +9,14 @@ from typing import Any
 from pydantic import ValidationError
 from tabulate import tabulate
 
-from qbench.checkpoints.load import load_checkpoint
-from qbench.data.sources import load_text
-from qbench.errors import QBenchError
+from qbench.checkpoints.load import checkpoint_config, load_checkpoint
+from qbench.data.sources import load_text, text_source
+from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
 from qbench.files import write_json_atomic
 from qbench.quant.method import QuantizerConfig
 from qbench.quant.rtn import RTNConfig
-from qbench.recipe import CheckpointSpec, Recipe, load_recipe
+from qbench.recipe import NAME_MAX, CheckpointSpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
@@ -53,11 +53,14 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
             f"or one of the recipe's quantizers: {', '.join(known) or '(no recipe)'}"
         )
     weights, activations = (int(bits) for bits in match.groups())
-    return RTNConfig(
-        name=name,
-        weights={"bits": weights} if weights < 16 else None,
-        activations={"bits": activations} if activations < 16 else None,
-    )
+    try:
+        return RTNConfig(
+            name=name,
+            weights={"bits": weights} if weights < 16 else None,
+            activations={"bits": activations} if activations < 16 else None,
+        )
+    except ValidationError as error:
+        raise QBenchError(f"--quantizer '{name}': {describe(error)}") from None
 
 
 def probe(
@@ -69,6 +72,7 @@ def probe(
     out: Path,
 ) -> Diagnostics:
     """Load `checkpoint`, diagnose it on `data`/`split`, write the JSON to `out`."""
+    checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
     ids = probe_ids(tokenizer, load_text(data, split), spec)
     diagnostics = diagnose(model, ids, quantizer)
@@ -166,10 +170,14 @@ def probe_command(
         settings = recipe.eval.diagnostics or DiagnosticsSpec()
         folder = results / recipe.name / "probe"
     else:
-        spec = CheckpointSpec(name=Path(path).name or "checkpoint", path=path)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name).lstrip("._-")[:NAME_MAX]
+        spec = CheckpointSpec(name=name or "checkpoint", path=path)
         data, split = data or "embedded", split or "test"
         settings = DiagnosticsSpec()
         folder = results / "probe"
+    splits = text_source(data).splits  # QBenchError for an unknown source
+    if split not in splits:
+        raise QBenchError(f"--split: {data} has no split '{split}'; it has {', '.join(splits)}")
     settings = _overridden(settings, samples=samples, seq_len=seq_len)
     rounding = quantizer_named(quantizer, recipe)
     out = out or folder / f"{spec.name}--{quantizer}.json"

@@ -43,6 +43,7 @@ from qbench.registry import did_you_mean
 # Names become file names and table cells: letters, digits, '.', '_', '-' (matched whole).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX = 100  # characters; a result file name holds a checkpoint and a quantizer name
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._()-]*")
 REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 
 MAX_RECIPE_BYTES = 256 << 10
@@ -223,6 +224,8 @@ class TaskSpec(StrictModel):
     def _known_task(cls, name: str) -> str:
         from qbench.eval.tasks import check_task_name  # lm-eval's index only when needed
 
+        if not TASK_NAME_PATTERN.fullmatch(name):  # lm-eval's names: these and parentheses
+            raise ValueError(f"{name!r} is not a task name (letters, digits, '._()-')")
         return check_task_name(name)
 
 
@@ -333,9 +336,14 @@ class Recipe(StrictModel):
     def _unique_names(self) -> Recipe:
         _reject_duplicates([c.name for c in self.checkpoints], "checkpoints", "rename one")
         names = [q.name for q in self.quantizers]
+        for i, name in enumerate(names):
+            try:
+                _check_name(name)
+            except ValueError as error:
+                raise ValueError(f"quantizers[{i}].name: {error}") from None
         if "fp" in names:
             raise ValueError("quantizers: name 'fp' is reserved for the unquantized reference")
-        _reject_duplicates([_check_name(n) for n in names], "quantizers", "rename one")
+        _reject_duplicates(names, "quantizers", "rename one")
         if self.gate is not None:
             self._check_gate(names)
         return self

@@ -74,8 +74,8 @@ def read_record(results_root: Path, cell: Cell) -> Record | None:
         return _validated(read_text_nofollow(path, RECORD_LIMIT), cell)
     except FileNotFoundError:
         return None
-    except ValueError as error:  # ValidationError and JSONDecodeError are ValueErrors
-        _set_aside(path, describe(error) if isinstance(error, ValidationError) else str(error))
+    except ValueError as error:
+        _set_aside(path, str(error))
         return None
 
 
@@ -85,10 +85,7 @@ def _validated(text: str, cell: Cell) -> Record:
     try:
         record = Record.model_validate_json(text)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        problem = f"{where}: {first['msg']}" if where else first["msg"]
-        raise ValueError(f"not a valid record: {problem}") from None
+        raise ValueError(f"not a valid record: {describe(error)}") from None
     expected = {
         "key": cell.key,
         "recipe": cell.recipe,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -217,9 +217,8 @@ def _read_digest_cache() -> dict[str, DigestEntry]:
         return _DIGEST_CACHE.validate_json(read_text_nofollow(path, DIGEST_CACHE_LIMIT))
     except FileNotFoundError:
         return {}
-    except (ValueError, ValidationError) as error:
-        reason = describe(error) if isinstance(error, ValidationError) else str(error)
-        warn(f"{path}: ignored ({reason}); file digests are recomputed")
+    except ValueError as error:  # a ValidationError too
+        warn(f"{path}: ignored ({describe(error)}); file digests are recomputed")
         return {}
 
 

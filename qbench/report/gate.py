@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from tabulate import tabulate
 
 from qbench.errors import QBenchError, describe
@@ -90,11 +90,10 @@ def reference_warnings(recipe: Recipe, table: ResultsTable) -> list[str]:
         expected = Reference.validate_json(read_text_nofollow(path, REFERENCE_LIMIT))
     except FileNotFoundError:
         return [f"reference {gate.reference} not found"]
-    except ValueError as error:
-        reason = describe(error) if isinstance(error, ValidationError) else str(error)
+    except ValueError as error:  # a ValidationError too
         raise QBenchError(
-            f"{path}: gate.reference: not a reference file ({reason}); rewrite it with "
-            "`qbench gate --write-reference`"
+            f"{path}: gate.reference: not a reference file ({describe(error)}); rewrite it "
+            "with `qbench gate --write-reference`"
         ) from None
     warnings = []
     for cell in table.cells:
