@@ -70,12 +70,10 @@ def make_directory(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _unwritable(folder, error) from None
-    if not folder.is_dir():  # exist_ok accepts nothing else, but a race could leave a file
-        raise QBenchError(f"{folder}: not a directory; remove or rename it")
 
 
 def _unwritable(path: Path, error: OSError) -> QBenchError:
-    if error.errno == errno.EISDIR or (error.errno == errno.EEXIST and path.is_dir()):
+    if error.errno == errno.EISDIR:
         reason = "a directory is in its place; remove or rename it"
     elif error.errno in (errno.ENOTDIR, errno.EEXIST):
         reason = "a file is in the place of one of its folders; remove or rename it"
@@ -117,35 +115,37 @@ def utf8_text(data: bytes) -> str:
         raise ValueError(f"not UTF-8 text ({bad})") from None
 
 
-def _left_over(path: Path, older_than_s: float = 0.0) -> bool:
-    """True when `path` (not followed if a symlink) is older than `older_than_s` seconds and
-    no process holds an flock on it; False while one does, or if it is gone."""
+def remove_if_unlocked(path: Path, older_than_s: float = 0.0) -> bool:
+    """Delete `path` if it is older than `older_than_s` seconds and no process holds an flock
+    on it (unlinking it while holding the lock ourselves, as a releasing holder does), or if
+    it is a symlink (never one of ours); return whether it was deleted."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            return False
+        path.unlink(missing_ok=True)
+        return True
     try:
         if time.time() - os.fstat(descriptor).st_mtime < older_than_s:
             return False
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.lstat(path).st_ino != os.fstat(descriptor).st_ino:  # replaced meanwhile
+            return False
+        path.unlink()
+        return True
+    except (BlockingIOError, FileNotFoundError):
         return False
     finally:
         os.close(descriptor)
-    return True
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files in `folder` that a dead writer left (unlocked and older than
-    STALE_AFTER_S); return them."""
-    stale = [
-        path
-        for path in folder.glob(f".*{TEMPORARY_SUFFIX}")
-        if _left_over(path, older_than_s=STALE_AFTER_S)
-    ]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files in `folder` that dead writers left (unlocked and older than
+    STALE_AFTER_S); return how many."""
+    return sum(
+        remove_if_unlocked(path, STALE_AFTER_S) for path in folder.glob(f".*{TEMPORARY_SUFFIX}")
+    )
 
 
 def save_figure(figure: Any, path: Path, dpi: int = 100) -> Path:

@@ -36,6 +36,7 @@ from qbench.errors import QBenchError, describe, warn
 from qbench.files import (
     make_directory,
     read_text_nofollow,
+    remove_if_unlocked,
     remove_stale_temporaries,
     write_json_atomic,
 )
@@ -298,32 +299,8 @@ def claim_holder(results_root: Path, cell: Cell) -> str:
 def remove_leftovers(results_root: Path, recipe: str) -> int:
     """Delete claim files that no live process holds and temporary files of dead writers
     (left by killed processes); return how many."""
-    removed = 0
     claims = claims_dir(results_root, recipe)
-    for path in sorted(claims.glob("*.lock")) if claims.is_dir() else []:
-        removed += _remove_unheld_claim(path)
+    removed = sum(remove_if_unlocked(path) for path in claims.glob("*.lock"))
     for folder in (recipe_dir(results_root, recipe), runs_dir(results_root, recipe)):
-        if folder.is_dir():
-            removed += len(remove_stale_temporaries(folder))
+        removed += remove_stale_temporaries(folder)
     return removed
-
-
-def _remove_unheld_claim(path: Path) -> bool:
-    """Unlink `path` while holding its lock (as `Claim.release` does), if no one else does."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
-        if error.errno != errno.ELOOP:
-            return False
-        path.unlink(missing_ok=True)  # a planted symlink: never a claim of ours
-        return True
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not _is_current(path, descriptor):
-            return False
-        path.unlink()
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(descriptor)

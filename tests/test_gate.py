@@ -8,7 +8,6 @@ import re
 
 import pytest
 from conftest import write_recipe
-
 from pydantic import ValidationError
 
 from qbench.cli import main
