@@ -92,9 +92,10 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
     cells = []
     for i, checkpoint in enumerate(recipe.checkpoints):
         where = f"checkpoints[{i}].{checkpoint.source_field}"
-        config = _at(source, where, lambda c=checkpoint: checkpoint_config(c))
-        _check_fits(recipe, source, checkpoint, config, where)
         identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
+        commit = identity.commit
+        config = _at(source, where, lambda c=checkpoint, h=commit: checkpoint_config(c, h))
+        _check_fits(recipe, source, checkpoint, config, where)
         for quantizer in [None, *recipe.quantizers]:
             determinants = {
                 "checkpoint": identity.model_dump(),

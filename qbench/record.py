@@ -48,10 +48,10 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qbench.checkpoints.load import CheckpointIdentity
-from qbench.errors import one_line
+from qbench.errors import describe, one_line
 from qbench.versions import library_versions
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ METRIC_GROUPS = ("perplexity", "tasks", "diagnostics")  # metric paths <group>.<
 
 Key = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+_IDENTIFYING = ("key", "recipe", "checkpoint", "quantizer")  # must match the record's file
 _absent_if_none = Field(default=None, exclude_if=lambda value: value is None)
 
 
@@ -178,6 +179,23 @@ class Record(_Schema):
     def to_json(self) -> dict[str, Any]:
         """The JSON layout (sections of the other status absent)."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, text: str, cell: Cell) -> Record:
+        """The record `text` holds, if it is a valid one of `cell` (its key, recipe, checkpoint
+        and quantizer); ValueError saying what is wrong otherwise."""
+        if not text.strip():
+            raise ValueError("empty")
+        try:
+            record = cls.model_validate_json(text)
+        except ValidationError as error:
+            raise ValueError(f"not a valid record: {describe(error)}") from None
+        found = (record.key, record.recipe, record.checkpoint.name, record.quantizer.name)
+        expected = (cell.key, cell.recipe, cell.checkpoint.name, cell.quantizer_name)
+        for field, have, want in zip(_IDENTIFYING, found, expected, strict=True):
+            if have != want:
+                raise ValueError(f"its {field} is '{have}', not this cell's '{want}'")
+        return record
 
     # ------------------------------------------------------------ reading
 

@@ -29,7 +29,7 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from qbench.checkpoints.load import CheckpointIdentity
 from qbench.errors import QBenchError, describe, warn
@@ -72,7 +72,7 @@ def read_record(results_root: Path, cell: Cell) -> Record | None:
     one is moved aside to runs/.invalid/ with a warning and counts as none."""
     path = result_path(results_root, cell)
     try:
-        return _validated(read_text_nofollow(path, RECORD_LIMIT), cell)
+        return Record.from_json(read_text_nofollow(path, RECORD_LIMIT), cell)
     except FileNotFoundError:
         return None
     except ValueError as error:
@@ -80,34 +80,9 @@ def read_record(results_root: Path, cell: Cell) -> Record | None:
         return None
 
 
-def _validated(text: str, cell: Cell) -> Record:
-    if not text.strip():
-        raise ValueError("empty")
-    try:
-        record = Record.model_validate_json(text)
-    except ValidationError as error:
-        raise ValueError(f"not a valid record: {describe(error)}") from None
-    expected = {
-        "key": cell.key,
-        "recipe": cell.recipe,
-        "checkpoint": cell.checkpoint.name,
-        "quantizer": cell.quantizer_name,
-    }
-    found = {
-        "key": record.key,
-        "recipe": record.recipe,
-        "checkpoint": record.checkpoint.name,
-        "quantizer": record.quantizer.name,
-    }
-    for field, value in expected.items():
-        if found[field] != value:
-            raise ValueError(f"its {field} is '{found[field]}', not this cell's '{value}'")
-    return record
-
-
 def _set_aside(path: Path, reason: str) -> None:
     folder = path.parent / ".invalid"
-    make_directory(folder)
+    _own_directory(folder)
     target = folder / path.name
     if os.path.lexists(target):
         target = folder / f"{path.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"

@@ -138,10 +138,14 @@ def test_hub_revisions_resolve_to_commits_offline_from_the_local_cache(
     path = write_recipe(
         tmp_path / "hub.yaml", RECIPE.format(checkpoints="  - {name: t, hf: org/tiny}")
     )
-    fp = plan(load_recipe(path), path)[0]
+    recipe = load_recipe(path)
+    fp = plan(recipe, path)[0]
     assert fp.identity == CheckpointIdentity(hf="org/tiny", revision="main", commit=main)
     (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text(tag)
-    assert plan(load_recipe(path), path)[0].key != fp.key  # main moved: another model
+    assert plan(recipe, path)[0].key != fp.key  # main moved: another model
+    shutil.rmtree(tmp_path / "hub" / "models--org--tiny" / "snapshots" / tag)
+    record = Worker(progress=False).execute(fp, recipe, tmp_path / "results")
+    assert record.finished and record.checkpoint.identity.commit == main  # loaded as planned
 
 
 def test_online_the_hub_says_which_commit(monkeypatch):

@@ -153,7 +153,7 @@ def test_directory_without_config(tmp_path):
 
 def test_unreachable_hub_checkpoint_suggests_a_local_path(tmp_path):
     message = _error(tmp_path, VALID.replace("path: LLAMA", "hf: nobody/no-such-model"))
-    assert "checkpoints[0].hf: cannot load 'nobody/no-such-model'" in message
+    assert "checkpoints[0].hf: cannot resolve revision 'main' of 'nobody/no-such-model'" in message
     assert "use path:" in message
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -95,14 +96,19 @@ def spec_train_config(spec: CheckpointSpec) -> TrainConfig:
     return train_config(t.preset, t.variant, t.corpus, t.seed, t.steps)
 
 
-def checkpoint_config(spec: CheckpointSpec) -> PretrainedConfig:
-    """The model config, without loading (or training) any weights; sizes checked."""
+def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> PretrainedConfig:
+    """The model config, without loading (or training) any weights; sizes checked.
+
+    `commit`: the hub commit to read an `hf:` config at (its identity's), instead of whatever
+    `spec.revision` names now. Raises QBenchError naming config.json for a config transformers
+    cannot read, or with a size field that is not a positive integer.
+    """
     if spec.train is not None:
         return model_config(spec_train_config(spec))
     source = local_dir(spec) if spec.path else spec.hf
     try:
         config = AutoConfig.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            source, revision=commit or spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except Exception as error:  # transformers' errors for a bad or absent config vary
         if spec.path:
@@ -204,6 +210,7 @@ class DigestEntry(BaseModel):
 
 _DIGEST_CACHE = TypeAdapter(dict[str, DigestEntry])
 DIGEST_CACHE_LIMIT = 64 << 20  # bytes
+ANNOUNCE_HASH_BYTES = 1 << 30  # files this large get a line when first hashed
 
 
 def _digest_cache_path() -> Path:
@@ -228,6 +235,9 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _sha256(path: Path) -> str:
+    size = path.stat().st_size
+    if size >= ANNOUNCE_HASH_BYTES:  # about a second per GiB: say why planning waits
+        print(f"qbench: sha256 of {path} ({size / 2**30:.1f} GiB), once", file=sys.stderr)
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
