@@ -304,8 +304,8 @@ def test_ci_gpu_recipe_loads_and_plans(monkeypatch):
 
     real = planner.checkpoint_config
 
-    def config(spec):  # the hub is unreachable here: Qwen3-0.6B's config, by hand
-        return Qwen3Config(**QWEN3_0_6B) if spec.hf == "Qwen/Qwen3-0.6B" else real(spec)
+    def config(spec, commit=None):  # the hub is unreachable here: Qwen3-0.6B's config, by hand
+        return Qwen3Config(**QWEN3_0_6B) if spec.hf == "Qwen/Qwen3-0.6B" else real(spec, commit)
 
     def identity(spec):  # and its commit
         return CheckpointIdentity(hf=spec.hf, revision="main", commit="0" * 40)
