@@ -34,15 +34,31 @@ from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.fused import fast_quant_mode
+from qbench.quant.inventory import inventory
+from qbench.quant.notes import collecting
 from qbench.recipe import CheckpointSpec, Recipe
-from qbench.store import FAILED, OK, Result
+from qbench.store import FAILED, OK, Result, read_result
 from qbench.versions import library_versions
 
 TRACEBACK_LINES = 40  # the tail of a failed cell's traceback kept in its record
 
 
+# How far a transformed (smoothed, rotated) model's perplexity may move from fp, relative,
+# before the cell fails: float transforms are lossless up to rounding in the weights' dtype.
+TRANSFORM_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+HALF_TRANSFORM_TOLERANCE = 2e-2  # bfloat16 / float16
+
+
 class NonFiniteMetricError(QBenchError):
     """A cell's model produced NaN or infinite perplexity."""
+
+
+class RefusedError(QBenchError):
+    """The quantizer cannot run on this checkpoint (decided at plan time)."""
+
+
+class TransformError(QBenchError):
+    """A float transform changed the model's perplexity beyond its tolerance."""
 
 
 @dataclass
@@ -85,8 +101,11 @@ class Worker:
     def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Result:
         """The cell's record: `status: ok` with metrics, or `status: failed` with the error."""
         start = time.perf_counter()
+        if cell.refusal is not None:
+            return failure_record(cell, recipe, RefusedError(cell.refusal), 0.0)
         try:
             context = self.context(cell.checkpoint)
+            fp = read_result(results_root, cell.fp_cell()) if cell.quantizer else None
             with sharing_statistics(context.shared):
                 result = run_cell(
                     cell,
@@ -95,6 +114,7 @@ class Worker:
                     context.tokenizer,
                     self.progress,
                     results_root / recipe.name,
+                    fp,
                 )
             check_finite(result)
             return result
@@ -162,23 +182,28 @@ def run_cell(
     tokenizer: PreTrainedTokenizerBase,
     progress: bool = True,
     work_dir: Path | None = None,
+    fp: Result | None = None,
 ) -> dict[str, Any]:
     """Quantize a copy of `model` as the cell says, evaluate it, and describe the result.
 
-    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples.
+    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples. `fp`: the
+    checkpoint's fp record, against which a transformed stage is checked (TRANSFORM_TOLERANCE).
     """
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    stages, transformed_eval_s, fp_model = {}, 0.0, model
-    if cell.quantizer is not None:
-        model = copy.deepcopy(model)
-        cell.quantizer.transform(model, tokenizer)
-        if cell.quantizer.has_transform:  # the float model after smoothing / rotation
-            eval_start = time.perf_counter()
-            scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
-            stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
-            transformed_eval_s = time.perf_counter() - eval_start
-        cell.quantizer.quantize(model, tokenizer)
+    stages, transformed_eval_s, fp_model, coverage = {}, 0.0, model, None
+    with collecting() as notes:
+        if cell.quantizer is not None:
+            model = copy.deepcopy(model)
+            before = inventory(model).sizes()
+            cell.quantizer.transform(model, tokenizer)
+            if cell.quantizer.has_transform:  # the float model after smoothing / rotation
+                eval_start = time.perf_counter()
+                scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
+                stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
+                check_transformed(stages["transformed"]["perplexity"], fp, model)
+                transformed_eval_s = time.perf_counter() - eval_start
+            coverage = cell.quantizer.quantize(model, tokenizer, before)
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     diagnostics = _diagnostics(cell, recipe, model, fp_model, tokenizer)
@@ -209,11 +234,32 @@ def run_cell(
             **tasks["details"],
         },
         "stages": stages,
+        "coverage": coverage,
+        "notes": notes,
         "device": str(next(model.parameters()).device),
         "fast_quant": fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         "quantize_s": quantize_s,
         **_footer(cell, time.perf_counter() - start),
     }
+
+
+def check_transformed(
+    transformed: dict[str, float], fp: Result | None, model: PreTrainedModel
+) -> None:
+    """TransformError when a transformed perplexity moved from the fp record's beyond the
+    tolerance of the model's dtype (no check without a finished fp record)."""
+    if fp is None or fp.get("status") != OK:
+        return
+    dtype = next(model.parameters()).dtype
+    tolerance = TRANSFORM_TOLERANCE.get(dtype, HALF_TRANSFORM_TOLERANCE)
+    for column, value in transformed.items():
+        reference = fp["metrics"]["perplexity"].get(column)
+        if reference and not abs(value / reference - 1) <= tolerance:
+            raise TransformError(
+                f"the transformed float model's {column} perplexity is {value:.4f}, fp's "
+                f"{reference:.4f} (relative {value / reference - 1:+.2e}, allowed {tolerance:g} "
+                f"in {dtype}): the transform is not lossless on this model"
+            )
 
 
 def _perplexities(

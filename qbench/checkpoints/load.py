@@ -22,6 +22,7 @@ from transformers import (
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
 from qbench.checkpoints.train import TrainConfig, model_config, train_config, trained_checkpoint
 from qbench.errors import QBenchError
+from qbench.quant.inventory import linear_conv1d
 from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,4 +105,5 @@ def load_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
+    linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     return model.to(device()).eval(), tokenizer
