@@ -12,7 +12,7 @@ from tabulate import tabulate
 from qbench.checkpoints.load import load_checkpoint
 from qbench.data.sources import load_text
 from qbench.errors import QBenchError
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
+from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
 from qbench.quant.method import QuantizerConfig
 from qbench.quant.rtn import RTNConfig
 from qbench.recipe import CheckpointSpec, Recipe, load_recipe
@@ -71,7 +71,7 @@ def probe(
     """Load `checkpoint`, diagnose it on `data`/`split`, write the JSON to `out`."""
     model, tokenizer = load_checkpoint(checkpoint)
     ids = probe_ids(tokenizer, load_text(data, split), spec)
-    diagnostics = diagnose(model, ids, quantizer)
+    diagnostics = diagnose(model, ids, layer_sqnr(model, ids, quantizer) if quantizer else None)
     write_json_atomic(
         out,
         {

@@ -10,7 +10,6 @@ included) or a non-finite perplexity becomes a `status: failed` record.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import gc
 import math
@@ -26,16 +25,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.load import load_checkpoint
+from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
 from qbench.data.sources import load_text
 from qbench.errors import QBenchError
-from qbench.eval.diagnostics import Diagnostics, diagnose, probe_ids
+from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.fused import fast_quant_mode
 from qbench.quant.inventory import inventory
 from qbench.quant.notes import collecting
+from qbench.quant.restore import Pristine
 from qbench.recipe import CheckpointSpec, Recipe
 from qbench.store import FAILED, OK, Result, read_result
 from qbench.versions import library_versions
@@ -63,12 +64,25 @@ class TransformError(QBenchError):
 
 @dataclass
 class CheckpointContext:
-    """One checkpoint loaded on a worker, and the statistics its cells share."""
+    """One checkpoint loaded on a worker, the statistics its cells share, and its pristine
+    state (written when its first quantized cell starts) to restore the model after each."""
 
     identity: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     shared: dict[Any, Any] = field(default_factory=dict)
+    pristine: Pristine | None = None
+
+    def keep_pristine(self) -> Pristine:
+        if self.pristine is None:
+            folder = cache_dir() / "pristine"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.pristine = Pristine(self.model, folder)
+        return self.pristine
+
+    def close(self) -> None:
+        if self.pristine is not None:
+            self.pristine.close()
 
 
 def checkpoint_identity(checkpoint: CheckpointSpec) -> str:
@@ -94,7 +108,9 @@ class Worker:
         return self._context
 
     def release(self) -> None:
-        """Drop the loaded checkpoint and what its cells shared."""
+        """Drop the loaded checkpoint, what its cells shared and its pristine weights file."""
+        if self._context is not None:
+            self._context.close()
         self._context = None
         _free_memory()
 
@@ -106,16 +122,21 @@ class Worker:
         try:
             context = self.context(cell.checkpoint)
             fp = read_result(results_root, cell.fp_cell()) if cell.quantizer else None
-            with sharing_statistics(context.shared):
-                result = run_cell(
-                    cell,
-                    recipe,
-                    context.model,
-                    context.tokenizer,
-                    self.progress,
-                    results_root / recipe.name,
-                    fp,
-                )
+            pristine = context.keep_pristine() if cell.quantizer else None
+            try:
+                with sharing_statistics(context.shared):
+                    result = run_cell(
+                        cell,
+                        recipe,
+                        context.model,
+                        context.tokenizer,
+                        self.progress,
+                        results_root / recipe.name,
+                        fp,
+                    )
+            finally:
+                if pristine is not None:
+                    pristine.restore()
             check_finite(result)
             return result
         except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
@@ -184,17 +205,21 @@ def run_cell(
     work_dir: Path | None = None,
     fp: Result | None = None,
 ) -> dict[str, Any]:
-    """Quantize a copy of `model` as the cell says, evaluate it, and describe the result.
+    """Quantize `model` in place as the cell says, evaluate it, and describe the result (the
+    caller restores the model afterwards: qbench.quant.restore).
 
     `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples. `fp`: the
     checkpoint's fp record, against which a transformed stage is checked (TRANSFORM_TOLERANCE).
     """
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    stages, transformed_eval_s, fp_model, coverage = {}, 0.0, model, None
+    stages, transformed_eval_s, coverage = {}, 0.0, None
+    probe = _probe(recipe, tokenizer)
+    sqnr = (
+        layer_sqnr(model, probe, cell.quantizer) if probe is not None and cell.quantizer else None
+    )
     with collecting() as notes:
         if cell.quantizer is not None:
-            model = copy.deepcopy(model)
             before = inventory(model).sizes()
             cell.quantizer.transform(model, tokenizer)
             if cell.quantizer.has_transform:  # the float model after smoothing / rotation
@@ -206,7 +231,7 @@ def run_cell(
             coverage = cell.quantizer.quantize(model, tokenizer, before)
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
-    diagnostics = _diagnostics(cell, recipe, model, fp_model, tokenizer)
+    diagnostics = diagnose(model, probe, sqnr) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,
@@ -285,17 +310,10 @@ def _perplexities(
     }
 
 
-def _diagnostics(
-    cell: Cell,
-    recipe: Recipe,
-    model: PreTrainedModel,
-    fp_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Diagnostics | None:
-    """Outlier diagnostics of the cell's model on the first perplexity text, if asked for."""
+def _probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
+    """The outlier diagnostics' token windows (of the first perplexity text), if asked for."""
     spec = recipe.eval.diagnostics
     if spec is None:
         return None
     text = recipe.eval.perplexity[0]
-    ids = probe_ids(tokenizer, load_text(text.data, text.split), spec)
-    return diagnose(model, ids, cell.quantizer, fp_model)
+    return probe_ids(tokenizer, load_text(text.data, text.split), spec)

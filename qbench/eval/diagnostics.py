@@ -28,19 +28,21 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
 from qbench.eval.perplexity import windows_of
 from qbench.quant.inventory import find_blocks, inventory, path_kind
 from qbench.quant.kvcache import eager_attention
-from qbench.quant.linear import QuantLinear
 from qbench.quant.method import QuantizerConfig, quantized_targets
+from qbench.quant.spec import fake_quant
 
 TOP = 3
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text
@@ -70,13 +72,10 @@ def probe_ids(tokenizer: PreTrainedTokenizerBase, text: str, spec: DiagnosticsSp
 
 @torch.no_grad()
 def diagnose(
-    model: PreTrainedModel,
-    ids: Tensor,
-    quantizer: QuantizerConfig | None = None,
-    fp_model: PreTrainedModel | None = None,
+    model: PreTrainedModel, ids: Tensor, sqnr: dict[str, float | None] | None = None
 ) -> Diagnostics:
-    """Outlier figures of `model` on `ids`; with `quantizer`, per-linear SQNR measured on
-    `fp_model` (the unquantized model; `model` itself when not given)."""
+    """Outlier figures of `model` on `ids`; `sqnr`: per-linear SQNR (`layer_sqnr`, measured on
+    the unquantized model before a cell quantizes it), recorded beside each linear."""
     ids = ids.to(next(model.parameters()).device)
     blocks_path, layers = find_blocks(model)
     hidden: dict[int, dict[str, Any]] = {}
@@ -95,7 +94,7 @@ def diagnose(
     with _eager_attention(model), _hooked(hooks):
         attentions = model(input_ids=ids, output_attentions=True).attentions
     sinks = [sink_mass(a, ids.shape[1]) for a in attentions or ()]
-    sqnr = layer_sqnr(fp_model or model, ids, quantizer) if quantizer else {}
+    sqnr = sqnr or {}
     per_layer = [
         {"layer": i, **hidden[i], **(sinks[i] if sinks else {}), "down_proj": spikes.get(i)}
         for i in range(len(layers))
@@ -161,18 +160,31 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float | None:
 def layer_sqnr(
     model: PreTrainedModel, ids: Tensor, quantizer: QuantizerConfig
 ) -> dict[str, float | None]:
-    """SQNR of every linear `quantizer` targets, on the inputs it sees in `model`."""
+    """SQNR of every linear `quantizer` targets, on the inputs it sees in `model` (which is not
+    changed: each linear's rounded output is computed beside it). Experts and routers are left
+    out (no per-linear figure for 3-D weights yet)."""
     results: dict[str, float | None] = {}
     hooks = []
     for name, target in quantized_targets(inventory(model), quantizer).items():
-        if not isinstance(target.module, nn.Linear):  # experts and routers: no SQNR (yet)
-            continue
-        rounded = QuantLinear(target.module, quantizer.weights, quantizer.activations)
-        linear = target.module
-        hooks.append((linear, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x)))))
+        if isinstance(target.module, nn.Linear):
+            rounded = partial(_rounded_output, target.module, quantizer)
+            hooks.append(
+                (target.module, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x))))
+            )
     with _hooked(hooks):
         model(input_ids=ids.to(next(model.parameters()).device))
     return results
+
+
+def _rounded_output(linear: nn.Linear, quantizer: QuantizerConfig, x: Tensor) -> Tensor:
+    """The linear's output with the quantizer's weight and activation formats (round to
+    nearest; None means float)."""
+    weight = linear.weight
+    if quantizer.weights is not None:
+        weight = fake_quant(weight, quantizer.weights)
+    if quantizer.activations is not None:
+        x = fake_quant(x, quantizer.activations)
+    return F.linear(x, weight, linear.bias)
 
 
 def _summary(

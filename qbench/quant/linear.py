@@ -21,7 +21,8 @@ ROUNDING_ATTRIBUTE = "qbench_rounding"  # (weights label | None, activations lab
 
 
 class QuantLinear(nn.Module):
-    """Quantizes its weight once, at construction, and its input at every call.
+    """Quantizes its weight once, at construction (in place: it takes over the linear's
+    Parameter), and its input at every call.
 
     The input's fake-quant and the matmul run compiled (qbench.quant.fused) on CUDA, or
     everywhere with QBENCH_FAST_QUANT=1; eagerly (the reference) otherwise.
@@ -37,12 +38,13 @@ class QuantLinear(nn.Module):
         """`rounded`: the weight already rounded as `weights` says (GPTQ), used as is."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        if rounded is not None:
-            weight = rounded.to(weight.dtype)
-        elif weights is not None:
-            weight = fake_quant(weight, weights)
-        self.weight = nn.Parameter(weight, False)
+        self.weight = linear.weight  # rounded in place: no second copy (qbench.quant.restore)
+        self.weight.requires_grad_(False)
+        with torch.no_grad():
+            if rounded is not None:
+                self.weight.copy_(rounded.to(self.weight.dtype))
+            elif weights is not None:
+                self.weight.copy_(fake_quant(self.weight, weights))
         self.bias = linear.bias
         self.weights, self.activations = weights, activations
         fused.fast_quant_mode()  # a bad QBENCH_FAST_QUANT fails here, before any forward
