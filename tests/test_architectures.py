@@ -203,3 +203,51 @@ def test_tensor_granularity_on_expert_inputs_is_refused():
     found = inventory(_model("mixtral"))
     config = _config(method="rtn", activations={"bits": 8, "granularity": "tensor"})
     assert "granularity tensor on expert inputs" in config.refusal(found)
+
+
+def test_a_refused_quantizer_is_one_failed_cell_and_the_others_run(tmp_path, tokenizer):
+    """bitsandbytes on a MoE checkpoint and a KV group that does not divide head_dim: refused
+    at plan time, recorded as failed cells with their reasons, without loading the model; the
+    recipe's other cells (fp, rtn) run and the leaderboard lists the refusals."""
+    from conftest import write_recipe
+
+    from qbench.cli import main
+
+    for family in ("mixtral", "gpt2"):
+        family_model(family).save_pretrained(tmp_path / family)
+        tokenizer.save_pretrained(tmp_path / family)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+name: refusals
+checkpoints:
+  - {{name: moe, path: {tmp_path / "mixtral"}}}
+  - {{name: gpt2, path: {tmp_path / "gpt2"}}}
+quantizers:
+  - {{name: w4a8, method: rtn, weights: {{bits: 4}}, activations: {{bits: 8}}}}
+  - {{name: nf4, method: bitsandbytes, scheme: nf4}}
+  - {{name: kv-g12, method: rtn, kv: {{bits: 4, group: 12}}}}
+eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 2}}]}}
+""",
+    )
+    results = tmp_path / "results"
+    assert main(["run", str(recipe), "--results", str(results), "--no-progress"]) == 1
+    board = (results / "refusals" / "LEADERBOARD.md").read_text()
+    assert "RefusedError: quantizers[1] 'nf4' (bitsandbytes) on checkpoint 'moe'" in board
+    assert "replaces nn.Linear layers only" in board
+    assert "quantizers[2] 'kv-g12'.kv.group: group 12 does not divide head_dim 16" in board
+    rows = {line.split("|")[1].strip() + "/" + line.split("|")[2].strip()
+            for line in board.splitlines() if line.startswith("| ") and "failed" not in line}  # fmt: skip
+    assert {"moe/fp", "moe/w4a8", "gpt2/fp", "gpt2/w4a8", "gpt2/nf4"} <= rows
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3_moe", "gemma2", "falcon", "olmo2"])
+def test_diagnostics_read_every_family(family):
+    from qbench.eval.diagnostics import diagnose, layer_sqnr
+
+    model = _model(family)
+    sqnr = layer_sqnr(model, IDS, _config(method="rtn", weights={"bits": 4}))
+    result = diagnose(model, IDS, sqnr)
+    layers = result.details["layers"]
+    assert len(layers) == 2 and all(layer["max"] > 0 for layer in layers)
+    assert result.summary["max_input_kurtosis"] is not None and result.summary["min_sqnr_db"]
