@@ -12,7 +12,7 @@ from tabulate import tabulate
 from qbench.checkpoints.load import checkpoint_config, load_checkpoint
 from qbench.data.sources import load_text, text_source
 from qbench.errors import QBenchError, describe
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
+from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
 from qbench.files import write_json_atomic
 from qbench.quant.method import QuantizerConfig
 from qbench.quant.rtn import RTNConfig
@@ -75,7 +75,7 @@ def probe(
     checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
     ids = probe_ids(tokenizer, load_text(data, split), spec)
-    diagnostics = diagnose(model, ids, quantizer)
+    diagnostics = diagnose(model, ids, layer_sqnr(model, ids, quantizer) if quantizer else None)
     write_json_atomic(
         out,
         {

@@ -25,8 +25,14 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
                       per layer and per linear
     stages            (ok) {"transformed": {perplexity: {column: value}}} for methods with a
                       float transform (smoothing, rotation); {} otherwise
-    coverage          what the quantizer rounded, by kind of module (filled by the quantizers;
-                      null where a method does not report it)
+    coverage          (quantized) what the quantizer rounded, counted from the model's modules
+                      (qbench.quant.coverage): kinds: {kind: {weights: [rounded, total],
+                      activations: [rounded, total]}} in weight elements per target kind
+                      (attention, mlp, experts, router, norm, lm_head, other, embeddings);
+                      targeted: the kinds it rounds; float: {kind: why it stays in float};
+                      null for fp cells
+    notes             what a method did beyond its label (e.g. experts no calibration token
+                      reached, rounded to nearest; linears without a norm, not smoothed)
     error             (failed) {type, message, traceback (last 40 lines)}
     device, fast_quant, quantize_s   (ok) where it ran, QBENCH_FAST_QUANT, seconds to quantize
     versions          library versions the result depends on
@@ -131,6 +137,7 @@ class Record(_Schema):
     details: Details | None = _absent_if_none
     stages: dict[str, dict[str, dict[str, float]]] | None = _absent_if_none
     coverage: dict[str, Any] | None = None
+    notes: list[str] = Field(default_factory=list)
     error: ErrorEntry | None = _absent_if_none
     device: str | None = _absent_if_none
     fast_quant: str | None = _absent_if_none

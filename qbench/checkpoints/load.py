@@ -34,6 +34,7 @@ from qbench.checkpoints.train import (
 from qbench.errors import QBenchError, describe, warn
 from qbench.eval.tasks import offline
 from qbench.files import read_text_nofollow, write_json_atomic
+from qbench.quant.inventory import linear_conv1d
 from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -314,6 +315,7 @@ def load_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=revision, trust_remote_code=spec.trust_remote_code
     )
+    linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     return model.to(device()).eval(), tokenizer
 
 
