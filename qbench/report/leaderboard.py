@@ -10,6 +10,7 @@ from tabulate import tabulate
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
+from qbench.quant.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.outliers import outlier_section, write_outlier_plots
@@ -45,7 +46,9 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
         group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
-            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label]
+            record = table.finished(cell)
+            rounded = coverage_label(record.coverage) if record is not None else ""
+            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label, rounded]
             for col in columns:
                 if staged:
                     row.append(_transformed_cell(table, cell, col))
@@ -55,7 +58,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
                 bold = cell.quantizer is not None and cell.key == best[col]
                 row += _perplexity_cells(table, cell, col, bold)
             rows.append(row)
-    headers = ["checkpoint", "quantizer", "precision", "weights / activations"]
+    headers = ["checkpoint", "quantizer", "precision", "weights / activations", "rounded"]
     for col in columns:
         headers += [f"{col} transformed", f"{col} ppl", "Δ", "×fp"][0 if staged else 1 :]
     packages = library_versions()
@@ -76,6 +79,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
+            *_ROUNDED_NOTE,
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
@@ -115,6 +119,12 @@ def _column_notes(recipe: Recipe) -> list[str]:
         )
     return notes
 
+
+_ROUNDED_NOTE = [
+    "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
+    "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
+    "counted from its modules; what stays in float and why follows `float:`.",
+]
 
 _STAGE_NOTE = [
     "`transformed`: the float model after the method's transform (smoothing, rotation), before",
