@@ -27,7 +27,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.load import load_checkpoint
 from qbench.data.calibration import sharing_statistics
-from qbench.data.sources import load_text
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import Diagnostics, diagnose, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
@@ -228,7 +227,7 @@ def _perplexities(
         spec.column: perplexity(
             model,
             tokenizer,
-            load_text(spec.data, spec.split),
+            spec.text(),
             spec.seq_len,
             spec.batch_size,
             spec.max_windows,
@@ -251,5 +250,5 @@ def _diagnostics(
     if spec is None:
         return None
     text = recipe.eval.perplexity[0]
-    ids = probe_ids(tokenizer, load_text(text.data, text.split), spec)
+    ids = probe_ids(tokenizer, text.text(), spec)
     return diagnose(model, ids, cell.quantizer, fp_model)
