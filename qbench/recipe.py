@@ -31,6 +31,7 @@ from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.quant import METHODS
 from qbench.registry import did_you_mean
+from qbench.report.bootstrap import BootstrapSpec
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -361,6 +362,14 @@ class ResourcesSpec(StrictModel):
         return gpus
 
 
+class ReportSpec(StrictModel):
+    """How the leaderboard draws its intervals, and which group every group is compared with
+    (`baseline`: a checkpoint group's name, or a checkpoint's outside any group)."""
+
+    bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+    baseline: str | None = None
+
+
 class Recipe(StrictModel):
     """Checkpoints x quantizers, evaluated as `eval` says."""
 
@@ -371,6 +380,7 @@ class Recipe(StrictModel):
     eval: EvalSpec
     gate: GateSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     _name = field_validator("name")(_check_name)
 
@@ -394,6 +404,17 @@ class Recipe(StrictModel):
         _reject_duplicates([_check_name(n) for n in names], "quantizers", "rename one")
         if self.gate is not None:
             self._check_gate(names)
+        return self
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> Recipe:
+        baseline = self.report.baseline
+        groups = list(dict.fromkeys(c.group or c.name for c in self.checkpoints))
+        if baseline is not None and baseline not in groups:
+            raise ValueError(
+                f"report.baseline: no checkpoint group '{baseline}'"
+                f"{did_you_mean(baseline, groups)}; groups: {', '.join(groups)}"
+            )
         return self
 
     @model_validator(mode="after")

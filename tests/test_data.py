@@ -99,6 +99,22 @@ def test_shared_c4_sample_has_its_118_documents():
     assert "118-document sample" in TEXT_SOURCES.get("c4").describe("validation")
 
 
+def test_c4_without_local_files_loads_gptqs_shard_from_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config, split, data_files=None):
+        calls.append((name, config, split, data_files))
+        return datasets.Dataset.from_dict({"text": ["a", "b"], "url": ["u", "v"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("QBENCH_DATA_DIR", str(tmp_path))
+    assert c4_rows("validation") == ["a", "b"]
+    assert calls == [("allenai/c4", None, "validation", {"validation": f"en/{C4_SHARD}"})]
+    assert "from the hub" in TEXT_SOURCES.get("c4").describe("validation")
+
+
 def test_c4_offline_without_files_names_both_files(tmp_path, monkeypatch):
     monkeypatch.setenv("QBENCH_DATA_DIR", str(tmp_path))
     with pytest.raises(QBenchError, match=r"c4 'validation': no c4-validation\.00000-of-00008"):
@@ -128,6 +144,7 @@ def test_text_path_reads_a_file_or_a_folders_txt_files_in_order(tmp_path):
     [
         (lambda p: p / "absent.txt", r"eval.perplexity\[0\].path: no such file or folder"),
         (lambda p: (p / "empty").mkdir() or p / "empty", r"\.path: folder .* holds no .txt"),
+        (lambda p: (p / "blank.txt").write_text(" \n") and p / "blank.txt", r"holds no text"),
         (
             lambda p: (p / "latin.txt").write_bytes(b"caf\xe9") and p / "latin.txt",
             r"\.path: '.*latin.txt' is not UTF-8 \(byte 0xe9 at offset 3\); convert it",

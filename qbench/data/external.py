@@ -29,11 +29,12 @@ def resolve_path(path: str) -> Path:
 def path_documents(path: str) -> list[str]:
     """The documents of a file (one) or of a folder (each *.txt file below it, sorted)."""
     target = resolve_path(path)
-    if target.is_file():
-        return [read_utf8(target)]
     if not target.exists():
         raise QBenchError(f"no such file or folder '{path}' (relative paths start at {Path.cwd()})")
-    return [read_utf8(file) for file in text_files(target)]
+    documents = [read_utf8(f) for f in ([target] if target.is_file() else text_files(target))]
+    if not any(document.strip() for document in documents):
+        raise QBenchError(f"'{path}' holds no text (only empty or blank files)")
+    return documents
 
 
 def read_utf8(path: Path) -> str:
@@ -78,4 +79,6 @@ def hub_documents(
     values = rows[column]
     if not all(isinstance(value, str) for value in values):
         raise QBenchError(f"{named}: column '{column}' does not hold strings in every row")
+    if not any(value.strip() for value in values):
+        raise QBenchError(f"{named}: column '{column}' holds no text")
     return values

@@ -11,6 +11,8 @@ from tabulate import tabulate
 from qbench.eval.perplexity import CONVENTION
 from qbench.plan import Cell, plan
 from qbench.recipe import Recipe
+from qbench.report.bootstrap import BootstrapSpec
+from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -29,6 +31,7 @@ def write_leaderboard(recipe: Recipe, source: Path, results_root: Path) -> Path:
     finished = finished_only(results)
     write_outlier_plots(recipe, cells, finished, path.parent / "plots")
     write_task_outputs(recipe, cells, finished, path.parent)
+    write_intervals(recipe, cells, finished, path.parent)
     return path
 
 
@@ -62,7 +65,11 @@ def leaderboard(
                     row += [FAILED, "", ""]
                     continue
                 row += _perplexity_cells(
-                    result, fp, col, bold=cell.quantizer is not None and cell.key == best[col]
+                    result,
+                    fp,
+                    col,
+                    bold=cell.quantizer is not None and cell.key == best[col],
+                    bootstrap=recipe.report.bootstrap,
                 )
             rows.append(row)
     headers = ["checkpoint", "quantizer", "precision", "weights / activations"]
@@ -86,12 +93,14 @@ def leaderboard(
             "",
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
+            *interval_note(recipe.report.bootstrap),
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
             "",
             *_failure_section(cells, failed, source),
             *seed_section(recipe, cells, results),
+            *comparison_section(recipe, cells, results),
             *outlier_section(recipe, cells, results),
             f"Versions: {versions}.",
             "",
@@ -123,8 +132,8 @@ def _column_notes(recipe: Recipe) -> list[str]:
     for spec in recipe.eval.perplexity:
         limit = f", first {spec.max_windows} windows" if spec.max_windows else ""
         notes.append(
-            f"- `{spec.column} ppl`: {spec.data} {spec.split} split, seq_len "
-            f"{spec.seq_len}{limit}. {CONVENTION}."
+            f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
+            f"{CONVENTION}."
         )
     return notes
 
@@ -158,7 +167,11 @@ def _best(cells: list[Cell], results: dict[str, dict[str, Any] | None], column: 
 
 
 def _perplexity_cells(
-    result: dict[str, Any] | None, fp: dict[str, Any] | None, column: str, bold: bool
+    result: dict[str, Any] | None,
+    fp: dict[str, Any] | None,
+    column: str,
+    bold: bool,
+    bootstrap: BootstrapSpec,
 ) -> list[str]:
     value, base = _value(result, column), _value(fp, column)
     if value is None:
@@ -166,4 +179,4 @@ def _perplexity_cells(
     shown = f"**{value:.3f}**" if bold else f"{value:.3f}"
     if base is None or result is fp:
         return [shown, "", ""]
-    return [shown, f"{value - base:+.3f}", f"{value / base:.3f}"]
+    return [shown, *delta_cells(result, fp, column, bootstrap)]

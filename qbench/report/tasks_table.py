@@ -20,6 +20,8 @@ from tabulate import tabulate
 from qbench.eval.tasks import zero_shot_average
 from qbench.plan import Cell
 from qbench.recipe import Recipe
+from qbench.report.bootstrap import Interval
+from qbench.report.intervals import NO_INTERVAL, task_intervals
 from qbench.store import write_json_atomic
 
 Result = dict[str, Any] | None
@@ -75,6 +77,11 @@ def summary(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> li
         fp = fp_cell(cells, cell)
         fp_result = results.get(fp.key) if fp is not None else None
         average, base = cell_average(result, tasks), cell_average(fp_result, tasks)
+        intervals = (
+            task_intervals(result, fp_result, tasks, recipe.report.bootstrap)
+            if cell.quantizer and result and fp_result
+            else {}
+        )
         records.append(
             {
                 "checkpoint": cell.checkpoint.name,
@@ -83,11 +90,14 @@ def summary(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> li
                 "key": cell.key,
                 "has_result": result is not None,
                 "tasks": {
-                    t: _task_record(task_entry(result, t), task_entry(fp_result, t)) for t in tasks
+                    t: _task_record(task_entry(result, t), task_entry(fp_result, t))
+                    | {"delta_interval": _as_dict(intervals.get(t))}
+                    for t in tasks
                 },
                 "average": average,
                 "fp_average": base,
                 "delta": delta(average, base) if cell.quantizer else None,
+                "delta_interval": _as_dict(intervals.get("average")),
                 "recovery": recovery(average, base) if cell.quantizer else None,
                 "perplexity": {
                     s.column: perplexity_of(result, s.column) for s in recipe.eval.perplexity
@@ -232,7 +242,7 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
             if name == "fp":
                 row += ["", ""]
             else:
-                row.append(_show(None if r["delta"] is None else f"{100 * r['delta']:+.1f}"))
+                row.append(_show(_delta_text(r["delta"], r["delta_interval"])))
                 row.append(_show(None if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"))
             rows.append(row)
     return [
@@ -241,6 +251,19 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
         tabulate(rows, headers, tablefmt="github", disable_numparse=True),
         "",
     ]
+
+
+def _as_dict(interval: Interval | None) -> dict[str, float] | None:
+    return interval.as_dict() if interval else None
+
+
+def _delta_text(value: float | None, interval: dict[str, float] | None) -> str | None:
+    """Points, with the paired bootstrap interval of the average's Δ where there is one."""
+    if value is None:
+        return None
+    if interval is None:
+        return f"{100 * value:+.1f} {NO_INTERVAL}"
+    return Interval(**interval | {"estimate": value}).format("{:.1f}", signed=True, scale=100)
 
 
 def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
@@ -265,7 +288,11 @@ def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> lis
         "over the recipe's tasks; recovery = quantized avg / fp avg and Δ = quantized − fp "
         "(points), both against the same checkpoint unquantized. The best value of each "
         "precision block is in bold. `missing` = no result (never counted as 0); an average "
-        "with a missing task is missing.",
+        "with a missing task is missing. Δ avg [brackets]: the "
+        f"{recipe.report.bootstrap.confidence:.0%} interval of a paired bootstrap over "
+        "documents, each task's documents drawn within it, both cells scored on the same "
+        f"draws ({recipe.report.bootstrap.iterations} resamples); `{NO_INTERVAL}`: a record "
+        "has no per-document scores (written before qbench kept them).",
         "",
         "Tasks: " + "; ".join(described) + ". Sources: local = lm-eval's prompts and metrics "
         "on the release files in QBENCH_DATA_DIR; lm-eval = lm-eval's own task and dataset; "
