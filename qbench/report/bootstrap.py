@@ -6,7 +6,9 @@ replacement; on that resample both perplexities are recomputed, exp(sum NLL / su
 and their difference and ratio taken. The interval is the (α/2, 1 − α/2) quantile pair of
 those B values (α = 1 − confidence); the estimate is the value on all windows. Drawing the
 same windows for both cells is what makes it paired: the variation of difficulty between
-windows, shared by both models, cancels.
+windows, shared by both models, cancels. Windows are the resampled units, as if independent;
+consecutive windows cut from one long document are somewhat correlated, which this interval
+does not model (a block bootstrap would widen it a little).
 
 Task scores (`paired_scores`): the same, over documents, per task (a stratified resample:
 each task's documents are drawn within that task), for the difference of the mean score;

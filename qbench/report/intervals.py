@@ -17,6 +17,7 @@ the leaderboard says so.
 from __future__ import annotations
 
 import dataclasses
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,11 +146,11 @@ class Comparison:
     group: str
     members: int  # with both cells and per-window NLLs
     of: int  # members in the group
-    degradation: Interval | None  # mean ×fp over members
-    difference: Interval | None  # minus the baseline's; None for the baseline itself
-    paired_seeds: bool | None
-    shared_windows: bool | None
-    reason: str | None  # why an interval is missing
+    degradation: Interval | None = None  # mean ×fp over members
+    difference: Interval | None = None  # minus the baseline's; None for the baseline itself
+    paired_seeds: bool | None = None
+    shared_windows: bool | None = None
+    reason: str | None = None  # why an interval is missing
 
     def verdict(self) -> str:
         if self.difference is None:
@@ -159,10 +160,10 @@ class Comparison:
         return "more than baseline" if self.difference.estimate > 0 else "less than baseline"
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            **dataclasses.asdict(self),
-            "verdict": self.verdict() or None,
-        }
+        return {**dataclasses.asdict(self), "verdict": self.verdict() or None}
+
+
+Seeded = list[tuple[int | None, Member]]  # (training seed, or None; (fp, quantized) windows)
 
 
 def _members(
@@ -171,18 +172,28 @@ def _members(
     column: str,
     cells: list[Cell],
     results: dict[str, Result],
-) -> dict[int | str, Member]:
-    """{seed (or name, for checkpoints not trained here): (fp, quantized) windows} of the
-    members that have both cells with per-window NLLs."""
-    found = {}
+) -> Seeded:
+    """The members that have both cells with per-window NLLs, with their training seeds."""
+    found = []
     for member in members:
         own = {
             c.quantizer_name: results.get(c.key) for c in cells if c.checkpoint.name == member.name
         }
         fp, value = windows(own.get("fp"), column), windows(own.get(quantizer), column)
         if fp is not None and value is not None:
-            found[member.train.seed if member.train else member.name] = (fp, value)
+            found.append((member.train.seed if member.train else None, (fp, value)))
     return found
+
+
+def _matched(variant: Seeded, baseline: Seeded) -> tuple[list[Member], list[Member], bool]:
+    """Both groups' members, ordered by seed and paired when they hold the same distinct
+    training seeds; else as they are, unpaired."""
+    seeds = [seed for seed, _ in variant]
+    distinct = None not in seeds and len(set(seeds)) == len(seeds)
+    if distinct and sorted(seeds) == sorted(seed for seed, _ in baseline):
+        ordered = [sorted(group, key=itemgetter(0)) for group in (variant, baseline)]
+        return [m for _, m in ordered[0]], [m for _, m in ordered[1]], True
+    return [m for _, m in variant], [m for _, m in baseline], False
 
 
 def comparisons(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[Comparison]:
@@ -194,52 +205,49 @@ def comparisons(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -
         return []
     found = []
     for quantizer in recipe.quantizers:
-        for spec in recipe.eval.perplexity:
-            column = spec.column
-            pairs = {
+        for column in (spec.column for spec in recipe.eval.perplexity):
+            seeded = {
                 name: _members(members, quantizer.name, column, cells, results)
                 for name, members in groups.items()
             }
             for name, members in groups.items():
+                base = seeded[baseline] if baseline not in (None, name) else None
                 found.append(
-                    _compare(quantizer.name, column, name, len(members), pairs, baseline, recipe)
+                    _compare(
+                        Comparison(quantizer.name, column, name, len(seeded[name]), len(members)),
+                        seeded[name],
+                        base,
+                        recipe.report.bootstrap,
+                    )
                 )
     return found
 
 
 def _compare(
-    quantizer: str,
-    column: str,
-    group: str,
-    size: int,
-    pairs: dict[str, dict[int | str, Member]],
-    baseline: str | None,
-    recipe: Recipe,
+    empty: Comparison, own: Seeded, baseline: Seeded | None, spec: BootstrapSpec
 ) -> Comparison:
-    spec = recipe.report.bootstrap
-    own = pairs[group]
-    partial = dict(quantizer=quantizer, column=column, group=group, members=len(own), of=size)
+    """`empty` with the group's degradation and, given the baseline's members, the
+    difference; a reason where an interval cannot be drawn."""
     if not own:
-        return Comparison(**partial, degradation=None, difference=None, paired_seeds=None,
-                          shared_windows=None, reason=NO_WINDOWS)  # fmt: skip
+        return dataclasses.replace(empty, reason=NO_WINDOWS)
     try:
-        degradation = group_degradation(list(own.values()), spec)
-        if baseline is None or group == baseline or not pairs[baseline]:
-            reason = None if baseline is None or group == baseline else f"baseline: {NO_WINDOWS}"
-            return Comparison(**partial, degradation=degradation, difference=None,
-                              paired_seeds=None, shared_windows=None, reason=reason)  # fmt: skip
-        base = pairs[baseline]
-        paired = own.keys() == base.keys() and all(isinstance(k, int) for k in own)
-        keys_v, keys_b = (sorted(own), sorted(own)) if paired else (list(own), list(base))
-        result = degradation_difference(
-            [own[k] for k in keys_v], [base[k] for k in keys_b], spec, paired
-        )
+        degradation = group_degradation([member for _, member in own], spec)
+        if baseline is None:
+            return dataclasses.replace(empty, degradation=degradation)
+        if not baseline:
+            reason = f"baseline: {NO_WINDOWS}"
+            return dataclasses.replace(empty, degradation=degradation, reason=reason)
+        variant_members, baseline_members, paired = _matched(own, baseline)
+        result = degradation_difference(variant_members, baseline_members, spec, paired)
     except ValueError as error:
-        return Comparison(**partial, degradation=None, difference=None, paired_seeds=None,
-                          shared_windows=None, reason=str(error))  # fmt: skip
-    return Comparison(**partial, degradation=degradation, difference=result.difference,
-                      paired_seeds=result.paired_seeds, shared_windows=result.shared_windows,
-                      reason=None)  # fmt: skip
+        return dataclasses.replace(empty, reason=str(error))
+    return dataclasses.replace(
+        empty,
+        degradation=degradation,
+        difference=result.difference,
+        paired_seeds=result.paired_seeds,
+        shared_windows=result.shared_windows,
+    )
 
 
 def comparison_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
