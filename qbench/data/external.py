@@ -2,7 +2,7 @@
 
 - `path_documents(path)`: a UTF-8 file is one document; a folder gives one document per
   `*.txt` file below it, in sorted path order. Bytes are decoded strictly (a BOM is dropped,
-  CRLF becomes LF); nothing else is changed.
+  CRLF becomes LF: folder.decode_file); nothing else is changed.
 - `hub_documents(dataset, config, split, column)`: one document per row of a Hugging Face
   dataset split (`datasets.load_dataset`), the string in `column`.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qbench.data.folder import text_files
+from qbench.data.folder import decode_file, text_files
 from qbench.errors import QBenchError
 
 
@@ -31,23 +31,10 @@ def path_documents(path: str) -> list[str]:
     target = resolve_path(path)
     if not target.exists():
         raise QBenchError(f"no such file or folder '{path}' (relative paths start at {Path.cwd()})")
-    documents = [read_utf8(f) for f in ([target] if target.is_file() else text_files(target))]
+    documents = [decode_file(f) for f in ([target] if target.is_file() else text_files(target))]
     if not any(document.strip() for document in documents):
         raise QBenchError(f"'{path}' holds no text (only empty or blank files)")
     return documents
-
-
-def read_utf8(path: Path) -> str:
-    """A file's text: strict UTF-8 (a BOM dropped), CRLF as LF; an error on other bytes."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise QBenchError(
-            f"'{path}' is not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); "
-            "convert it to UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
-        ) from None
-    return text.replace("\r\n", "\n")
 
 
 def hub_documents(

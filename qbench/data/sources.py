@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qbench.data.external import hub_documents, path_documents, read_utf8, resolve_path
-from qbench.data.folder import SPLITS, folder_rows, text_files
+from qbench.data.external import hub_documents, path_documents, resolve_path
+from qbench.data.folder import SPLITS, decode_file, folder_rows, text_files
 from qbench.errors import QBenchError
 from qbench.registry import Registry
 
@@ -261,7 +261,7 @@ def c4_rows(split: str) -> list[str]:
         with gzip.open(local, "rt", encoding="utf-8") as lines:
             return [json.loads(line)["text"] for line in lines if line.strip()]
     if local is not None:
-        return [line for line in read_utf8(local).split("\n") if line.strip()]
+        return [line for line in decode_file(local).split("\n") if line.strip()]
     try:
         return hub_documents("allenai/c4", None, split, "text", {split: f"en/{C4_SHARD}"})
     except QBenchError as error:
