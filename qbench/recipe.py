@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.train import PRESETS
 from qbench.config import StrictModel
+from qbench.data.external import resolve_path
 from qbench.data.sources import (
     TEXT_SOURCES,
     check_split,
@@ -241,10 +242,10 @@ class PerplexitySpec(StrictModel):
         """Where the text comes from and how its documents are joined."""
         first = f"the first {self.max_documents} documents" if self.max_documents else "documents"
         if self.data == "text":
-            return (
-                f"`{self.path}`, a file (one document) or a folder (each *.txt below it, "
-                f"sorted); {first} joined with a blank line"
-            )
+            kind = "a folder: each *.txt below it, sorted, one document"
+            if not resolve_path(self.path).is_dir():
+                kind = "a file: one document"
+            return f"`{self.path}` ({kind}); {first} joined with a blank line"
         if self.data == "hub":
             config = f", config {self.config}" if self.config else ""
             return (

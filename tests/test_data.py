@@ -137,6 +137,7 @@ def test_text_path_reads_a_file_or_a_folders_txt_files_in_order(tmp_path):
     assert PerplexitySpec(data="text", path=str(folder)).text() == "Ay.\n\nZed."
     first = PerplexitySpec(data="text", path=f"{folder}/", max_documents=1)
     assert first.text() == "Ay." and "the first 1 documents" in first.describe()
+    assert "(a folder: each *.txt below it, sorted, one document)" in first.describe()
 
 
 @pytest.mark.parametrize(

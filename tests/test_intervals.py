@@ -196,7 +196,7 @@ def test_offline_run_with_c4_and_a_text_file_puts_an_interval_on_every_delta(
         line for line in board.splitlines() if line.startswith("|") and "no interval" in line
     ]
     assert "20-document sample of C4 (en) web documents" in board and "NOT C4's" in board
-    assert f"`{tmp_path / 'mine.txt'}`, a file (one document)" in board
+    assert f"`{tmp_path / 'mine.txt'}` (a file: one document)" in board
     per_task = [line for line in board.splitlines() if line.startswith("| ") and "w4a4" in line]
     assert any(re.search(r"\| [-+]?\d+\.\d \[[-+]?\d+\.\d, [-+]?\d+\.\d\] \|", r) for r in per_task)
 

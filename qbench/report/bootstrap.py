@@ -63,12 +63,12 @@ class Interval:
         return not self.low <= value <= self.high
 
     def format(self, pattern: str, signed: bool = False, scale: float = 1.0) -> str:
-        """'estimate [low, high]', each times `scale` with `pattern` (e.g. '{:.3f}'), '+' on
-        positives if signed."""
+        """'estimate [low, high]', each times `scale` with `pattern` (e.g. '{:.3f}'), with a
+        sign on every number if `signed` (as format's '+')."""
 
         def shown(x: float) -> str:
             text = pattern.format(scale * x)
-            return f"+{text}" if signed and x > 0 else text
+            return f"+{text}" if signed and not text.startswith("-") else text
 
         return f"{shown(self.estimate)} [{shown(self.low)}, {shown(self.high)}]"
 

@@ -303,7 +303,8 @@ def _method_note(spec: BootstrapSpec, baseline: str | None) -> list[str]:
         "every member when all scored the same tokens)." + against + " With 3 seeds the seed "
         "level has only 10 distinct resamples and a bootstrap interval is narrower than a t "
         "interval over seeds would be: read an interval that barely excludes 0 as indicative, "
-        "not conclusive."
+        "not conclusive. (The ± of the Over seeds table is the spread over seeds, a sample "
+        "standard deviation, not an interval.)"
     ]
 
 
