@@ -13,6 +13,8 @@ from qbench.plan import Cell
 from qbench.quant.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
+from qbench.report.bootstrap import BootstrapSpec
+from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -32,6 +34,7 @@ def write_leaderboard(
     write_text_atomic(path, leaderboard(recipe, source, table))
     write_outlier_plots(recipe, table, path.parent / "plots")
     write_task_outputs(recipe, table, path.parent)
+    write_intervals(recipe, table, path.parent)
     return path
 
 
@@ -56,7 +59,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
                     row += [FAILED, "", ""]
                     continue
                 bold = cell.quantizer is not None and cell.key == best[col]
-                row += _perplexity_cells(table, cell, col, bold)
+                row += _perplexity_cells(table, cell, col, bold, recipe.report.bootstrap)
             rows.append(row)
     headers = ["checkpoint", "quantizer", "precision", "weights / activations", "rounded"]
     for col in columns:
@@ -80,12 +83,14 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
             *_ROUNDED_NOTE,
+            *interval_note(recipe.report.bootstrap),
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
             "",
             *_failure_section(table, source),
             *seed_section(recipe, table),
+            *comparison_section(recipe, table),
             *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",
@@ -114,8 +119,8 @@ def _column_notes(recipe: Recipe) -> list[str]:
     for spec in recipe.eval.perplexity:
         limit = f", first {spec.max_windows} windows" if spec.max_windows else ""
         notes.append(
-            f"- `{spec.column} ppl`: {spec.data} {spec.split} split, seq_len "
-            f"{spec.seq_len}{limit}. {CONVENTION}."
+            f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
+            f"{CONVENTION}."
         )
     return notes
 
@@ -145,7 +150,9 @@ def _best(cells: list[Cell], table: ResultsTable, column: str) -> str | None:
     return min(scored)[1] if scored else None
 
 
-def _perplexity_cells(table: ResultsTable, cell: Cell, column: str, bold: bool) -> list[str]:
+def _perplexity_cells(
+    table: ResultsTable, cell: Cell, column: str, bold: bool, bootstrap: BootstrapSpec
+) -> list[str]:
     metric = f"perplexity.{column}"
     value, base = table.value(cell, metric), table.value(table.fp(cell), metric)
     if value is None:
@@ -153,4 +160,5 @@ def _perplexity_cells(table: ResultsTable, cell: Cell, column: str, bold: bool) 
     shown = f"**{value:.3f}**" if bold else f"{value:.3f}"
     if base is None or cell.quantizer is None:
         return [shown, "", ""]
-    return [shown, f"{value - base:+.3f}", f"{value / base:.3f}"]
+    fp = table.finished(table.fp(cell))
+    return [shown, *delta_cells(table.finished(cell), fp, column, bootstrap)]
