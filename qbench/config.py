@@ -10,9 +10,10 @@ from qbench.registry import did_you_mean
 
 
 class StrictModel(BaseModel):
-    """A frozen pydantic model that names unknown keys and suggests the closest field."""
+    """A frozen pydantic model that names unknown keys and suggests the closest field; floats
+    must be finite (`.inf` and `.nan` are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

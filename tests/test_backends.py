@@ -11,7 +11,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import refusals, write_recipe
 from optimum.quanto import qint4
 from optimum.quanto.tensor import MaxOptimizer
 from optimum.quanto.tensor.weights import quantize_weight
@@ -338,9 +338,13 @@ def test_backend_fields_are_checked_at_load_time(tmp_path, llama_dir, old, new, 
     assert expected in _plan_error(tmp_path, llama_dir, old, new)
 
 
-def test_quanto_group_that_does_not_divide_a_layer_fails_at_plan_time(tmp_path, llama_dir):
-    message = _plan_error(tmp_path, llama_dir, "group: 4", "group: 32")
-    assert "quantizers[2].group: group 32 does not divide the input width 172" in message
+def test_quanto_group_that_does_not_divide_a_layer_is_refused_at_plan_time(tmp_path, llama_dir):
+    message = refusals(_recipe(tmp_path, llama_dir, RECIPE.replace("group: 4", "group: 32")))[
+        "quanto-w4"
+    ]
+    assert "quantizers[2] 'quanto-w4'.group: group 32 does not divide the input width 172" in (
+        message
+    )
     assert "model.layers.0.mlp.down_proj" in message and "leave group unset" in message
 
 

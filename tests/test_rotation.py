@@ -211,14 +211,13 @@ def test_rotation_then_rtn_quantizes_inside_the_online_hadamard(tiny_model):
     assert _logits(model).isfinite().all()
 
 
-def test_rotation_constructions_name_each_rotated_width():
-    from transformers import LlamaConfig
+def test_a_rotated_cell_notes_the_matrix_of_each_width(tiny_model):
+    from qbench.quant.notes import collecting
 
-    from qbench.quant.rotation import rotation_constructions
-
-    llama2_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
-    assert rotation_constructions(llama2_7b) == {
-        "residual": {"width": 4096, "matrix": "sylvester(4096)"},
-        "mlp": {"width": 11008, "matrix": "sylvester(64) x compressed-tensors(172)"},
-        "head": {"width": 128, "matrix": "sylvester(128)"},
-    }
+    model = tiny_model("llama")  # hidden 64, MLP 172, head_dim 16
+    torch.manual_seed(0)
+    with collecting() as notes:
+        quantize_(model, RotationConfig(name="r", weights={"bits": 4}, kv={"bits": 4}))
+    assert "rotation: width 172 rotated by compressed-tensors(172)" in notes
+    assert "rotation: width 64 rotated by sylvester(64)" in notes
+    assert "rotation: width 16 rotated by sylvester(16)" in notes  # Q/K, per head

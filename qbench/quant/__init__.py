@@ -20,6 +20,7 @@ def quantize_(
     """Quantize `model` in place as `config` says, and return it.
 
     Methods that calibrate on text (SmoothQuant, GPTQ) need the checkpoint's tokenizer.
+    Raises QBenchError when a weight the config targets would stay in float.
     """
     config.apply(model, tokenizer)
     return model

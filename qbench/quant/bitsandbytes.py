@@ -30,8 +30,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qbench.quant.inventory import replace_module
 from qbench.quant.library import LibraryConfig
-from qbench.quant.method import METHODS, replace_module, target_linears
+from qbench.quant.method import METHODS
 
 FOUR_BIT_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 
@@ -102,10 +103,13 @@ class BitsAndBytesConfig(LibraryConfig):
         return None
 
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        for name, linear in target_linears(model, self).items():
+        label = self.linear_label().removeprefix("bitsandbytes: ").split(" / ")
+        for name, linear in self.library_linears(model).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.
-            replace_module(model, name, module.to(linear.weight.device).train(linear.training))
+            module = module.to(linear.weight.device).train(linear.training)
+            module.qbench_rounding = (label[0], label[1] if self.scheme == "int8" else None)
+            replace_module(model, name, module)
 
     def _int8(self, linear: nn.Linear) -> nn.Module:
         import bitsandbytes as bnb

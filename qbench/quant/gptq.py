@@ -1,6 +1,6 @@
 """GPTQ: round weights column by column, feeding each column's error back into the rest.
 
-Per linear, with H = 2/n sum x x^T over its calibration inputs: dampen H (+ damp * mean
+Per weight matrix, with H = 2/n sum x x^T over its calibration inputs: dampen H (+ damp * mean
 diag H), take the upper Cholesky factor U of H^-1, and for each column j (optionally in
 order of decreasing diag H, "act-order") round w_j, then subtract (w_j - q_j) / U_jj * U_j,k
 from the later columns k; updates are applied lazily per block of `block_size` columns.
@@ -11,14 +11,19 @@ a group's scale is computed when the column loop reaches its first column, from 
 updated so far (by every earlier lazy block, as the reference reads them), and with
 act-order the groups are consecutive columns in the permuted order.
 
-Layers are quantized in order: the Hessians of decoder layer i come from a forward pass
-through the already quantized layers 0..i-1 (stopped after layer i), as GPTQ does. Layer 0's
-come from the fp model alone, so (without rotation) the GPTQ cells of a checkpoint share them.
+Decoder blocks are processed in order on cached inputs (qbench.quant.blockwise): block i's
+Hessians come from its inputs as the already rounded blocks 0..i-1 produce them, as GPTQ does,
+in two block passes per block. Every target of the inventory takes part: linears, routers
+when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
+tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
+and the cell's notes say how many). Targets outside the blocks (lm_head when asked) see a full
+forward pass of the rounded model. Block 0's Hessians come from the fp model alone, so
+(without rotation) the GPTQ cells of a checkpoint share them.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,16 +33,21 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
-from qbench.quant.adapters import architecture
-from qbench.quant.calibrate import observe_inputs
+from qbench.quant.blockwise import BlockInputs, observe
+from qbench.quant.calibrate import forward_batches
+from qbench.quant.experts import set_input_step
 from qbench.quant.formats import int_clip
 from qbench.quant.hadamard import hadamard_versions
 from qbench.quant.integer import IntGrid, int_grid
-from qbench.quant.linear import QuantLinear
-from qbench.quant.method import METHODS, replace_module, target_linears
+from qbench.quant.inventory import Target, inventory
+from qbench.quant.linear import round_target
+from qbench.quant.method import METHODS, quantized_targets
+from qbench.quant.notes import note
 from qbench.quant.rotation import rotate
-from qbench.quant.rtn import RTNConfig
-from qbench.quant.spec import WeightQuant
+from qbench.quant.rtn import RTNConfig, round_embeddings
+from qbench.quant.spec import WeightQuant, fake_quant
+
+Key = tuple[str, str]  # (target name, matrix label)
 
 
 @METHODS.register("gptq")
@@ -75,81 +85,87 @@ class GPTQConfig(RTNConfig):
         if tokenizer is None:
             raise QBenchError("gptq calibrates on text: pass the checkpoint's tokenizer")
         ids = calibration_ids(tokenizer, self.calibration)
-        linears = target_linears(model, self)
-        prefix = architecture(model).layers
-        layers = model.get_submodule(prefix)
-        for i, layer in enumerate(layers):
-            names = [n for n in linears if n.startswith(f"{prefix}.{i}.")]
-            group = {n: linears.pop(n) for n in names}
-            self._quantize_linears(model, group, ids, layer, shared=i == 0 and not self.rotate)
-        self._quantize_linears(model, linears, ids, stop_at=None)  # lm_head, if asked
+        found = inventory(model)
+        targets = quantized_targets(found, self)
+        inputs = BlockInputs(model, found, ids, self.calibration.batch_size)
+        for i in range(len(found.blocks)):
+            block = {n: t for n, t in found.in_block(i).items() if n in targets}
+            shared = i == 0 and not self.rotate
 
-    def _quantize_linears(
-        self,
-        model: nn.Module,
-        linears: dict[str, nn.Linear],
-        ids: torch.Tensor,
-        stop_at: nn.Module | None,
-        shared: bool = False,
-    ) -> None:
-        """`shared`: the inputs are the fp model's, so the Hessians are shared (see above)."""
-        if not linears:
-            return
+            def compute(block: dict[str, Target] = block) -> dict[Key, torch.Tensor]:
+                return input_hessians(block, lambda: observe(inputs))
 
-        def compute() -> dict[str, torch.Tensor]:
-            return input_hessians(model, linears, ids, self.calibration.batch_size, stop_at)
-
-        key = ("gptq.hessians", tuple(linears), self.calibration.model_dump_json())
-        hessians = shared_statistic((*key, torch.initial_seed()), compute) if shared else compute()
-        for name, linear in linears.items():
-            weight = gptq_round(
-                linear.weight.detach(),
-                hessians[name],
-                self.weights,
-                self.damp,
-                self.block_size,
-                self.act_order,
-                self.static_groups,
+            key = ("gptq.hessians", tuple(block), self.calibration.model_dump_json())
+            hessians = (
+                shared_statistic((*key, torch.initial_seed()), compute) if shared else compute()
             )
-            quantized = QuantLinear(linear, self.weights, self.activations, rounded=weight)
-            replace_module(model, name, quantized)
+            self._round(model, block, hessians)
+            inputs.advance()
+        rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
+        if rest:
+            batch_size = self.calibration.batch_size
+            hessians = input_hessians(rest, lambda: forward_batches(model, ids, batch_size))
+            self._round(model, rest, hessians)
+        if self.embeddings:
+            round_embeddings(model, self.weights)
+
+    def _round(
+        self, model: nn.Module, targets: dict[str, Target], hessians: dict[Key, torch.Tensor]
+    ) -> None:
+        unreached = 0
+        for name, target in targets.items():
+            rounded = {}
+            for label, matrix in target.matrices():
+                hessian = hessians.get((name, label))
+                if hessian is None:  # no calibration token reached this expert
+                    unreached += 1
+                    rounded[label] = fake_quant(matrix.detach(), self.weights)
+                    continue
+                rounded[label] = gptq_round(
+                    matrix.detach(), hessian, self.weights, self.damp, self.block_size,
+                    self.act_order, self.static_groups,
+                )  # fmt: skip
+            round_target(model, target, self.weights, self.activations, rounded)
+        if unreached:
+            note(f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest")
 
 
-class _Stop(Exception):
-    """Raised after the last watched layer ran: the rest of the forward pass is not needed."""
-
-
+@torch.no_grad()
 def input_hessians(
-    model: nn.Module,
-    linears: dict[str, nn.Linear],
-    ids: torch.Tensor,
-    batch_size: int,
-    stop_at: nn.Module | None,
-) -> dict[str, torch.Tensor]:
-    """H = 2/n sum x x^T (float64) of each linear's inputs over the calibration tokens."""
-    sums = {
-        n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-        for n, m in linears.items()
-    }
-    counts = dict.fromkeys(linears, 0)
+    targets: dict[str, Target], run: Callable[[], object]
+) -> dict[Key, torch.Tensor]:
+    """H = 2/n sum x x^T (float64) of every matrix's inputs while `run()` runs; experts get one
+    per expert slice over the tokens routed to it; slices no token reached get none."""
+    sums: dict[Key, torch.Tensor] = {}
+    counts: dict[Key, int] = {}
 
-    def observe(name: str, x: torch.Tensor) -> None:
-        x = x.detach().double().cpu()
-        sums[name] += x.T @ x
-        counts[name] += x.shape[0]
+    def add(key: Key, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        sums[key] = sums.get(key, 0) + x.T @ x
+        counts[key] = counts.get(key, 0) + x.shape[0]
 
-    def stop(*_: object) -> None:
-        raise _Stop
+    handles = []
+    for name, target in targets.items():
+        if target.experts is None:
+            hook = lambda _, args, n=name: add((n, "weight"), args[0])  # noqa: E731
+            handles.append(target.module.register_forward_pre_hook(hook))
+            continue
+        for parameter in target.experts.parameters:
 
-    hook = stop_at.register_forward_hook(stop) if stop_at is not None else None
+            def step(x: torch.Tensor, e: int, n: str = name, p: str = parameter) -> torch.Tensor:
+                add((n, f"{p}[{e}]"), x)
+                return x
+
+            set_input_step(target.module, parameter, "observe", step)
     try:
-        for batch in ids.split(batch_size):
-            with contextlib.suppress(_Stop):
-                observe_inputs(model, linears, batch, batch_size, observe)
+        run()
     finally:
-        if hook is not None:
-            hook.remove()
-    return {n: 2 * sums[n] / max(counts[n], 1) for n in linears}
+        for handle in handles:
+            handle.remove()
+        for target in targets.values():
+            for parameter in target.experts.parameters if target.experts else ():
+                set_input_step(target.module, parameter, "observe", None)
+    return {key: 2 * total / counts[key] for key, total in sums.items() if counts[key]}
 
 
 def column_grid(columns: torch.Tensor, spec: WeightQuant) -> IntGrid:
@@ -183,20 +199,21 @@ def gptq_round(
     w = weight.double().clone()
     dynamic = spec.group is not None and not static_groups
     grids, width = ([], spec.group) if dynamic else weight_grids(w, spec)
-    h = hessian.clone()
+    h = hessian.clone().to(w.device)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     order = (
         torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(w.shape[1])
-    )
+    ).to(w.device)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
-        block, errors = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)
+        block = w[:, i1:i2].clone()
+        errors = torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype, device=w.device)
         for i in range(i2 - i1):
             column = block[:, i]
             if dynamic and (i1 + i) % width == 0:  # GPTQ's reference reads W, not the block

@@ -18,8 +18,10 @@ order m = 4 * odd(n) * 2^i that one of these gives, in this order of preference:
    Gaussian, torch's global RNG): H_p (x) B is still orthogonal, which is all losslessness
    needs, but spreads outliers less evenly than a true Hadamard matrix.
 
-`hadamard_construction(n)` names the matrix a width gets (for records), e.g.
-"sylvester(64) x compressed-tensors(172)"; `hadamard_factorization(n)` gives the parts.
+`hadamard_construction(n)` names the matrix a width gets, e.g.
+"sylvester(64) x compressed-tensors(172)"; `hadamard_factorization(n)` gives the parts. Every
+`HadamardTransform` notes its construction on the cell that builds it (qbench.quant.notes), so
+a rotated cell's record lists the matrix of each width it rotated.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from importlib.metadata import version
 
 import torch
 from torch import nn
+
+from qbench.quant.notes import note
 
 TABLE = "compressed-tensors"  # the construction name of a base from compressed-tensors' table
 TABLE_SEED = 0  # the generator seed of the table matrices' row signs
@@ -224,6 +228,7 @@ class HadamardTransform(nn.Module):
     def __init__(self, n: int, random_signs: bool = False) -> None:
         super().__init__()
         self.factorization = hadamard_factorization(n)
+        note(f"rotation: width {n} rotated by {self.factorization}")
         self.register_buffer("base", base_factor(self.factorization), persistent=False)
         signs = torch.randint(0, 2, (n,), dtype=torch.float64) * 2 - 1 if random_signs else None
         self.register_buffer("signs", signs, persistent=False)

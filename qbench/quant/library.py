@@ -6,8 +6,11 @@ from importlib.metadata import version
 from typing import Any, ClassVar
 
 from pydantic import model_validator
+from torch import nn
 
-from qbench.quant.method import QuantizerConfig
+from qbench.errors import QBenchError
+from qbench.quant.inventory import Inventory, inventory
+from qbench.quant.method import QuantizerConfig, quantized_targets
 
 
 class LibraryConfig(QuantizerConfig):
@@ -40,6 +43,27 @@ class LibraryConfig(QuantizerConfig):
 
     def versions(self) -> dict[str, str]:
         return {self.PACKAGE: version(self.PACKAGE)}
+
+    def refusal(self, found: Inventory) -> str | None:
+        """Why the library cannot round this model: it replaces nn.Linear layers only."""
+        targets = quantized_targets(found, self)
+        others = {n: t for n, t in targets.items() if not isinstance(t.module, nn.Linear)}
+        if not others:
+            return super().refusal(found)
+        share = sum(t.numel for t in others.values()) / sum(t.numel for t in targets.values())
+        kinds = ", ".join(sorted({t.kind for t in others.values()}))
+        return (
+            f"{self.method} replaces nn.Linear layers only: {len(others)} targets ({kinds}, "
+            f"{share:.0%} of the targeted weights, e.g. {next(iter(others))}) are not linears "
+            "and would stay in float; use rtn or gptq for this checkpoint"
+        )
+
+    def library_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The targets, all nn.Linear (QBenchError otherwise: see `refusal`)."""
+        found = inventory(model)
+        if problem := self.refusal(found):
+            raise QBenchError(problem)
+        return {name: t.module for name, t in quantized_targets(found, self).items()}
 
     @model_validator(mode="after")
     def _quantizes_something(self) -> LibraryConfig:

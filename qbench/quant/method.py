@@ -9,8 +9,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
+from qbench.quant.coverage import check_complete, coverage
+from qbench.quant.inventory import KINDS, Inventory, Target, inventory
 from qbench.quant.kvcache import quantize_kv_cache
-from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant, fake_quant
+from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
 from qbench.registry import Registry
 
 
@@ -32,6 +34,7 @@ class QuantizerConfig(StrictModel):
     kv: KVQuant | None = None
     lm_head: bool = False
     embeddings: bool = False
+    routers: bool = False
 
     @model_validator(mode="after")
     def _quantizes_something(self) -> QuantizerConfig:
@@ -62,6 +65,36 @@ class QuantizerConfig(StrictModel):
         a = self.activations.label() if self.activations else "fp"
         return f"{self.method}: {w} / {a}"
 
+    def targeted_kinds(self) -> set[str]:
+        """The target kinds (qbench.quant.inventory) this quantizer rounds: every linear-like
+        weight but lm_head and MoE routers, which stay in float unless asked for."""
+        kinds = set(KINDS) - {"lm_head", "router"}
+        return (
+            kinds
+            | ({"lm_head"} if self.lm_head else set())
+            | ({"router"} if self.routers else set())
+        )
+
+    def refusal(self, found: Inventory) -> str | None:
+        """Why this quantizer cannot do what it claims on a model with inventory `found`
+        (None: it can). Read at plan time on the checkpoint's skeleton (no weights)."""
+        if self.quantizes_linears and found.unsupported:
+            name, why = next(iter(found.unsupported.items()))
+            return (
+                f"{len(found.unsupported)} modules hold weights qbench cannot round ({name}: {why})"
+            )
+        targets = quantized_targets(found, self).values()
+        if (
+            self.activations is not None
+            and self.activations.granularity == "tensor"
+            and any(t.experts is not None for t in targets)
+        ):
+            return (
+                "activations granularity tensor on expert inputs would share one scale among "
+                "whichever tokens a batch routes to an expert: use token or group"
+            )
+        return None
+
     def versions(self) -> dict[str, str]:
         """Versions of the packages its results depend on beyond `library_versions()`."""
         return {}
@@ -84,25 +117,34 @@ class QuantizerConfig(StrictModel):
     def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Change `model` in place without changing its function in float (smooth, rotate)."""
 
-    def quantize(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Round the (transformed) `model` in place: its linears, the input embedding (RTN of
-        `weights`) when `embeddings: true`, then the KV cache if asked.
+    def quantize(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        before: dict[str, tuple[str, int]] | None = None,
+    ) -> dict:
+        """Round the (transformed) `model` in place: its targets, then the KV cache if asked.
 
-        With `lm_head: true` or `embeddings: true` lm_head and the embedding get different
-        weights, so they are untied first (`untie_word_embeddings`).
+        Returns the coverage report (qbench.quant.coverage) counted against `before`, the
+        `Inventory.sizes()` taken before the transform (default: taken now); raises
+        QBenchError when a targeted weight stayed in float. With `lm_head: true` or
+        `embeddings: true` lm_head and the embedding get different weights, so they are untied
+        first (`untie_word_embeddings`).
         """
+        before = before or inventory(model).sizes()
         if self.lm_head or self.embeddings:
             untie_word_embeddings(model)
         if self.quantizes_linears:
             self.quantize_linears(model, tokenizer)
-        if self.embeddings:
-            embed = model.get_input_embeddings()
-            embed.weight = nn.Parameter(fake_quant(embed.weight.detach(), self.weights), False)
         if self.kv is not None:
             quantize_kv_cache(model, self.kv)
+        report = coverage(model, before, self)
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or "the model"
+        check_complete(report, self, name)
+        return report
 
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Round the linears as the method says."""
+        """Round the targets (and embeddings) as the method says."""
         raise NotImplementedError
 
     def tokens_share_scales(self) -> str | None:
@@ -115,23 +157,21 @@ class QuantizerConfig(StrictModel):
             return "activations: granularity tensor takes one dynamic scale per sequence"
         return None
 
-    def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """Transform, then quantize `model` in place; calibrating methods need the tokenizer."""
+    def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+        """Transform, then quantize `model` in place; calibrating methods need the tokenizer.
+        Returns the coverage report (see `quantize`)."""
+        before = inventory(model).sizes()
         self.transform(model, tokenizer)
-        self.quantize(model, tokenizer)
+        return self.quantize(model, tokenizer, before)
 
 
 METHODS: Registry[type[QuantizerConfig]] = Registry("quantization method")
 
 
-def target_linears(model: nn.Module, config: QuantizerConfig) -> dict[str, nn.Linear]:
-    """The linear layers `config` quantizes: all of them, lm_head only when asked."""
-    lm_head = model.get_output_embeddings()
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (config.lm_head or module is not lm_head)
-    }
+def quantized_targets(found: Inventory, config: QuantizerConfig) -> dict[str, Target]:
+    """The targets of `found` that `config` rounds (see `QuantizerConfig.targeted_kinds`)."""
+    kinds = config.targeted_kinds()
+    return {name: t for name, t in found.targets.items() if t.kind in kinds}
 
 
 def untie_word_embeddings(model: nn.Module) -> None:
@@ -146,9 +186,3 @@ def untie_word_embeddings(model: nn.Module) -> None:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` at the dotted path `name` inside `model`."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)

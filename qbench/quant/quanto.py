@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.errors import QBenchError
 from qbench.quant.library import LibraryConfig
-from qbench.quant.method import METHODS, target_linears
+from qbench.quant.method import METHODS
 
 WEIGHT_BITS = {"qint2": 2, "qint4": 4, "qint8": 8}
 ACTIVATION_LABELS = {"qint8": "int8", "qfloat8_e4m3fn": "fp8_e4m3", "qfloat8_e5m2": "fp8_e5m2"}
@@ -86,7 +86,7 @@ class QuantoConfig(LibraryConfig):
     def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
         from optimum.quanto import Calibration, freeze, qtypes, quantize
 
-        names = list(target_linears(model, self))
+        names = list(self.library_linears(model))
         activations = qtypes[self.activation_qtype] if self.activation_qtype else None
         quantize(model, weights=qtypes[self.weight_qtype], activations=activations, include=names)
         if self.group is not None:
@@ -101,3 +101,7 @@ class QuantoConfig(LibraryConfig):
                 for batch in ids.split(self.calibration.batch_size):
                     model(batch.to(device))
         freeze(model)
+        weights, activations = self.linear_label().removeprefix("quanto: ").split(" / ")
+        for name in names:
+            held = (weights, None if activations == "fp" else activations)
+            model.get_submodule(name).qbench_rounding = held
