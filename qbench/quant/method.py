@@ -83,15 +83,15 @@ class QuantizerConfig(StrictModel):
             return (
                 f"{len(found.unsupported)} modules hold weights qbench cannot round ({name}: {why})"
             )
-        targets = quantized_targets(found, self).values()
         if (
             self.activations is not None
             and self.activations.granularity == "tensor"
-            and any(t.experts is not None for t in targets)
+            and found.of_kind("experts", "router")
         ):
             return (
-                "activations granularity tensor on expert inputs would share one scale among "
-                "whichever tokens a batch routes to an expert: use token or group"
+                "activations granularity tensor on expert inputs (and a mixture-of-experts "
+                "block's router input, which flattens the batch) would share one scale among "
+                "the tokens of a whole batch: use token or group"
             )
         return None
 
