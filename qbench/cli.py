@@ -206,7 +206,8 @@ def _list(args: argparse.Namespace) -> int:
     print("methods:     ", ", ".join(METHODS.names()))
     print(
         "data:        ",
-        ", ".join(f"{n} ({'/'.join(TEXT_SOURCES.get(n).splits)})" for n in TEXT_SOURCES.names()),
+        ", ".join(f"{n} ({'/'.join(TEXT_SOURCES.get(n).splits)})" for n in TEXT_SOURCES.names())
+        + "; perplexity also: text (path:), hub (dataset:, config:, split:, text_column:)",
     )
     print("presets:     ", ", ".join(PRESETS.names()))
     print("variants:    ", ", ".join(sorted(VARIANTS)))

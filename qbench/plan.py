@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qbench.checkpoints.load import CheckpointIdentity, checkpoint_config, checkpoint_identity
-from qbench.data.sources import load_text, text_fingerprint
+from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
 from qbench.quant.inventory import Inventory, inventory, linear_conv1d
@@ -85,11 +85,11 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
     """All cells of `recipe`, in run order (grouped by checkpoint, fp first)."""
     eval_identity = [
         {
-            **spec.model_dump(),
+            **spec.identity(),
             "text": _at(
                 source,
-                f"eval.perplexity[{i}].data",
-                lambda s=spec: text_fingerprint(load_text(s.data, s.split)),
+                f"eval.perplexity[{i}].{spec.source_field}",
+                lambda s=spec: text_fingerprint(s.text()),
             ),
         }
         for i, spec in enumerate(recipe.eval.perplexity)

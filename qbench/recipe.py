@@ -33,12 +33,22 @@ from pydantic import (
 from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.train import PRESETS
 from qbench.config import StrictModel
-from qbench.data.sources import TEXT_SOURCES, check_split, text_source
+from qbench.data.external import resolve_path
+from qbench.data.sources import (
+    TEXT_SOURCES,
+    check_split,
+    default_split,
+    hub_text,
+    path_text,
+    source_text,
+    text_source,
+)
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.files import utf8_text
 from qbench.quant import METHODS
 from qbench.registry import did_you_mean
+from qbench.report.bootstrap import BootstrapSpec
 
 # Names become file names and table cells: letters, digits, '.', '_', '-' (matched whole).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -178,10 +188,22 @@ class CheckpointSpec(StrictModel):
 
 
 class PerplexitySpec(StrictModel):
-    """GPTQ-style token perplexity on one split of a text source."""
+    """GPTQ-style token perplexity on one text: a source's split (`data: wikitext2`, `c4`,
+    ...), a user's file or folder (`data: text, path: ...`), or a hub dataset (`data: hub,
+    dataset: ..., config: ..., split: ..., text_column: ...`).
+
+    Defaults come from the source's convention: `split` is 'test' where the source has one,
+    else its only split; c4 reads its first 1100 documents (`max_documents`) and scores its
+    first 256 windows (`max_windows`), as GPTQ and QuaRot do.
+    """
 
     data: str
-    split: str = "test"
+    split: str | None = None
+    path: str | None = None  # data: text
+    dataset: str | None = None  # data: hub
+    config: str | None = None  # data: hub
+    text_column: str | None = None  # data: hub; default "text"
+    max_documents: Count | None = None
     seq_len: Annotated[Count, Field(ge=2)] = 2048
     batch_size: Count = 8
     max_windows: Count | None = None
@@ -189,20 +211,104 @@ class PerplexitySpec(StrictModel):
 
     _name = field_validator("name")(_check_name)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_convention(cls, data: Any) -> Any:
+        """Fill split, max_documents and max_windows from a registered source's convention."""
+        if not isinstance(data, dict) or data.get("data") not in TEXT_SOURCES:
+            return data
+        source = TEXT_SOURCES.get(data["data"])
+        convention = {
+            "split": default_split(source.name),
+            "max_documents": source.documents,
+            "max_windows": source.windows,
+        }
+        return {**{k: v for k, v in convention.items() if v is not None}, **data}
+
     @field_validator("data")
     @classmethod
     def _known_data(cls, data: str) -> str:
-        return _in_registry(TEXT_SOURCES, data)
+        if data in EXTERNAL_DATA:
+            return data
+        try:
+            TEXT_SOURCES.get(data)
+        except KeyError as error:
+            raise ValueError(
+                f"{error.args[0]}; or `text` (with path:) or `hub` (with dataset:, split:)"
+            ) from None
+        return data
 
     @model_validator(mode="after")
-    def _known_split(self) -> PerplexitySpec:
-        check_split(self.data, self.split)
+    def _fields_fit_the_data(self) -> PerplexitySpec:
+        given = {f for f in _SOURCE_FIELDS if getattr(self, f) is not None}
+        allowed = {"text": {"path"}, "hub": {"split", "dataset", "config", "text_column"}}
+        extra = sorted(given - allowed.get(self.data, {"split"}))
+        if extra:
+            raise ValueError(f"{extra[0]}: does not apply to data: {self.data}")
+        if self.data not in EXTERNAL_DATA:
+            if self.split is None:
+                splits = ", ".join(TEXT_SOURCES.get(self.data).splits)
+                raise ValueError(f"split: required with data: {self.data} (one of {splits})")
+            check_split(self.data, self.split)
+            return self
+        missing = sorted(EXTERNAL_DATA[self.data] - given)
+        if missing:
+            field = missing[0]
+            raise ValueError(f"{field}: required with data: {self.data} ({_NEEDS[field]})")
         return self
 
     @property
     def column(self) -> str:
         """The key under metrics.perplexity and the leaderboard column."""
         return self.name or self.data
+
+    @property
+    def source_field(self) -> str:
+        """The field naming where the text comes from (for error messages)."""
+        return {"text": "path", "hub": "dataset"}.get(self.data, "data")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the numbers; path, dataset, config, text_column and
+        max_documents only where set, so the keys of specs without them stay as they were."""
+        return self.model_dump(exclude={f for f in _NEW_FIELDS if getattr(self, f) is None})
+
+    def text(self) -> str:
+        """The text to score (read once per process; the plan fingerprints it)."""
+        if self.data == "text":
+            return path_text(self.path, self.max_documents)
+        if self.data == "hub":
+            column = self.text_column or "text"
+            return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
+        return source_text(self.data, self.split, self.max_documents)
+
+    def describe(self) -> str:
+        """Where the text comes from and how its documents are joined."""
+        first = f"the first {self.max_documents} documents" if self.max_documents else "documents"
+        if self.data == "text":
+            kind = "a folder: each *.txt below it, sorted, one document"
+            if not resolve_path(self.path).is_dir():
+                kind = "a file: one document"
+            return f"`{self.path}` ({kind}); {first} joined with a blank line"
+        if self.data == "hub":
+            config = f", config {self.config}" if self.config else ""
+            return (
+                f"hub dataset {self.dataset}{config}, split {self.split}, column "
+                f"{self.text_column or 'text'}; {first} joined with a blank line"
+            )
+        source = TEXT_SOURCES.get(self.data)
+        joined = "a single space" if source.separator == " " else "a blank line"
+        origin = source.describe(self.split)
+        return f"{self.data} {self.split} split ({origin}); {first} joined with {joined}"
+
+
+EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}}  # data: -> required fields
+_SOURCE_FIELDS = ("split", "path", "dataset", "config", "text_column")
+_NEW_FIELDS = ("path", "dataset", "config", "text_column", "max_documents")
+_NEEDS = {
+    "path": "a UTF-8 file, or a folder of .txt files",
+    "dataset": "a Hugging Face dataset id, e.g. allenai/c4",
+    "split": "the split's name, e.g. validation",
+}
 
 
 def _diagnostics_switch(value: Any) -> Any:
@@ -308,6 +414,14 @@ class ResourcesSpec(StrictModel):
         return gpus
 
 
+class ReportSpec(StrictModel):
+    """How the leaderboard draws its intervals, and which group every group is compared with
+    (`baseline`: a checkpoint group's name, or a checkpoint's outside any group)."""
+
+    bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+    baseline: str | None = None
+
+
 class Recipe(StrictModel):
     """Checkpoints x quantizers, evaluated as `eval` says."""
 
@@ -318,6 +432,7 @@ class Recipe(StrictModel):
     eval: EvalSpec
     gate: GateSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     _name = field_validator("name")(_check_name)
 
@@ -346,6 +461,17 @@ class Recipe(StrictModel):
         _reject_duplicates(names, "quantizers", "rename one")
         if self.gate is not None:
             self._check_gate(names)
+        return self
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> Recipe:
+        baseline = self.report.baseline
+        groups = list(dict.fromkeys(c.group or c.name for c in self.checkpoints))
+        if baseline is not None and baseline not in groups:
+            raise ValueError(
+                f"report.baseline: no checkpoint group '{baseline}'"
+                f"{did_you_mean(baseline, groups)}; groups: {', '.join(groups)}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -21,8 +21,10 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
                       zero_shot_average (with tasks); diagnostics: {figure: value} (with
                       eval.diagnostics)
     details           (ok) perplexity: {column: {perplexity, mean_nll, windows,
-                      predicted_tokens, text_tokens}}; tasks: {task: lm-eval run}; diagnostics:
-                      per layer and per linear
+                      predicted_tokens, text_tokens, window_nll (summed NLL per window),
+                      window_tokens, windows_sha}}; tasks: {task: lm-eval run, with
+                      doc_scores (the headline metric per document)}; diagnostics: per layer
+                      and per linear
     stages            (ok) {"transformed": {perplexity: {column: value}}} for methods with a
                       float transform (smoothing, rotation); {} otherwise
     coverage          (quantized) what the quantizer rounded, counted from the model's modules
@@ -106,7 +108,7 @@ class Metrics(_Schema):
 
 
 class Details(_Schema):
-    perplexity: dict[str, dict[str, int | float]]
+    perplexity: dict[str, dict[str, Any]]  # PerplexityRun.as_dict(): window_nll lists included
     tasks: dict[str, dict[str, Any]] | None = _absent_if_none
     diagnostics: dict[str, Any] | None = _absent_if_none
 

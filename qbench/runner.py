@@ -25,7 +25,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from qbench.checkpoints.load import load_identified
 from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
-from qbench.data.sources import load_text
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
@@ -264,7 +263,7 @@ def _perplexities(
         spec.column: perplexity(
             model,
             tokenizer,
-            load_text(spec.data, spec.split),
+            spec.text(),
             spec.seq_len,
             spec.batch_size,
             spec.max_windows,
@@ -281,4 +280,4 @@ def _probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor |
     if spec is None:
         return None
     text = recipe.eval.perplexity[0]
-    return probe_ids(tokenizer, load_text(text.data, text.split), spec)
+    return probe_ids(tokenizer, text.text(), spec)

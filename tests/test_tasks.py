@@ -24,7 +24,13 @@ from qbench.cli import main
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval import task_data
-from qbench.eval.tasks import TASK_DEFS, evaluate_tasks, request_cache_files, zero_shot_average
+from qbench.eval.tasks import (
+    TASK_DEFS,
+    document_scores,
+    evaluate_tasks,
+    request_cache_files,
+    zero_shot_average,
+)
 from qbench.plan import Cell, plan
 from qbench.recipe import RecipeError, load_recipe
 from qbench.record import Record, ResultsTable
@@ -182,6 +188,10 @@ def test_local_definition_matches_lm_evals_task_on_the_same_rows(task, tiny_lm, 
     got = _jsonl(tmp_path / "s" / f"{task}.jsonl")
     assert [_comparable(s) for s in got] == [_comparable(s) for s in expected]
     assert run.metric == ("acc_norm" if task in ("piqa", "arc_easy", "arc_challenge") else "acc")
+    # Per-document scores, as lm-eval's own per-sample records give them, average to the value.
+    by_doc = sorted(expected, key=lambda sample: sample["doc_id"])
+    assert run.doc_scores == [sample[run.metric] for sample in by_doc]
+    assert sum(run.doc_scores) / LIMIT == pytest.approx(run.value)
 
 
 PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list")
@@ -429,6 +439,15 @@ eval:
     }
     assert records[("b", "w8a8")]["average"] == pytest.approx(0.8)
     assert records[("b", "w8a8")]["recovery"] is None
+
+
+def test_document_scores_only_where_the_value_is_their_mean():
+    samples = [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1.0}]
+    assert document_scores(samples, "acc", 2 / 3) == [0, 1, 1]
+    assert document_scores(samples, "acc", 0.5) is None  # not a mean of these scores
+    rolling = [{"doc_id": 0, "perplexity": [-3.0, 4]}]
+    assert document_scores(rolling, "perplexity", 2.1) is None
+    assert document_scores(None, "acc", 0.5) is None
 
 
 def test_average_is_missing_when_a_task_is():

@@ -217,6 +217,9 @@ class TaskRun:
     limit: int | None
     num_fewshot: int
     eval_s: float
+    # The headline metric of each document, in doc_id order, where the task's value is their
+    # mean (what a paired bootstrap resamples); None for other metrics (e.g. perplexity).
+    doc_scores: list[float] | None = None
 
     def computed(self, count: int) -> TaskRun:
         """This run, saying that `count` of its requests reached the model."""
@@ -330,7 +333,7 @@ def evaluate_tasks(
                     task_dict=loaded,
                     limit=limit,
                     bootstrap_iters=options.bootstrap_iters,
-                    log_samples=options.log_samples,
+                    log_samples=True,  # per-document scores; files only with options.log_samples
                 )
                 elapsed = time.perf_counter() - start
                 run = _task_run(spec.name, resolved, loaded, output, limit, fewshot, elapsed)
@@ -396,13 +399,14 @@ def _task_run(
 ) -> TaskRun:
     metrics, stderrs = _parse(name, output)
     metric = headline_metric(name, metrics)
+    value = metrics.get(metric) if metric else None
     better = output.get("higher_is_better", {}).get(name, {})
     counts = [output.get("n-samples", {}).get(t, {}) for t in loaded["tasks"]]
     return TaskRun(
         name=name,
         source=resolved.source,
         metric=metric,
-        value=metrics.get(metric) if metric else None,
+        value=value,
         stderr=stderrs.get(metric) if metric else None,
         higher_is_better=bool(better.get(metric, True)) if metric else True,
         metrics={**metrics, **{f"{k}_stderr": v for k, v in stderrs.items()}},
@@ -413,7 +417,24 @@ def _task_run(
         limit=limit,
         num_fewshot=fewshot,
         eval_s=elapsed,
+        doc_scores=document_scores(output.get("samples", {}).get(name), metric, value),
     )
+
+
+def document_scores(
+    samples: list[dict[str, Any]] | None, metric: str | None, value: float | None
+) -> list[float] | None:
+    """Each document's `metric` from lm-eval's per-sample records, in doc_id order, when
+    their mean is the task's `value` (acc, acc_norm, exact_match ...); else None."""
+    if not samples or metric is None or value is None:
+        return None
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    scores = [_number(sample.get(metric)) for sample in ordered]
+    if any(score is None for score in scores) or not math.isclose(
+        math.fsum(scores) / len(scores), value, rel_tol=1e-9, abs_tol=1e-12
+    ):
+        return None
+    return [int(score) if score.is_integer() else score for score in scores]
 
 
 def _write_samples(folder: Path, output: dict[str, Any]) -> None:

@@ -68,3 +68,26 @@ def check_complete(report: dict[str, Any], config: Any, checkpoint: str) -> None
             f"{config.name} left targeted weights in float on '{checkpoint}': {'; '.join(gaps)} "
             "rounded; its precision label would be false"
         )
+
+
+def coverage_label(report: dict[str, Any] | None) -> str:
+    """The leaderboard's summary, e.g. 'W 100% A 100% of 6.1M; float: lm_head, router'
+    (share of the targeted weight elements rounded, and of those whose inputs are)."""
+    if not report:
+        return ""
+    kinds = [report["kinds"][k] for k in report["targeted"] if k in report["kinds"]]
+    parts = []
+    total = sum(k["weights"][1] for k in kinds)
+    for role, letter in (("weights", "W"), ("activations", "A")):
+        rounded = sum(k.get(role, [0, 0])[0] for k in kinds)
+        if rounded:
+            parts.append(f"{letter} {100 * rounded / total:.0f}%")
+    text = " ".join(parts or ["none"]) + f" of {_count(total)}"
+    return text + (f"; float: {', '.join(sorted(report['float']))}" if report["float"] else "")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)

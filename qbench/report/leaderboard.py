@@ -10,8 +10,11 @@ from tabulate import tabulate
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
+from qbench.quant.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
+from qbench.report.bootstrap import BootstrapSpec
+from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -31,6 +34,7 @@ def write_leaderboard(
     write_text_atomic(path, leaderboard(recipe, source, table))
     write_outlier_plots(recipe, table, path.parent / "plots")
     write_task_outputs(recipe, table, path.parent)
+    write_intervals(recipe, table, path.parent)
     return path
 
 
@@ -45,7 +49,9 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
         group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
-            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label]
+            record = table.finished(cell)
+            rounded = coverage_label(record.coverage) if record is not None else ""
+            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label, rounded]
             for col in columns:
                 if staged:
                     row.append(_transformed_cell(table, cell, col))
@@ -53,9 +59,9 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
                     row += [FAILED, "", ""]
                     continue
                 bold = cell.quantizer is not None and cell.key == best[col]
-                row += _perplexity_cells(table, cell, col, bold)
+                row += _perplexity_cells(table, cell, col, bold, recipe.report.bootstrap)
             rows.append(row)
-    headers = ["checkpoint", "quantizer", "precision", "weights / activations"]
+    headers = ["checkpoint", "quantizer", "precision", "weights / activations", "rounded"]
     for col in columns:
         headers += [f"{col} transformed", f"{col} ppl", "Δ", "×fp"][0 if staged else 1 :]
     packages = library_versions()
@@ -76,12 +82,15 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
+            *_ROUNDED_NOTE,
+            *interval_note(recipe.report.bootstrap),
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
             "",
             *_failure_section(table, source),
             *seed_section(recipe, table),
+            *comparison_section(recipe, table),
             *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",
@@ -110,11 +119,17 @@ def _column_notes(recipe: Recipe) -> list[str]:
     for spec in recipe.eval.perplexity:
         limit = f", first {spec.max_windows} windows" if spec.max_windows else ""
         notes.append(
-            f"- `{spec.column} ppl`: {spec.data} {spec.split} split, seq_len "
-            f"{spec.seq_len}{limit}. {CONVENTION}."
+            f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
+            f"{CONVENTION}."
         )
     return notes
 
+
+_ROUNDED_NOTE = [
+    "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
+    "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
+    "counted from its modules; what stays in float and why follows `float:`.",
+]
 
 _STAGE_NOTE = [
     "`transformed`: the float model after the method's transform (smoothing, rotation), before",
@@ -135,7 +150,9 @@ def _best(cells: list[Cell], table: ResultsTable, column: str) -> str | None:
     return min(scored)[1] if scored else None
 
 
-def _perplexity_cells(table: ResultsTable, cell: Cell, column: str, bold: bool) -> list[str]:
+def _perplexity_cells(
+    table: ResultsTable, cell: Cell, column: str, bold: bool, bootstrap: BootstrapSpec
+) -> list[str]:
     metric = f"perplexity.{column}"
     value, base = table.value(cell, metric), table.value(table.fp(cell), metric)
     if value is None:
@@ -143,4 +160,5 @@ def _perplexity_cells(table: ResultsTable, cell: Cell, column: str, bold: bool) 
     shown = f"**{value:.3f}**" if bold else f"{value:.3f}"
     if base is None or cell.quantizer is None:
         return [shown, "", ""]
-    return [shown, f"{value - base:+.3f}", f"{value / base:.3f}"]
+    fp = table.finished(table.fp(cell))
+    return [shown, *delta_cells(table.finished(cell), fp, column, bootstrap)]

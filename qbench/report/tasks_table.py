@@ -22,6 +22,8 @@ from qbench.files import save_figure, write_json_atomic
 from qbench.plan import Cell
 from qbench.recipe import Recipe
 from qbench.record import MISSING, Record, ResultsTable, TaskScore
+from qbench.report.bootstrap import Interval
+from qbench.report.intervals import NO_INTERVAL, task_intervals
 
 # ---------------------------------------------------------------- aggregates
 
@@ -61,6 +63,11 @@ def summary(recipe: Recipe, table: ResultsTable) -> list[dict[str, Any]]:
         fp = table.fp(cell)
         fp_record = table.finished(fp) if fp is not None else None
         average, base = cell_average(record, tasks), cell_average(fp_record, tasks)
+        intervals = (
+            task_intervals(record, fp_record, tasks, recipe.report.bootstrap)
+            if cell.quantizer and record and fp_record
+            else {}
+        )
         entries.append(
             {
                 "checkpoint": cell.checkpoint.name,
@@ -69,11 +76,14 @@ def summary(recipe: Recipe, table: ResultsTable) -> list[dict[str, Any]]:
                 "key": cell.key,
                 "has_result": record is not None,
                 "tasks": {
-                    t: _task_record(task_entry(record, t), task_entry(fp_record, t)) for t in tasks
+                    t: _task_record(task_entry(record, t), task_entry(fp_record, t))
+                    | {"delta_interval": _as_dict(intervals.get(t))}
+                    for t in tasks
                 },
                 "average": average,
                 "fp_average": base,
                 "delta": delta(average, base) if cell.quantizer else None,
+                "delta_interval": _as_dict(intervals.get("average")),
                 "recovery": recovery(average, base) if cell.quantizer else None,
                 "perplexity": {
                     s.column: table.value(cell, f"perplexity.{s.column}")
@@ -220,7 +230,7 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
             if name == "fp":
                 row += ["", ""]
             else:
-                row.append(_show(None if r["delta"] is None else f"{100 * r['delta']:+.1f}"))
+                row.append(_show(_delta_text(r["delta"], r["delta_interval"])))
                 row.append(_show(None if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"))
             rows.append(row)
     return [
@@ -229,6 +239,19 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
         tabulate(rows, headers, tablefmt="github", disable_numparse=True),
         "",
     ]
+
+
+def _as_dict(interval: Interval | None) -> dict[str, float] | None:
+    return interval.as_dict() if interval else None
+
+
+def _delta_text(value: float | None, interval: dict[str, float] | None) -> str | None:
+    """Points, with the paired bootstrap interval of the average's Δ where there is one."""
+    if value is None:
+        return None
+    if interval is None:
+        return f"{100 * value:+.1f} {NO_INTERVAL}"
+    return Interval(**interval | {"estimate": value}).format("{:.1f}", signed=True, scale=100)
 
 
 def _notes(recipe: Recipe, table: ResultsTable) -> list[str]:
@@ -254,7 +277,11 @@ def _notes(recipe: Recipe, table: ResultsTable) -> list[str]:
         "over the recipe's tasks; recovery = quantized avg / fp avg and Δ = quantized − fp "
         "(points), both against the same checkpoint unquantized. The best value of each "
         "precision block is in bold. `missing` = no result (never counted as 0); an average "
-        "with a missing task is missing.",
+        "with a missing task is missing. Δ avg [brackets]: the "
+        f"{recipe.report.bootstrap.confidence:.0%} interval of a paired bootstrap over "
+        "documents, each task's documents drawn within it, both cells scored on the same "
+        f"draws ({recipe.report.bootstrap.iterations} resamples); `{NO_INTERVAL}`: a record "
+        "has no per-document scores (written before qbench kept them).",
         "",
         "Tasks: " + "; ".join(described) + ". Sources: local = lm-eval's prompts and metrics "
         "on the release files in QBENCH_DATA_DIR; lm-eval = lm-eval's own task and dataset; "
