@@ -34,7 +34,7 @@ and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -45,9 +45,12 @@ from qbench.quant.experts import set_input_step
 from qbench.quant.hadamard import HadamardTransform
 from qbench.quant.inventory import Target, replace_module
 from qbench.quant.kvcache import kv_sites
-from qbench.quant.method import METHODS
-from qbench.quant.rtn import RTNConfig
+from qbench.quant.rtn import untie_word_embeddings
+from qbench.quant.steps import Transform
 from qbench.quant.structure import NormGroup, Structure, probe_ids, trace_structure
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 # Relative L2 difference of the logits allowed between the model and its rotation, per dtype.
 LOSSLESS_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -94,14 +97,20 @@ class StreamRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
-@METHODS.register("rotation")
-class RotationConfig(RTNConfig):
-    """QuaRot's rotations (random Hadamard, online Hadamard before the writers), then RTN."""
+class Rotation(Transform):
+    """QuaRot's rotations (random Hadamard, online Hadamard before the writers); with a
+    quantized KV cache, queries and keys too."""
 
-    method: Literal["rotation"] = "rotation"
+    transform: Literal["rotation"] = "rotation"
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        rotate(model, rotate_qk=self.kv is not None)
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
+        rotate(model, rotate_qk=quantizer.kv is not None)
 
 
 @torch.no_grad()
@@ -116,7 +125,7 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     before = model(input_ids=ids).logits.double()
     structure = trace_structure(model, ids)
     _check_rotatable(model, structure)
-    _untie_lm_head(model)
+    untie_word_embeddings(model)  # lm_head takes the final norm's scale, the embedding does not
     if any(g.spec.centers for g in structure.residual_norms):
         _center_stream(structure)
     for group in structure.residual_norms:
@@ -172,14 +181,6 @@ def _can_take_bias(target: Target) -> bool:
     return isinstance(target.module, nn.Linear) or isinstance(
         getattr(target.module, "bias", None), nn.Parameter
     )
-
-
-def _untie_lm_head(model: nn.Module) -> None:
-    """lm_head gets its own weight: it takes the final norm's scale, the embeddings do not."""
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
 
 
 def _center_stream(structure: Structure) -> None:
