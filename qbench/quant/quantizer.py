@@ -39,7 +39,7 @@ from qbench.quant.rtn import RTN, round_embeddings, untie_word_embeddings
 from qbench.quant.smoothquant import SmoothQuant
 from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
 from qbench.quant.steps import ROUNDINGS, TRANSFORMS, quantized_targets
-from qbench.registry import did_you_mean
+from qbench.registry import Registry, did_you_mean
 
 for _step in (SmoothQuant, AWQ, Rotation):
     TRANSFORMS.register(_step.model_fields["transform"].default)(_step)
@@ -129,16 +129,21 @@ class QuantizerConfig(StrictModel):
     @field_validator("transforms", mode="before")
     @classmethod
     def _transform_names(cls, value: Any) -> Any:
-        """`smoothquant` is short for `{transform: smoothquant}`."""
-        if isinstance(value, list):
-            return [{"transform": v} if isinstance(v, str) else v for v in value]
-        return value
+        """`smoothquant` is short for `{transform: smoothquant}`; names are known ones."""
+        if not isinstance(value, list):
+            return value
+        steps = [{"transform": v} if isinstance(v, str) else v for v in value]
+        for step in steps:
+            _known_step(step, "transform", TRANSFORMS)
+        return steps
 
     @field_validator("rounding", mode="before")
     @classmethod
     def _rounding_name(cls, value: Any) -> Any:
-        """`gptq` is short for `{method: gptq}`."""
-        return {"method": value} if isinstance(value, str) else value
+        """`gptq` is short for `{method: gptq}`; the name is a known one."""
+        step = {"method": value} if isinstance(value, str) else value
+        _known_step(step, "method", ROUNDINGS)
+        return step
 
     @model_validator(mode="after")
     def _valid_pipeline(self) -> QuantizerConfig:
@@ -279,6 +284,17 @@ class QuantizerConfig(StrictModel):
         before = inventory(model).sizes()
         self.transform(model, tokenizer)
         return self.quantize(model, tokenizer, before)
+
+
+def _known_step(step: Any, key: str, registry: Registry) -> None:
+    """ValueError naming the registered steps (did you mean) for an unknown step name."""
+    if isinstance(step, dict) and key in step:
+        name = step[key]
+        if not isinstance(name, str) or name not in registry:
+            hint = did_you_mean(str(name), registry.names())
+            raise ValueError(
+                f"unknown {registry.kind} {name!r}{hint}; known: {', '.join(registry.names())}"
+            )
 
 
 def pipeline_problem(quantizer: QuantizerConfig) -> str | None:
