@@ -201,9 +201,11 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS
-    from qbench.quant import METHODS
+    from qbench.quant import ROUNDINGS, SHORTHANDS, TRANSFORMS
 
-    print("methods:     ", ", ".join(METHODS.names()))
+    print("methods:     ", ", ".join(SHORTHANDS), "(shorthands of transforms + rounding)")
+    print("transforms:  ", ", ".join(TRANSFORMS.names()))
+    print("rounding:    ", ", ".join(ROUNDINGS.names()))
     print(
         "data:        ",
         ", ".join(f"{n} ({'/'.join(TEXT_SOURCES.get(n).splits)})" for n in TEXT_SOURCES.names())

@@ -22,8 +22,9 @@ from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
 from qbench.quant.inventory import Inventory, inventory, linear_conv1d
-from qbench.quant.method import QuantizerConfig, quantized_targets
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.spec import KVQuant, divides_error
+from qbench.quant.steps import quantized_targets
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
 from qbench.versions import library_versions
 
@@ -138,9 +139,13 @@ def recipe_digest(recipe: Recipe) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): keys changed once
+
+
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
-    """The quantizer's fields but its name; kv only when set, so older keys stay valid."""
-    return quantizer.model_dump(exclude={"name"} if quantizer.kv else {"name", "kv"})
+    """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
+    version of that layout."""
+    return {"schema": QUANTIZER_SCHEMA, **quantizer.model_dump(exclude={"name", "method"})}
 
 
 def _at(source: Path, where: str, compute: Callable[[], T]) -> T:

@@ -13,8 +13,7 @@ from qbench.checkpoints.load import checkpoint_config, load_checkpoint
 from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
 from qbench.files import write_json_atomic
-from qbench.quant.method import QuantizerConfig
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig
 from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 
@@ -39,7 +38,7 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
     known = {q.name: q for q in recipe.quantizers} if recipe else {}
     if name in known and not known[name].diagnosable:
         raise QBenchError(
-            f"--quantizer '{name}': {known[name].method} keeps its weights packed in the "
+            f"--quantizer '{name}': {known[name].rounding.method} keeps its weights packed in the "
             "library's own storage, which the probe's SQNR does not read; give wXaY or an "
             "RTN-family quantizer"
         )
@@ -53,8 +52,9 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
         )
     weights, activations = (int(bits) for bits in match.groups())
     try:
-        return RTNConfig(
+        return QuantizerConfig(
             name=name,
+            method="rtn",
             weights={"bits": weights} if weights < 16 else None,
             activations={"bits": activations} if activations < 16 else None,
         )

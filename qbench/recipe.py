@@ -12,8 +12,6 @@ mapping is an error (checked in linear time).
 
 from __future__ import annotations
 
-import functools
-import operator
 import re
 import stat
 from dataclasses import dataclass
@@ -46,7 +44,8 @@ from qbench.data.sources import (
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.files import utf8_text
-from qbench.quant import METHODS
+from qbench.quant import QuantizerConfig
+from qbench.quant.steps import ROUNDINGS, TRANSFORMS
 from qbench.registry import did_you_mean
 from qbench.report.bootstrap import BootstrapSpec
 
@@ -363,23 +362,6 @@ class EvalSpec(StrictModel):
         return self
 
 
-def _known_method(data: Any) -> Any:
-    if isinstance(data, dict):
-        method = data.get("method")
-        if not isinstance(method, str):
-            problem = "is missing" if method is None else f"must be a name, not {method!r}"
-            raise ValueError(f"method: {problem}; known: {', '.join(METHODS.names())}")
-        _in_registry(METHODS, method)
-    return data
-
-
-Quantizer = Annotated[
-    functools.reduce(operator.or_, (METHODS.get(m) for m in METHODS)),
-    Field(discriminator="method"),
-    BeforeValidator(_known_method),
-]
-
-
 class GateSpec(StrictModel):
     """Regression thresholds: minimum recovery per metric (e.g. perplexity.wikitext2: 0.95)."""
 
@@ -428,7 +410,7 @@ class Recipe(StrictModel):
     name: str
     seed: Seed = 0
     checkpoints: list[CheckpointSpec] = Field(min_length=1)
-    quantizers: list[Quantizer] = Field(default_factory=list)
+    quantizers: list[QuantizerConfig] = Field(default_factory=list)
     eval: EvalSpec
     gate: GateSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -636,22 +618,50 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError("\n".join(f"{path}: {_describe(e)}" for e in error.errors())) from None
+        problems = (_describe(e, data) for e in error.errors())
+        raise RecipeError("\n".join(f"{path}: {p}" for p in problems)) from None
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
-    """('quantizers', 2, 'rtn', 'weights') -> 'quantizers[2].weights' (union tags dropped)."""
+    """('quantizers', 2, 'rounding', 'gptq', 'damp') -> 'quantizers[2].rounding.damp' (the
+    step names pydantic inserts for the tagged unions dropped)."""
     text = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):
             text += f"[{part}]"
-        elif not (i and isinstance(loc[i - 1], int) and part in METHODS):
+        elif not _union_tag(loc, i):
             text += f".{part}" if text else str(part)
     return text
 
 
-def _describe(error: dict[str, Any]) -> str:
-    where = field_path(error["loc"])
+def _union_tag(loc: tuple[Any, ...], i: int) -> bool:
+    previous = loc[i - 1] if i else None
+    if previous == "rounding":
+        return loc[i] in ROUNDINGS
+    return (
+        isinstance(previous, int) and i > 1 and loc[i - 2] == "transforms" and loc[i] in TRANSFORMS
+    )
+
+
+def _shorthand(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """A quantizer written with `method:` names its fields where the user wrote them:
+    ('quantizers', 0, 'rounding', 'bitsandbytes', 'threshold') -> ('quantizers', 0,
+    'threshold')."""
+    if len(loc) < 3 or loc[0] != "quantizers" or not isinstance(loc[1], int):
+        return loc
+    entries = data.get("quantizers") if isinstance(data, dict) else None
+    entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+    if not isinstance(entry, dict) or "method" not in entry:
+        return loc
+    if loc[2] == "rounding":
+        return loc[:2] + loc[4:]
+    if loc[2] == "transforms":
+        return loc[:2] + loc[5:]
+    return loc
+
+
+def _describe(error: dict[str, Any], data: Any = None) -> str:
+    where = field_path(_shorthand(error["loc"], data))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         message = "required field is missing"

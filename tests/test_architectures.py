@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from qbench.checkpoints.load import load_checkpoint
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import perplexity, windows_of
-from qbench.quant import METHODS, quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.inventory import inventory, linear_conv1d
 from qbench.quant.rotation import rotate
 from qbench.recipe import CheckpointSpec
@@ -27,7 +27,7 @@ ROUTER_NAMES = ("gate.weight", "router.weight", "shared_expert_gate.weight")
 
 
 def _config(**fields):
-    return METHODS.get(fields["method"]).model_validate({"name": "q", **fields})
+    return QuantizerConfig.model_validate({"name": "q", **fields})
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

@@ -22,7 +22,7 @@ from qbench.cli import main
 from qbench.errors import QBenchError
 from qbench.plan import plan
 from qbench.probe import quantizer_named
-from qbench.quant import METHODS, quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.spec import WeightQuant, fake_quant
 from qbench.recipe import RecipeError, load_recipe
 
@@ -30,7 +30,7 @@ CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 
 
 
 def _config(**fields):
-    return METHODS.get(fields["method"]).model_validate({"name": "q", **fields})
+    return QuantizerConfig.model_validate({"name": "q", **fields})
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

@@ -13,8 +13,7 @@ from transformers import AutoTokenizer
 from qbench.data.sources import load_text
 from qbench.eval.perplexity import perplexity
 from qbench.eval.tasks import evaluate_tasks
-from qbench.quant import METHODS, quantize_
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.spec import ActivationQuant, fake_quant
 
 # Every format with each granularity it takes (mxfp4: its 32-blocks only; nvfp4: the scope of
@@ -36,8 +35,8 @@ ACTIVATIONS = {
 }
 
 
-def _config(activations: dict) -> RTNConfig:
-    return RTNConfig.model_validate(
+def _config(activations: dict) -> QuantizerConfig:
+    return QuantizerConfig.model_validate(
         {"name": "q", "method": "rtn", "weights": {"bits": 8}, "activations": activations}
     )
 
@@ -142,7 +141,7 @@ def test_llm_int8_outlier_columns_are_chosen_per_sequence(qwen2):
 
     model, tokenizer = copy.deepcopy(qwen2[0]), qwen2[1]
     config = {"name": "q", "method": "bitsandbytes", "scheme": "int8", "threshold": 0.5}
-    quantize_(model, METHODS.get("bitsandbytes").model_validate(config))
+    quantize_(model, QuantizerConfig.model_validate(config))
     text = load_text("embedded", "test")
     scores = [
         perplexity(model, tokenizer, text, 32, batch, max_windows=8, progress=False).perplexity

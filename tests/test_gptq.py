@@ -7,11 +7,10 @@ import torch
 from transformers import AutoTokenizer
 
 from qbench.data.calibration import calibration_ids
-from qbench.quant import quantize_
-from qbench.quant.gptq import GPTQConfig, gptq_round
+from qbench.quant import QuantizerConfig, quantize_
+from qbench.quant.gptq import gptq_round
 from qbench.quant.linear import QuantLinear
 from qbench.quant.rotation import HadamardInput
-from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import WeightQuant, fake_quant
 
 CALIBRATION = {"data": "embedded", "sequences": 8, "seq_len": 32, "batch_size": 4}
@@ -55,13 +54,13 @@ def test_gptq_values_lie_on_the_rtn_grid_of_each_group():
 
 def test_gptq_model_layer_error_is_below_rtn_on_the_calibration_batch(tiny_model, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    gptq = GPTQConfig.model_validate(
+    gptq = QuantizerConfig.model_validate(
         {"name": "g", "method": "gptq", "weights": {"bits": 3}, "calibration": CALIBRATION}
     )
-    rtn = RTNConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
+    rtn = QuantizerConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
     fp = tiny_model("llama")
     torch.manual_seed(0)  # the batch GPTQ calibrates on
-    ids = calibration_ids(tokenizer, gptq.calibration)
+    ids = calibration_ids(tokenizer, gptq.rounding.calibration)
     layer = {"gate": fp.model.layers[0].mlp.gate_proj}
     x = torch.cat(_inputs_of(fp, layer["gate"], ids))
     errors = {}
@@ -94,7 +93,7 @@ def _layer_by_layer_gptq(model, config, ids):
         for name, linear in linears.items():
             x = inputs[name]
             hessian = 2 * x.T @ x / x.shape[0]
-            w = gptq_round(linear.weight, hessian, config.weights, config.damp, 128, False)
+            w = gptq_round(linear.weight, hessian, config.weights, config.rounding.damp, 128, False)
             quantized = QuantLinear(linear, config.weights, config.activations, rounded=w)
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, quantized)
@@ -105,12 +104,12 @@ def test_blockwise_gptq_equals_the_layer_by_layer_computation(tiny_model, tokeni
     """The blockwise flow (two block passes per block) rounds every weight as running the
     model from its embeddings for every layer does, within float tolerance."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTQConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {"name": "g", "method": "gptq", "weights": {"bits": 4}, "activations": {"bits": 8},
          "calibration": CALIBRATION}
     )  # fmt: skip
     torch.manual_seed(0)
-    ids = calibration_ids(tokenizer, config.calibration)
+    ids = calibration_ids(tokenizer, config.rounding.calibration)
     reference = _layer_by_layer_gptq(tiny_model("llama"), config, ids)
     torch.manual_seed(0)
     model = quantize_(tiny_model("llama"), config, tokenizer)
@@ -122,7 +121,7 @@ def test_blockwise_gptq_equals_the_layer_by_layer_computation(tiny_model, tokeni
 
 def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTQConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {
             "name": "quarot",
             "method": "gptq",
@@ -142,7 +141,9 @@ def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir)
 
 def test_gptq_needs_int_weights():
     with pytest.raises(ValueError, match="gptq rounds int weights"):
-        GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}})
+        QuantizerConfig.model_validate(
+            {"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}}
+        )
 
 
 def _reference_gptq(w, h, bits, group, blocksize, actorder, static_groups, damp=0.01):
@@ -206,17 +207,17 @@ def test_groups_follow_gptqs_reference_code(static_groups, act_order):
 
 def test_static_groups_needs_a_group():
     with pytest.raises(ValueError, match="static_groups applies to weights with a group"):
-        GPTQConfig.model_validate(
+        QuantizerConfig.model_validate(
             {"name": "g", "method": "gptq", "weights": {"bits": 4}, "static_groups": False}
         )
-    config = GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"bits": 4}})
-    assert config.static_groups
+    config = QuantizerConfig.model_validate({"name": "g", "method": "gptq", "weights": {"bits": 4}})
+    assert config.rounding.static_groups
 
 
 def test_gptq_rounds_the_embedding_when_asked(tiny_model, tokenizer_dir):
     """`embeddings: true` rounds the input embedding by RTN, as rtn does (it used to be ignored)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTQConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {
             "name": "g",
             "method": "gptq",

@@ -12,7 +12,7 @@ import torch
 from conftest import write_recipe
 from transformers import AutoTokenizer
 
-from qbench.quant import METHODS, quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.recipe import RecipeError, load_recipe
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 4}
@@ -25,6 +25,13 @@ GPTQ = {
     "weights": {"bits": 3, "group": 16},
     "block_size": 32,  # the reference's dynamic groups read W as of the last lazy block
     "calibration": CALIBRATION,
+}
+AWQ = {"method": "awq", "weights": {"bits": 3, "group": 16}, "calibration": CALIBRATION}
+PIPELINE = {
+    "transforms": [{"transform": "smoothquant", "calibration": CALIBRATION}],
+    "rounding": {"method": "gptq", "calibration": CALIBRATION},
+    "weights": {"bits": 8},
+    "activations": {"bits": 8},
 }
 BNB = {"method": "bitsandbytes", "scheme": "nf4"}
 QUANTO = {"method": "quanto", "weight_qtype": "qint4", "group": 32}
@@ -82,6 +89,14 @@ CHANGES = [
     (GPTQ, "embeddings", True),
     (GPTQ, "calibration.sequences", 8),
     (_with(W4, "method", "rotation"), "kv", {"bits": 4}),  # and the Q/K rotation
+    (AWQ, "grid", 4),
+    (AWQ, "duo_scaling", True),
+    (AWQ, "clip", False),
+    (AWQ, "max_shrink", 0.2),
+    (AWQ, "calibration.sequences", 8),
+    (PIPELINE, "transforms", ["rotation"]),
+    (PIPELINE, "rounding", "rtn"),
+    (PIPELINE, "rounding.damp", 0.5),
     (BNB, "scheme", "fp4"),
     (BNB, "blocksize", 32),
     (BNB, "double_quant", True),
@@ -124,13 +139,15 @@ def _quantized_logits(setting, config: dict) -> torch.Tensor:
     model = copy.deepcopy(model)
     spec = {"name": "q", **config}
     torch.manual_seed(0)
-    quantize_(model, METHODS.get(spec["method"]).model_validate(spec), tokenizer)
+    quantize_(model, QuantizerConfig.model_validate(spec), tokenizer)
     with torch.no_grad():
         return model(ids).logits
 
 
 @pytest.mark.parametrize(
-    ("base", "field", "value"), CHANGES, ids=[f"{b['method']}-{f}" for b, f, _ in CHANGES]
+    ("base", "field", "value"),
+    CHANGES,
+    ids=[f"{b.get('method', 'pipeline')}-{f}" for b, f, _ in CHANGES],
 )
 def test_every_option_changes_the_model(base, field, value, setting):
     changed = _with(base, field, value)

@@ -9,7 +9,7 @@ from conftest import family_model
 from torch import nn
 from transformers import AutoTokenizer
 
-from qbench.quant import METHODS
+from qbench.quant import QuantizerConfig
 from qbench.quant.inventory import linear_conv1d
 from qbench.quant.restore import Pristine
 
@@ -52,7 +52,7 @@ def test_restore_puts_back_modules_and_weights_bit_for_bit(
     modules = {n: type(m) for n, m in model.named_modules()}
     state, fp = _state(model), _logits(model)
     pristine = Pristine(model, tmp_path)
-    config = METHODS.get(fields["method"]).model_validate({"name": "q", **fields})
+    config = QuantizerConfig.model_validate({"name": "q", **fields})
     torch.manual_seed(0)
     config.apply(model, AutoTokenizer.from_pretrained(tokenizer_dir))
     assert not torch.equal(_logits(model), fp)

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_SHAPE, randomize
 
 from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
-from qbench.quant import quantize_
+from qbench.quant import QuantizerConfig, quantize_, quantizer
 from qbench.quant.hadamard import (
     HadamardTransform,
     fwht,
@@ -19,7 +19,7 @@ from qbench.quant.hadamard import (
 )
 from qbench.quant.kvcache import KVTransform
 from qbench.quant.linear import QuantLinear
-from qbench.quant.rotation import HadamardInput, RotationConfig, rotate
+from qbench.quant.rotation import HadamardInput, rotate
 
 EVERY_KIND = ["llama", "qwen2", "qwen3", "mistral", "qk-norm", *VARIANTS]
 # every width the tests and the shipped recipes rotate (stories260K: 64, 172, head_dim 8; the
@@ -194,7 +194,7 @@ def test_tied_embeddings_are_untied_and_logits_kept(tiny_model):
 
 def test_rotation_then_rtn_quantizes_inside_the_online_hadamard(tiny_model):
     model = tiny_model("llama")
-    config = RotationConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {
             "name": "r",
             "method": "rotation",
@@ -217,7 +217,8 @@ def test_a_rotated_cell_notes_the_matrix_of_each_width(tiny_model):
     model = tiny_model("llama")  # hidden 64, MLP 172, head_dim 16
     torch.manual_seed(0)
     with collecting() as notes:
-        quantize_(model, RotationConfig(name="r", weights={"bits": 4}, kv={"bits": 4}))
+        config = quantizer(name="r", method="rotation", weights={"bits": 4}, kv={"bits": 4})
+        quantize_(model, config)
     assert "rotation: width 172 rotated by compressed-tensors(172)" in notes
     assert "rotation: width 64 rotated by sylvester(64)" in notes
     assert "rotation: width 16 rotated by sylvester(16)" in notes  # Q/K, per head

@@ -8,10 +8,9 @@ from transformers import AutoTokenizer
 
 from qbench.checkpoints.model import VARIANTS
 from qbench.data.calibration import CalibrationSpec, calibration_ids
-from qbench.quant import quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.linear import QuantLinear
 from qbench.quant.smoothquant import (
-    SmoothQuantConfig,
     norm_output_absmax,
     smoothable_groups,
     smoothing_scales,
@@ -22,14 +21,14 @@ KINDS = ["llama", "qwen2", "qk-norm", *VARIANTS]
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32}
 
 
-def _config(**kw) -> SmoothQuantConfig:
+def _config(**kw) -> QuantizerConfig:
     base = {
         "name": "sq",
         "method": "smoothquant",
         "calibration": CALIBRATION,
         "weights": {"bits": 8},
     }
-    return SmoothQuantConfig.model_validate({**base, **kw})
+    return QuantizerConfig.model_validate({**base, **kw})
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

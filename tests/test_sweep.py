@@ -21,8 +21,7 @@ from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError
 from qbench.executors import RayExecutor, _cells_at_once, _check_resources
-from qbench.quant import gptq, smoothquant
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig, gptq, smoothquant
 from qbench.recipe import RecipeError, load_recipe
 from qbench.sweep import Job, plan_recipes, sweep
 
@@ -70,14 +69,14 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     text = FAULTS.replace("GOOD", str(llama_dir)).replace("BROKEN", str(nan_llama_dir))
     path = write_recipe(tmp_path / "faults.yaml", text)
     results = ["--results", str(tmp_path)]
-    real_quantize = RTNConfig.quantize
+    real_quantize = QuantizerConfig.quantize
 
     def quantize(self, model, tokenizer, before=None):
         if self.name == "boom":
             raise RuntimeError("boom: a simulated failure")
         return real_quantize(self, model, tokenizer, before)
 
-    monkeypatch.setattr(RTNConfig, "quantize", quantize)
+    monkeypatch.setattr(QuantizerConfig, "quantize", quantize)
     assert main(["run", str(path), *results, "--no-progress"]) == 1  # every cell ran
     records = _records(tmp_path, "faults")
     assert len(records) == 6
@@ -108,7 +107,7 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     assert "failed cell: broken/fp: NonFiniteMetricError" in gate
     assert "FAILED: 1 of 4 checks passed; 4 cells failed" in gate
 
-    monkeypatch.setattr(RTNConfig, "quantize", real_quantize)  # the cause of boom is fixed
+    monkeypatch.setattr(QuantizerConfig, "quantize", real_quantize)  # the cause of boom is fixed
     real_run_cell, ran = runner.run_cell, []
 
     def counting_run_cell(cell, *args, **kwargs):

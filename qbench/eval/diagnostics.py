@@ -41,8 +41,9 @@ from qbench.config import StrictModel
 from qbench.eval.perplexity import windows_of
 from qbench.quant.inventory import find_blocks, inventory, path_kind
 from qbench.quant.kvcache import eager_attention
-from qbench.quant.method import QuantizerConfig, quantized_targets
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.spec import fake_quant
+from qbench.quant.steps import quantized_targets
 
 TOP = 3
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text

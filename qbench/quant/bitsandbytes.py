@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -31,8 +31,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.quant.inventory import replace_module
-from qbench.quant.library import LibraryConfig
-from qbench.quant.method import METHODS
+from qbench.quant.library import LibraryRounding
+from qbench.quant.steps import Transform
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 FOUR_BIT_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 
@@ -63,8 +66,7 @@ def per_sequence_linear8bitlt() -> type[nn.Module]:
     return PerSequenceLinear8bitLt
 
 
-@METHODS.register("bitsandbytes")
-class BitsAndBytesConfig(LibraryConfig):
+class BitsAndBytes(LibraryRounding):
     """Every target linear becomes a bitsandbytes Linear8bitLt (int8) or Linear4bit."""
 
     PACKAGE: ClassVar[str] = "bitsandbytes"
@@ -78,7 +80,7 @@ class BitsAndBytesConfig(LibraryConfig):
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the model's
 
     @model_validator(mode="after")
-    def _fields_of_scheme(self) -> BitsAndBytesConfig:
+    def _fields_of_scheme(self) -> BitsAndBytes:
         given = self.model_fields_set
         if self.scheme == "int8" and (four_bit := [f for f in FOUR_BIT_FIELDS if f in given]):
             raise ValueError(f"{', '.join(four_bit)} applies to scheme nf4 / fp4, not int8: remove")
@@ -86,25 +88,31 @@ class BitsAndBytesConfig(LibraryConfig):
             raise ValueError(f"threshold is LLM.int8's (scheme int8), not {self.scheme}'s: remove")
         return self
 
-    def linear_bits(self) -> tuple[int, int]:
+    def linear_bits(self, quantizer: QuantizerConfig) -> tuple[int, int]:
         return (8, 8) if self.scheme == "int8" else (4, 16)
 
-    def linear_label(self) -> str:
+    def formats_label(self, quantizer: QuantizerConfig) -> str:
         if self.scheme == "int8":
             outliers = f" + fp16 cols over {self.threshold:g}" if self.threshold else ""
-            return f"bitsandbytes: int8 channel / int8 token{outliers}"
+            return f"int8 channel / int8 token{outliers}"
         extras = " double-quant" if self.double_quant else ""
         compute = f" ({self.compute_dtype})" if self.compute_dtype else ""
-        return f"bitsandbytes: {self.scheme} b{self.blocksize}{extras} / fp{compute}"
+        return f"{self.scheme} b{self.blocksize}{extras} / fp{compute}"
 
     def tokens_share_scales(self) -> str | None:
         if self.scheme == "int8" and self.threshold > 0:
             return "LLM.int8 picks its fp16 outlier columns over all tokens of a sequence"
         return None
 
-    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        label = self.linear_label().removeprefix("bitsandbytes: ").split(" / ")
-        for name, linear in self.library_linears(model).items():
+    def round(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
+        label = self.formats_label(quantizer).split(" / ")
+        for name, linear in self.library_linears(model, quantizer).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.
             module = module.to(linear.weight.device).train(linear.training)

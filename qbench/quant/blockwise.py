@@ -12,7 +12,7 @@ the model from its embeddings for every block takes L(L+1)/2.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -80,7 +80,22 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def observe(inputs: BlockInputs) -> None:
-    """Run the current block on its inputs once, for the hooks of whoever observes it."""
-    for _ in inputs.run():
-        pass
+def observe(
+    inputs: BlockInputs,
+    receives: dict[nn.Module, Callable[[torch.Tensor], None]] | None = None,
+    produces: dict[nn.Module, Callable[[torch.Tensor], None]] | None = None,
+) -> None:
+    """Run the current block on its inputs once; each module of `receives` hands its first
+    input, each of `produces` its output, to its callback (hooks removed afterwards)."""
+    handles = [
+        m.register_forward_pre_hook(lambda _, a, f=f: f(a[0])) for m, f in (receives or {}).items()
+    ]
+    handles += [
+        m.register_forward_hook(lambda _, __, y, f=f: f(y)) for m, f in (produces or {}).items()
+    ]
+    try:
+        for _ in inputs.run():
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()

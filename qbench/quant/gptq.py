@@ -11,7 +11,8 @@ a group's scale is computed when the column loop reaches its first column, from 
 updated so far (by every earlier lazy block, as the reference reads them), and with
 act-order the groups are consecutive columns in the permuted order.
 
-Decoder blocks are processed in order on cached inputs (qbench.quant.blockwise): block i's
+With `rotate: true` in the `method: gptq` shorthand, QuaRot's rotation (a transform) comes
+first. Decoder blocks are processed in order on cached inputs (qbench.quant.blockwise): block i's
 Hessians come from its inputs as the already rounded blocks 0..i-1 produce them, as GPTQ does,
 in two block passes per block. Every target of the inventory takes part: linears, routers
 when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
@@ -24,10 +25,10 @@ forward pass of the rounded model. Block 0's Hessians come from the fp model alo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -37,81 +38,77 @@ from qbench.quant.blockwise import BlockInputs, observe
 from qbench.quant.calibrate import forward_batches
 from qbench.quant.experts import set_input_step
 from qbench.quant.formats import int_clip
-from qbench.quant.hadamard import hadamard_versions
 from qbench.quant.integer import IntGrid, int_grid
 from qbench.quant.inventory import Target, inventory
 from qbench.quant.linear import round_target
-from qbench.quant.method import METHODS, quantized_targets
 from qbench.quant.notes import note
-from qbench.quant.rotation import rotate
-from qbench.quant.rtn import RTNConfig, round_embeddings
 from qbench.quant.spec import WeightQuant, fake_quant
+from qbench.quant.steps import Rounding, Transform, quantized_targets, transforms_key
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 Key = tuple[str, str]  # (target name, matrix label)
 
 
-@METHODS.register("gptq")
-class GPTQConfig(RTNConfig):
-    """GPTQ weights (int formats), RTN activations; `rotate: true` first applies QuaRot."""
+class GPTQ(Rounding):
+    """GPTQ weights (int formats), RTN activations."""
 
     method: Literal["gptq"] = "gptq"
-    rotate: bool = False
     damp: float = Field(default=0.01, gt=0)
     block_size: int = Field(default=128, ge=1)
     act_order: bool = False
     static_groups: bool = True
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
-    @model_validator(mode="after")
-    def _int_weights(self) -> GPTQConfig:
-        if self.weights is None or self.weights.format != "int":
-            raise ValueError("gptq rounds int weights: set weights: {bits: ...} (format int)")
-        if "static_groups" in self.model_fields_set and self.weights.group is None:
-            raise ValueError("static_groups applies to weights with a group: add weights.group")
-        return self
+    def problem_with(self, quantizer: QuantizerConfig) -> str | None:
+        if quantizer.weights is None or quantizer.weights.format != "int":
+            return "gptq rounds int weights: set weights: {bits: ...} (format int)"
+        if "static_groups" in self.model_fields_set and quantizer.weights.group is None:
+            return "static_groups applies to weights with a group: add weights.group"
+        return None
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        if self.rotate:
-            rotate(model, rotate_qk=self.kv is not None)
-
-    @property
-    def has_transform(self) -> bool:
-        return self.rotate
-
-    def versions(self) -> dict[str, str]:
-        return hadamard_versions() if self.rotate else {}
-
-    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def round(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
         if tokenizer is None:
             raise QBenchError("gptq calibrates on text: pass the checkpoint's tokenizer")
         ids = calibration_ids(tokenizer, self.calibration)
         found = inventory(model)
-        targets = quantized_targets(found, self)
+        targets = quantized_targets(found, quantizer)
         inputs = BlockInputs(model, found, ids, self.calibration.batch_size)
         for i in range(len(found.blocks)):
             block = {n: t for n, t in found.in_block(i).items() if n in targets}
-            shared = i == 0 and not self.rotate
 
             def compute(block: dict[str, Target] = block) -> dict[Key, torch.Tensor]:
                 return input_hessians(block, lambda: observe(inputs))
 
-            key = ("gptq.hessians", tuple(block), self.calibration.model_dump_json())
-            hessians = (
-                shared_statistic((*key, torch.initial_seed()), compute) if shared else compute()
-            )
-            self._round(model, block, hessians)
+            if i == 0:  # from the model as `before` left it: shared by the cells alike
+                key = ("gptq.hessians", tuple(block), self.calibration.model_dump_json())
+                key += (transforms_key(before), torch.initial_seed())
+                hessians = shared_statistic(key, compute)
+            else:
+                hessians = compute()
+            self._round(model, block, hessians, quantizer)
             inputs.advance()
         rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
         if rest:
             batch_size = self.calibration.batch_size
             hessians = input_hessians(rest, lambda: forward_batches(model, ids, batch_size))
-            self._round(model, rest, hessians)
-        if self.embeddings:
-            round_embeddings(model, self.weights)
+            self._round(model, rest, hessians, quantizer)
 
     def _round(
-        self, model: nn.Module, targets: dict[str, Target], hessians: dict[Key, torch.Tensor]
+        self,
+        model: nn.Module,
+        targets: dict[str, Target],
+        hessians: dict[Key, torch.Tensor],
+        quantizer: QuantizerConfig,
     ) -> None:
+        weights = quantizer.weights
         unreached = 0
         for name, target in targets.items():
             rounded = {}
@@ -119,13 +116,13 @@ class GPTQConfig(RTNConfig):
                 hessian = hessians.get((name, label))
                 if hessian is None:  # no calibration token reached this expert
                     unreached += 1
-                    rounded[label] = fake_quant(matrix.detach(), self.weights)
+                    rounded[label] = fake_quant(matrix.detach(), weights)
                     continue
                 rounded[label] = gptq_round(
-                    matrix.detach(), hessian, self.weights, self.damp, self.block_size,
+                    matrix.detach(), hessian, weights, self.damp, self.block_size,
                     self.act_order, self.static_groups,
                 )  # fmt: skip
-            round_target(model, target, self.weights, self.activations, rounded)
+            round_target(model, target, weights, quantizer.activations, rounded)
         if unreached:
             note(f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest")
 

@@ -34,7 +34,7 @@ and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -45,9 +45,12 @@ from qbench.quant.experts import set_input_step
 from qbench.quant.hadamard import HadamardTransform, hadamard_versions
 from qbench.quant.inventory import Target, replace_module
 from qbench.quant.kvcache import kv_sites
-from qbench.quant.method import METHODS, untie_word_embeddings
-from qbench.quant.rtn import RTNConfig
+from qbench.quant.rtn import untie_word_embeddings
+from qbench.quant.steps import Transform
 from qbench.quant.structure import NormGroup, Structure, probe_ids, trace_structure
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 # Relative L2 difference of the logits allowed between the model and its rotation, per dtype.
 LOSSLESS_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
@@ -94,17 +97,23 @@ class StreamRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
-@METHODS.register("rotation")
-class RotationConfig(RTNConfig):
-    """QuaRot's rotations (random Hadamard, online Hadamard before the writers), then RTN."""
+class Rotation(Transform):
+    """QuaRot's rotations (random Hadamard, online Hadamard before the writers); with a
+    quantized KV cache, queries and keys too."""
 
-    method: Literal["rotation"] = "rotation"
+    transform: Literal["rotation"] = "rotation"
 
     def versions(self) -> dict[str, str]:
         return hadamard_versions()
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        rotate(model, rotate_qk=self.kv is not None)
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
+        rotate(model, rotate_qk=quantizer.kv is not None)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ notes say how many; a model with no norm to smooth at all is refused.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -24,27 +24,35 @@ from transformers import PreTrainedTokenizerBase
 from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
 from qbench.quant.calibrate import forward_batches
-from qbench.quant.method import METHODS
 from qbench.quant.notes import note
-from qbench.quant.rtn import RTNConfig
+from qbench.quant.steps import Transform, transforms_key
 from qbench.quant.structure import NormGroup, probe_ids, trace_structure
 
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
-@METHODS.register("smoothquant")
-class SmoothQuantConfig(RTNConfig):
-    """SmoothQuant on the inputs of every residual norm's readers, then RTN in any format."""
 
-    method: Literal["smoothquant"] = "smoothquant"
+class SmoothQuant(Transform):
+    """SmoothQuant on the inputs of every residual norm's readers."""
+
+    transform: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(default=0.5, ge=0, le=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
         if tokenizer is None:
             raise QBenchError("smoothquant calibrates on text: pass the checkpoint's tokenizer")
         groups = smoothable_groups(model)
         ids = calibration_ids(tokenizer, self.calibration)
-        absmax = shared_statistic(  # of the fp model: shared by the checkpoint's smoothquant cells
-            ("smoothquant.absmax", self.calibration.model_dump_json(), torch.initial_seed()),
+        key = ("smoothquant.absmax", self.calibration.model_dump_json(), transforms_key(before))
+        absmax = shared_statistic(  # of the model as `before` left it: shared by cells alike
+            (*key, torch.initial_seed()),
             lambda: norm_output_absmax(model, groups, ids, self.calibration.batch_size),
         )
         for group, x_max in zip(groups, absmax, strict=True):

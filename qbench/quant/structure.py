@@ -39,6 +39,7 @@ EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 # How the trace follows a tensor through torch functions (by function name).
 _ADD = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_", "__isub__"}
 _SCALE = {"mul", "__mul__", "__rmul__", "mul_", "__imul__", "div", "__truediv__", "div_"}
+_GATE = {"mul", "__mul__", "__rmul__"}  # a linear's output times an activation: a gated MLP
 _SAME = {
     "view", "reshape", "flatten", "unflatten", "contiguous", "to", "float", "half", "bfloat16",
     "type", "type_as", "clone", "squeeze", "unsqueeze", "dropout", "__getitem__", "view_as",
@@ -102,6 +103,7 @@ class BlockStructure:
     writers: list[Target] = field(default_factory=list)
     writer_norms: list[tuple[str, nn.Module]] = field(default_factory=list)
     post_normed: list[Target] = field(default_factory=list)
+    gated_pairs: list[tuple[Target, Target]] = field(default_factory=list)
 
 
 @dataclass
@@ -183,6 +185,8 @@ class _State:
     sources: frozenset[str] = frozenset()  # targets / embeddings whose output it sums
     residual: bool = False  # it is the residual stream
     norm: str | None = None  # it is this norm's output (or a view of it)
+    gated: frozenset[str] = frozenset()  # targets whose output it is times a gate, elementwise
+    taint: frozenset[str] = frozenset()  # targets it was computed from through nonlinear ops
 
 
 @dataclass
@@ -233,11 +237,17 @@ class _Follow(TorchFunctionMode):
                 new = first
             elif _scalar_like(args[0], args[1]):
                 new = second
+            elif name in _GATE:
+                new = _gated(first, second)
         elif name in _SAME:
             new = first
         elif name in _ACCUMULATE and first is not None:
             source = trace.state(args[3]) if len(args) > 3 else None
             new = _State(first.sources | (source.sources if source else frozenset()))
+        if new is None:  # a nonlinear op: the result is computed from its inputs' sources
+            states = [trace.state(a) for a in args]
+            taint = frozenset().union(*(t.sources | t.taint for t in states if t is not None))
+            new = _State(taint=taint) if taint else None
         for item in out if isinstance(out, tuple | list) else (out,):
             if new is not None or trace.state(item) is not None:  # clears in-place results
                 trace.set(item, new or _State())
@@ -251,10 +261,19 @@ class _Follow(TorchFunctionMode):
                 trace.adds.append((trace.block, operand or _State()))
             trace.set(out, _State(residual=True))
             return
-        sources = (first.sources if first else frozenset()) | (
-            second.sources if second else frozenset()
-        )
-        trace.set(out, _State(sources))
+        states = [x for x in (first, second) if x is not None]
+        sources = frozenset().union(*(x.sources for x in states))
+        trace.set(out, _State(sources, taint=frozenset().union(*(x.taint for x in states))))
+
+
+def _gated(first: _State | None, second: _State | None) -> _State | None:
+    """The product of one linear's output and a gate computed from other tensors (not from that
+    linear: x * gelu'(x) is an activation, not a gate): gated by that linear."""
+    states = [first or _State(), second or _State()]
+    for state, other in (states, states[::-1]):
+        if len(state.sources) == 1 and not other.sources and not state.sources & other.taint:
+            return _State(gated=state.sources)
+    return None
 
 
 def _scalar_like(x: Any, other: Any) -> bool:
@@ -385,6 +404,10 @@ def _derive(
             groups[state.norm].readers.append(target)
         elif state.residual and index is not None:
             blocks[index].direct_readers.append(target)
+        elif state.gated and index is not None and isinstance(target.module, nn.Linear):
+            (producer,) = state.gated
+            if isinstance(inv.targets.get(producer, target).module, nn.Linear):
+                blocks[index].gated_pairs.append((inv.targets[producer], target))
         elif state.residual:
             head_readers.append(target)
     for index, operand in trace.adds:
