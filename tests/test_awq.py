@@ -108,3 +108,64 @@ def test_awq_then_rtn_loses_less_than_rtn_at_w3():
     awq(scaled, IDS, batch_size=4, weights=w3)
     error = {name: float((x - fp).norm()) for name, x in (("rtn", rtn), ("awq", rounded(scaled)))}
     assert error["awq"] < 0.9 * error["rtn"], error
+
+
+def test_a_scaling_that_changes_the_float_block_is_an_error(monkeypatch):
+    """The in-block check catches a scaling that is not lossless (here: up rows scaled, down
+    columns left as they were)."""
+    import qbench.quant.awq as awq_module
+    from qbench.errors import QBenchError
+
+    def broken(up, down, scales):
+        with torch.no_grad():
+            up.module.weight.div_(scales[:, None])
+
+    monkeypatch.setattr(awq_module, "scale_pair", broken)
+    model = family_model("llama")
+    with pytest.raises(QBenchError, match="awq: scaling decoder block 0 changed its float output"):
+        awq(model, IDS, batch_size=2, weights=W4G16, clip=False)
+
+
+def test_awq_cells_run_from_a_recipe(tmp_path, llama_dir):
+    """method: awq and awq+gptq spelled out: ok records, W4A16 labels, a transformed stage that
+    the clip moves away from fp (noted, not compared), all targets rounded."""
+    from conftest import write_recipe
+
+    from qbench.cli import main
+    from qbench.record import Record
+
+    calibration = "{data: embedded, sequences: 4, seq_len: 32, batch_size: 2}"
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+name: awq
+checkpoints: [{{name: llama, path: {llama_dir}}}]
+quantizers:
+  - {{name: awq, method: awq, weights: {{bits: 3, group: 4}}, calibration: {calibration}}}
+  - name: awq-gptq
+    transforms: [{{transform: awq, clip: false, calibration: {calibration}}}]
+    rounding: {{method: gptq, calibration: {calibration}}}
+    weights: {{bits: 3, group: 4}}
+eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 4}}]}}
+""",
+    )
+    results = tmp_path / "results"
+    assert main(["run", str(recipe), "--results", str(results), "--no-progress"]) == 0
+    files = (results / "awq" / "runs").glob("*.json")
+    records = {r.quantizer.name: r for r in map(Record.model_validate_json, map(_text, files))}
+    fp = records["fp"].metrics.perplexity["embedded"]
+    clipped, scaled = records["awq"], records["awq-gptq"]
+    assert clipped.precision == scaled.precision == "W3A16"
+    assert any("awq changes the float weights" in n for n in clipped.notes)
+    assert clipped.stages["transformed"]["perplexity"]["embedded"] != fp
+    transformed = scaled.stages["transformed"]["perplexity"]["embedded"]
+    assert transformed == pytest.approx(fp, rel=1e-4)  # clip: false is lossless and checked
+    for record in (clipped, scaled):
+        assert record.metrics.perplexity["embedded"] != fp
+        for kind in record.coverage["targeted"]:
+            rounded, total = record.coverage["kinds"][kind]["weights"]
+            assert rounded == total
+
+
+def _text(path) -> str:
+    return path.read_text()
