@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# tests never touch the network: set before transformers / huggingface_hub read their constants
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from transformers import (
@@ -15,9 +19,6 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
 )
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K"

@@ -306,14 +306,12 @@ def load_checkpoint(
         source = str(trained_checkpoint(spec_train_config(spec), progress))
     else:
         source = str(local_dir(spec)) if spec.path else spec.hf
+    hub = {"revision": revision, "local_files_only": offline()}  # offline: the hub cache only
     model = AutoModelForCausalLM.from_pretrained(
-        source,
-        revision=revision,
-        dtype=DTYPES[spec.dtype],
-        trust_remote_code=spec.trust_remote_code,
+        source, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **hub
     )
     tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=revision, trust_remote_code=spec.trust_remote_code
+        source, trust_remote_code=spec.trust_remote_code, **hub
     )
     linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     return model.to(device()).eval(), tokenizer
