@@ -55,7 +55,7 @@ class _ModuleState:
     children: dict
     parameters: dict
     buffers: dict
-    attributes: set[str]
+    attributes: dict  # plain attributes (a None that a module later replaced included)
     pre_hooks: dict
     hooks: dict
 
@@ -109,13 +109,16 @@ class Pristine:
         self.path.unlink(missing_ok=True)
 
 
+_TABLES = {"_modules", "_parameters", "_buffers", "_forward_pre_hooks", "_forward_hooks"}
+
+
 def _snapshot(module: nn.Module) -> _ModuleState:
     return _ModuleState(
         module,
         dict(module._modules),
         dict(module._parameters),
         dict(module._buffers),
-        set(vars(module)),
+        {k: v for k, v in vars(module).items() if k not in _TABLES},
         dict(module._forward_pre_hooks),
         dict(module._forward_hooks),
     )
@@ -123,8 +126,9 @@ def _snapshot(module: nn.Module) -> _ModuleState:
 
 def _put_back(state: _ModuleState) -> None:
     module = state.module
-    for extra in set(vars(module)) - state.attributes:
+    for extra in set(vars(module)) - state.attributes.keys() - _TABLES:
         delattr(module, extra)
+    vars(module).update(state.attributes)  # e.g. kv_transform = None, which a module replaced
     for table, saved in (
         (module._modules, state.children),
         (module._parameters, state.parameters),
