@@ -27,6 +27,7 @@ smoke: install
 
 test: install
 	$(BIN)/ruff check qbench tests bench
+	$(BIN)/ruff format --check qbench tests bench
 	$(BIN)/pytest
 
 lint: install
