@@ -181,3 +181,25 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 1}}]}}
     assert not sweep([planned], tmp_path / "results", progress=False).failed
     # block 0: one computation for the two plain cells, one for the two smoothed; block 1: 4
     assert calls == {"hessians": 2 + 4, "windows": 1}
+
+
+def _readme_quantizer_blocks() -> list[str]:
+    """The README's YAML blocks that list quantizers (items with a method or a rounding)."""
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in text.split("```yaml")[1:]]
+    return [
+        b for b in blocks if b.lstrip().startswith("- ") and ("method:" in b or "rounding:" in b)
+    ]
+
+
+@pytest.mark.parametrize("block", _readme_quantizer_blocks())
+def test_the_readmes_quantizer_examples_load(block, tmp_path, llama_dir):
+    items = "\n".join("  " + line for line in block.strip("\n").splitlines())
+    text = (
+        f"name: t\ncheckpoints: [{{name: a, path: {llama_dir}}}]\nquantizers:\n{items}\n"
+        "eval: {perplexity: [{data: embedded, seq_len: 32}]}\n"
+    )
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", text))
+    assert recipe.quantizers
