@@ -79,13 +79,18 @@ class CalibrationSpec(StrictModel):
         return self
 
 
-def calibration_ids(tokenizer: PreTrainedTokenizerBase, spec: CalibrationSpec) -> torch.Tensor:
+def calibration_ids(
+    tokenizer: PreTrainedTokenizerBase | None, spec: CalibrationSpec, step: str = "calibration"
+) -> torch.Tensor:
     """[sequences, seq_len] token windows at random offsets, as GPTQ.
 
     The offsets come from a generator seeded with torch.initial_seed() (the runner seeds
     every cell with the recipe's seed), so they do not depend on what drew random numbers
-    before (a rotation), and cells sharing a checkpoint share the windows.
+    before (a rotation), and cells sharing a checkpoint share the windows. QBenchError naming
+    `step` (the method calibrating) without a tokenizer.
     """
+    if tokenizer is None:
+        raise QBenchError(f"{step} calibrates on text: pass the checkpoint's tokenizer")
     key = ("calibration_ids", spec.model_dump_json(exclude={"batch_size"}), torch.initial_seed())
     return shared_statistic(key, lambda: _sample_windows(tokenizer, spec))
 

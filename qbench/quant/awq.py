@@ -85,9 +85,7 @@ class AWQ(Transform):
         quantizer: QuantizerConfig,
         before: tuple[Transform, ...],
     ) -> None:
-        if tokenizer is None:
-            raise QBenchError("awq calibrates on text: pass the checkpoint's tokenizer")
-        ids = calibration_ids(tokenizer, self.calibration)
+        ids = calibration_ids(tokenizer, self.calibration, "awq")
         awq(model, ids, self.calibration.batch_size, quantizer.weights, self.grid,
             self.duo_scaling, self.clip, self.max_shrink)  # fmt: skip
 

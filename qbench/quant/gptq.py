@@ -33,7 +33,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
-from qbench.errors import QBenchError
 from qbench.quant.blockwise import BlockInputs, observe
 from qbench.quant.calibrate import forward_batches
 from qbench.quant.experts import set_input_step
@@ -75,9 +74,7 @@ class GPTQ(Rounding):
         quantizer: QuantizerConfig,
         before: tuple[Transform, ...],
     ) -> None:
-        if tokenizer is None:
-            raise QBenchError("gptq calibrates on text: pass the checkpoint's tokenizer")
-        ids = calibration_ids(tokenizer, self.calibration)
+        ids = calibration_ids(tokenizer, self.calibration, "gptq")
         found = inventory(model)
         targets = quantized_targets(found, quantizer)
         inputs = BlockInputs(model, found, ids, self.calibration.batch_size)

@@ -25,7 +25,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.data.calibration import CalibrationSpec, calibration_ids
-from qbench.errors import QBenchError
 from qbench.quant.library import LibraryRounding
 from qbench.quant.steps import Transform
 
@@ -101,9 +100,7 @@ class Quanto(LibraryRounding):
             for name in names:  # read by quanto when it quantizes the weight (freeze)
                 model.get_submodule(name).weight_group_size = self.group
         if activations is not None:
-            if tokenizer is None:
-                raise QBenchError("quanto calibrates activations on text: pass the tokenizer")
-            ids = calibration_ids(tokenizer, self.calibration)
+            ids = calibration_ids(tokenizer, self.calibration, "quanto's activation_qtype")
             device = next(model.parameters()).device
             with torch.no_grad(), Calibration():
                 for batch in ids.split(self.calibration.batch_size):

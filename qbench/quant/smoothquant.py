@@ -46,10 +46,8 @@ class SmoothQuant(Transform):
         quantizer: QuantizerConfig,
         before: tuple[Transform, ...],
     ) -> None:
-        if tokenizer is None:
-            raise QBenchError("smoothquant calibrates on text: pass the checkpoint's tokenizer")
         groups = smoothable_groups(model)
-        ids = calibration_ids(tokenizer, self.calibration)
+        ids = calibration_ids(tokenizer, self.calibration, "smoothquant")
         key = ("smoothquant.absmax", self.calibration.model_dump_json(), transforms_key(before))
         absmax = shared_statistic(  # of the model as `before` left it: shared by cells alike
             (*key, torch.initial_seed()),
