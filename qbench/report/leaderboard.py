@@ -132,8 +132,10 @@ _ROUNDED_NOTE = [
 ]
 
 _STAGE_NOTE = [
-    "`transformed`: the float model after the method's transform (smoothing, rotation), before",
-    "rounding; it should equal fp, so transform error and rounding error show apart.",
+    "`transformed`: the float model after the method's transforms (smoothing, rotation, AWQ),",
+    "before rounding, so transform error and rounding error show apart. A lossless transform's",
+    "equals fp (a cell beyond 1e-3 relative in fp32 fails); AWQ's clip changes the float",
+    "weights by design, so an AWQ cell's differs (its scaling is checked lossless per block).",
 ]
 
 
