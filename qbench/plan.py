@@ -17,7 +17,8 @@ from typing import TypeVar
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from qbench.checkpoints.load import checkpoint_config, checkpoint_identity
+from qbench.checkpoints.dispatch import check_module_map
+from qbench.checkpoints.load import checkpoint_config, checkpoint_dtype, checkpoint_identity
 from qbench.data.sources import load_text, text_fingerprint
 from qbench.errors import QBenchError
 from qbench.eval.tasks import task_identity
@@ -74,6 +75,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
     for i, checkpoint in enumerate(recipe.checkpoints):
         where = f"checkpoints[{i}].{checkpoint.source_field}"
         config = _at(source, where, lambda c=checkpoint: checkpoint_config(c))
+        checkpoint = _resolved(source, i, checkpoint, config)
         _check_fits(recipe, source, checkpoint, config)
         identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
         for quantizer in [None, *recipe.quantizers]:
@@ -92,6 +94,21 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             blob = json.dumps(determinants, sort_keys=True).encode()
             cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
     return cells
+
+
+def _resolved(
+    source: Path, i: int, checkpoint: CheckpointSpec, config: PretrainedConfig
+) -> CheckpointSpec:
+    """The checkpoint with `dtype: auto` resolved from its config (so cells, keys and labels
+    name the dtype it loads in), its module device_map checked against the model."""
+    if isinstance(checkpoint.device_map, dict):
+        _at(
+            source,
+            f"checkpoints[{i}].device_map",
+            lambda: check_module_map(checkpoint.device_map, config, checkpoint.trust_remote_code),
+        )
+    dtype = _at(source, f"checkpoints[{i}].dtype", lambda: checkpoint_dtype(checkpoint, config))
+    return checkpoint.model_copy(update={"dtype": dtype})
 
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:

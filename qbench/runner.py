@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import check_quantizable, device_label
 from qbench.checkpoints.load import load_checkpoint
 from qbench.data.calibration import sharing_statistics
 from qbench.data.sources import load_text
@@ -171,6 +172,7 @@ def run_cell(
     torch.manual_seed(recipe.seed)
     stages, transformed_eval_s, fp_model = {}, 0.0, model
     if cell.quantizer is not None:
+        check_quantizable(model)
         model = copy.deepcopy(model)
         cell.quantizer.transform(model, tokenizer)
         if cell.quantizer.has_transform:  # the float model after smoothing / rotation
@@ -209,7 +211,7 @@ def run_cell(
             **tasks["details"],
         },
         "stages": stages,
-        "device": str(next(model.parameters()).device),
+        "device": device_label(model),
         "fast_quant": fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         "quantize_s": quantize_s,
         **_footer(cell, time.perf_counter() - start),

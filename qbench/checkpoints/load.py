@@ -1,4 +1,4 @@
-"""Checkpoints from the hub, a local HF directory, or trained here.
+"""Checkpoints from the hub, a local HF directory, trained here, or random from a config.
 
 Errors say what is wrong with the checkpoint's source; the planner prefixes the
 file and the field (e.g. `checkpoints[1].path`).
@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
+from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
 from qbench.checkpoints.train import TrainConfig, model_config, train_config, trained_checkpoint
 from qbench.errors import QBenchError
 from qbench.recipe import CheckpointSpec
@@ -51,6 +52,8 @@ def checkpoint_config(spec: CheckpointSpec) -> PretrainedConfig:
     """The model config, without loading (or training) any weights."""
     if spec.train is not None:
         return model_config(spec_train_config(spec))
+    if spec.random is not None:
+        return random_config(spec.random)
     source = local_dir(spec) if spec.path else spec.hf
     try:
         return AutoConfig.from_pretrained(
@@ -66,9 +69,11 @@ def checkpoint_config(spec: CheckpointSpec) -> PretrainedConfig:
 
 
 def checkpoint_identity(spec: CheckpointSpec) -> dict[str, str]:
-    """What identifies the weights in cache keys: train hash, file fingerprint or hub id."""
+    """What identifies the weights in cache keys: train / random hash, file fingerprint, hub id."""
     if spec.train is not None:
         return {"train": spec_train_config(spec).digest()}
+    if spec.random is not None:
+        return {"random": random_digest(spec.random, random_config(spec.random))}
     if spec.hf is not None:
         return {"hf": spec.hf, "revision": spec.revision or "main"}
     return {"path_fingerprint": directory_fingerprint(local_dir(spec))}
@@ -87,21 +92,52 @@ def directory_fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def checkpoint_dtype(spec: CheckpointSpec, config: PretrainedConfig) -> str:
+    """The dtype the checkpoint loads in: `spec.dtype`, or for `auto` the config's own.
+
+    A trained checkpoint is float32 (the trainer's). Raises QBenchError when `auto` finds no
+    dtype in config.json or one qbench does not evaluate in.
+    """
+    if spec.dtype != "auto":
+        return spec.dtype
+    if spec.train is not None:
+        return "float32"
+    dtype = config.dtype
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name not in DTYPES:
+        found = f"names {name}" if name else "names no dtype (torch_dtype / dtype)"
+        raise QBenchError(
+            f"dtype auto: the checkpoint's config {found}; give dtype: {' | '.join(DTYPES)}"
+        )
+    return name
+
+
 def load_checkpoint(
     spec: CheckpointSpec, progress: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model (eval mode, on the default device) and tokenizer; train first if needed."""
+    """Load model (eval mode) and tokenizer; train or build a random one first if needed.
+
+    Without a device_map the model goes to the default device (CUDA if any); with one,
+    accelerate places (and offloads) its modules and the model is not moved.
+    """
     if spec.train is not None:
         source = str(trained_checkpoint(spec_train_config(spec), progress))
+    elif spec.random is not None:
+        source = str(random_checkpoint(spec.random, progress))
     else:
         source = str(local_dir(spec)) if spec.path else spec.hf
+    dtype = spec.dtype if spec.dtype != "auto" else checkpoint_dtype(spec, checkpoint_config(spec))
     model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=spec.revision,
-        dtype=DTYPES[spec.dtype],
+        dtype=DTYPES[dtype],
         trust_remote_code=spec.trust_remote_code,
+        device_map=spec.device_map,
+        offload_folder=spec.offload_folder,
     )
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
-    return model.to(device()).eval(), tokenizer
+    if spec.device_map is None:
+        model.to(device())
+    return model.eval(), tokenizer

@@ -36,6 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.config import StrictModel
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
@@ -79,7 +80,7 @@ def diagnose(
 ) -> Diagnostics:
     """Outlier figures of `model` on `ids`; with `quantizer`, per-linear SQNR measured on
     `fp_model` (the unquantized model; `model` itself when not given)."""
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(input_device(model))
     layers = decoder_layers(model)
     hidden: dict[int, dict[str, Any]] = {}
     spikes: dict[int, dict[str, Any]] = {}
@@ -167,7 +168,7 @@ def layer_sqnr(
         rounded = QuantLinear(linear, quantizer.weights, quantizer.activations)
         hooks.append((linear, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x)))))
     with _hooked(hooks):
-        model(input_ids=ids.to(next(model.parameters()).device))
+        model(input_ids=ids.to(input_device(model)))
     return results
 
 

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
 
 CONVENTION = (
@@ -55,7 +56,7 @@ def perplexity(
     """Mean next-token NLL over every window, batched; the first token of a window has no target."""
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     windows = windows_of(ids, seq_len, max_windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total = 0.0
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)

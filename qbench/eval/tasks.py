@@ -35,6 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
@@ -314,6 +315,7 @@ def evaluate_tasks(
     runs = []
     with _lm_eval_quiet(progress):
         hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
+        hflm._device = input_device(model)  # HFLM takes model.device: meta if dispatched/offloaded
         computed = _count_computed(hflm)
         lm = CachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
         try:
