@@ -82,8 +82,17 @@ class TrainSpec(StrictModel):
 SOURCES = ("hf", "path", "train", "random")
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _check_device_map(device_map: Any) -> Any:
     """A strategy name, or module name -> GPU index, "cuda[:i]", "cpu" or "disk"."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        hint = did_you_mean(device_map, list(DEVICE_MAP_STRATEGIES))
+        raise ValueError(
+            f"'{device_map}' is no device_map strategy{hint}; use "
+            f"{', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of module names to devices"
+        )
     for module, where in device_map.items() if isinstance(device_map, dict) else ():
         gpu = isinstance(where, int) and not isinstance(where, bool) and where >= 0
         named = isinstance(where, str) and re.fullmatch(r"cpu|disk|cuda(:\d+)?", where)
@@ -113,10 +122,9 @@ class CheckpointSpec(StrictModel):
     train: TrainSpec | None = None
     random: RandomSpec | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    device_map: Annotated[
-        Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None,
-        BeforeValidator(_check_device_map),
-    ] = None
+    device_map: Annotated[str | dict[str, int | str] | None, BeforeValidator(_check_device_map)] = (
+        None
+    )
     offload_folder: str | None = None
     trust_remote_code: bool = False
     group: str | None = None

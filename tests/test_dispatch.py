@@ -1,0 +1,129 @@
+"""Checkpoints dispatched by a device_map: evaluation equals the whole model's, quantizers that
+would meet offloaded weights refuse, and bad maps fail at plan time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_recipe
+
+from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.load import load_checkpoint
+from qbench.plan import plan
+from qbench.recipe import RecipeError, load_recipe
+from qbench.runner import Worker
+from qbench.store import FAILED, OK
+
+LAYERS = 4
+RANDOM = (
+    "{model_type: llama, hidden_size: 64, intermediate_size: 172, num_hidden_layers: 4, "
+    "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 600, seed: 1}"
+)
+# The embedding and the second half of the decoder blocks on disk, the rest on the CPU.
+HALF_ON_DISK = {
+    "model.embed_tokens": "disk",
+    **{f"model.layers.{i}": "cpu" if i < LAYERS // 2 else "disk" for i in range(LAYERS)},
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+# Float tolerance of a dispatched model's metrics against the whole model's: the same kernels
+# run on the same weights (loaded by the hooks from the same safetensors file), so they agree
+# to float32 rounding of the final sum; measured here: identical.
+RELATIVE_TOLERANCE = 1e-6
+
+
+def _recipe(tmp_path, device_map: str, quantizers: str = "[]"):
+    text = (
+        "name: d\ncheckpoints:\n"
+        f"  - {{name: whole, random: {RANDOM}}}\n"
+        f"  - {{name: dispatched, random: {RANDOM}, device_map: {device_map}, "
+        f"offload_folder: {tmp_path / 'offload'}}}\n"
+        f"quantizers: {quantizers}\n"
+        "eval:\n  perplexity: [{data: embedded, seq_len: 128, max_windows: 6}]\n"
+        "  tasks: [{name: embedded_mc, limit: 12}]\n"
+        "  task_options: {batch_size: 4, bootstrap_iters: 0}\n"
+    )
+    path = write_recipe(tmp_path / "d.yaml", text)
+    return load_recipe(path), plan(load_recipe(path), path)
+
+
+def _map_text(device_map: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in device_map.items()) + "}"
+
+
+def test_half_the_blocks_on_disk_give_the_whole_models_numbers(tmp_path):
+    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK))
+    worker = Worker(progress=False)
+    whole, dispatched = (worker.execute(c, recipe, tmp_path / "results") for c in cells)
+    assert whole["status"] == dispatched["status"] == OK
+    ppl, ppl_dispatched = (r["metrics"]["perplexity"]["embedded"] for r in (whole, dispatched))
+    assert ppl_dispatched == pytest.approx(ppl, rel=RELATIVE_TOLERANCE)
+    tasks, tasks_dispatched = (r["details"]["tasks"]["embedded_mc"] for r in (whole, dispatched))
+    assert tasks["samples"] == tasks_dispatched["samples"] == 12
+    for metric in ("acc", "acc_norm"):
+        assert tasks_dispatched["metrics"][metric] == tasks["metrics"][metric]
+    assert whole["device"] == "cpu" and dispatched["device"] == "device_map: cpu, disk"
+
+
+def test_offloaded_modules_hold_no_weights_and_inputs_go_to_the_execution_device(tmp_path):
+    _, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK))
+    model, _ = load_checkpoint(cells[1].checkpoint, progress=False)
+    offloaded = offloaded_modules(model)
+    assert "model.embed_tokens" in offloaded and "model.layers.3.mlp.down_proj" in offloaded
+    assert not any(name.startswith("model.layers.0.") for name in offloaded)
+    assert model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "cpu"
+    assert model.device.type == "meta" and input_device(model) == torch.device("cpu")
+
+
+def test_a_quantized_cell_on_offloaded_weights_fails_with_the_reason(tmp_path):
+    quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
+    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
+    worker = Worker(progress=False)
+    records = {
+        (c.checkpoint.name, c.quantizer_name): worker.execute(c, recipe, tmp_path / "r")
+        for c in cells
+        if c.checkpoint.name == "dispatched"
+    }
+    assert records["dispatched", "fp"]["status"] == OK
+    failed = records["dispatched", "w4a4"]
+    assert failed["status"] == FAILED and failed["error"]["type"] == "QBenchError"
+    assert "offloads 19 modules to cpu/disk" in failed["error"]["message"]
+    assert "evaluate it unquantized (fp) only" in failed["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("device_map", "message"),
+    [
+        (
+            "{model.embed_tokens: cpu, model.layer.0: cpu}",
+            r"checkpoints\[1\]\.device_map: 'model.layer.0' is no module .*"
+            r"did you mean 'model.layers.0'",
+        ),
+        (
+            "{model.embed_tokens: cpu, lm_head: cpu}",
+            r"checkpoints\[1\]\.device_map: The device_map provided does not give any device "
+            r"for the following parameters: model.layers.0",
+        ),
+        ("{model: gpu}", r"checkpoints\[1\]\.device_map: 'model': 'gpu' is not a device"),
+        ("fastest", r"checkpoints\[1\]\.device_map: .fastest. is no device_map strategy; use auto"),
+    ],
+)
+def test_bad_device_maps_fail_at_plan_time(tmp_path, device_map, message):
+    with pytest.raises(RecipeError, match=message):
+        _recipe(tmp_path, device_map)
+
+
+def test_offload_folder_goes_with_a_disk_map(tmp_path):
+    base = "name: d\neval: {perplexity: [{data: embedded, seq_len: 64}]}\ncheckpoints: "
+    no_folder = write_recipe(
+        tmp_path / "a.yaml", base + f"[{{name: m, random: {RANDOM}, device_map: {{'': disk}}}}]"
+    )
+    with pytest.raises(RecipeError, match=r"checkpoints\[0\]: device_map offloads to disk: give"):
+        load_recipe(no_folder)
+    no_map = write_recipe(
+        tmp_path / "b.yaml", base + f"[{{name: m, random: {RANDOM}, offload_folder: x}}]"
+    )
+    with pytest.raises(RecipeError, match=r"offload_folder: applies with a device_map only"):
+        load_recipe(no_map)
