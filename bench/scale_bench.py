@@ -7,9 +7,9 @@
    0..i from the embeddings, gives 16*17 / (4*5) = 13.6 block forwards.
 2. block: time of each method on one 7B-shaped decoder block (Llama-2-7B: hidden 4096, MLP
    11008, 32 heads) on this machine, and an estimate for a 32-block model:
-   32 x (its time - its block forwards x one forward's time) + the block forwards it runs on
-   32 blocks (counted on a narrow 32-block model) x one forward's time. Embeddings and lm_head
-   (vocabulary 2048 here) are negligible.
+   32 x (its time - the time inside its block forwards) + the block forwards it runs on 32
+   blocks (counted on a narrow 32-block model) x the time of one of its block forwards.
+   Embeddings and lm_head (vocabulary 2048 here) are negligible.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/scale_bench.py [--only depth|block]
         [--width 256] [--sequences 16 --seq-len 128]
@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from common import describe, seconds, table
@@ -30,7 +31,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from qbench.checkpoints.load import device
 from qbench.checkpoints.train import PRESETS, train_tokenizer
-from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.data.sources import embedded_rows
 from qbench.quant import METHODS, quantize_
 
@@ -79,28 +79,45 @@ def llama(hidden: int, mlp: int, heads: int, layers: int, vocab: int) -> LlamaFo
     return LlamaForCausalLM(config).to(device()).eval()
 
 
+@dataclass
+class Forwards:
+    """Decoder-block forward calls (one per block and calibration batch) and their seconds,
+    the calibration hooks inside them included."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+
 @contextlib.contextmanager
-def block_forwards(model: nn.Module) -> Iterator[list[int]]:
-    """Count the decoder blocks' forward calls inside the block (one per block and batch)."""
-    count = [0]
-    hooks = [
-        layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-        for layer in model.model.layers
-    ]
+def block_forwards(model: nn.Module) -> Iterator[Forwards]:
+    """Count and time the decoder blocks' forward calls inside the `with` block."""
+    forwards, starts = Forwards(), []
+
+    def before(*_: object) -> None:
+        forwards.count += 1
+        starts.append(time.perf_counter())
+
+    def after(*_: object) -> None:
+        forwards.seconds += time.perf_counter() - starts.pop()
+
+    hooks = [hook for layer in model.model.layers for hook in (
+        layer.register_forward_pre_hook(before), layer.register_forward_hook(after))]  # fmt: skip
     try:
-        yield count
+        yield forwards
     finally:
         for hook in hooks:
             hook.remove()
 
 
-def quantize(model: nn.Module, name: str, config: dict, tokenizer: PreTrainedTokenizerBase):
+def quantize(
+    model: nn.Module, name: str, config: dict, tokenizer: PreTrainedTokenizerBase
+) -> tuple[float, Forwards]:
     """(seconds, block forwards) of quantizing a copy of `model` with `config`."""
     spec = METHODS.get(config["method"]).model_validate({"name": name.replace(" ", "-"), **config})
     work = copy.deepcopy(model)
-    with block_forwards(work) as count:
+    with block_forwards(work) as forwards:
         elapsed = seconds(lambda: quantize_(work, spec, tokenizer))
-    return elapsed, count[0]
+    return elapsed, forwards
 
 
 def depth_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -108,27 +125,29 @@ def depth_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     chosen = {
         k: v for k, v in methods(calibration).items() if k in ("gptq w4a16", "smoothquant w8a8")
     }
-    figures: dict[str, dict[int, tuple[float, int]]] = {name: {} for name in chosen}
+    figures: dict[str, dict[int, tuple[float, Forwards]]] = {name: {} for name in chosen}
     for layers in (4, 8, 16):
         model = llama(args.width, 3 * args.width, args.width // 64, layers, len(tokenizer))
         for name, config in chosen.items():
+            if layers == 4:  # warm-up: first calls (tokenizing the text, kernels) not timed
+                quantize(model, name, config, tokenizer)
             figures[name][layers] = quantize(model, name, config, tokenizer)
     rows = []
     for name, by_depth in figures.items():
-        (t4, p4), (t8, p8), (t16, p16) = (by_depth[d] for d in (4, 8, 16))
+        (t4, f4), (t8, f8), (t16, f16) = (by_depth[d] for d in (4, 8, 16))
         rows.append(
             [
                 name,
-                f"{t4:.2f}",
-                f"{t8:.2f}",
-                f"{t16:.2f}",
+                f"{t4:.1f} / {t8:.1f} / {t16:.1f}",
                 f"{t16 / t4:.1f}",
-                f"{p4} / {p8} / {p16}",
-                f"{p16 / p4:.1f}",
+                f"{f4.count} / {f8.count} / {f16.count}",
+                f"{f16.count / f4.count:.1f}",
+                f"{f4.seconds:.1f} / {f8.seconds:.1f} / {f16.seconds:.1f}",
+                f"{f16.seconds / f4.seconds:.1f}",
             ]
         )
-    header = ["method", "4 blocks s", "8 blocks s", "16 blocks s", "time 16 / 4",
-              "block forwards 4 / 8 / 16", "forwards 16 / 4"]  # fmt: skip
+    header = ["method", "time s (4 / 8 / 16 blocks)", "time 16 / 4", "block forwards",
+              "forwards 16 / 4", "in block forwards s", "16 / 4"]  # fmt: skip
     title = (f"1. Calibration vs depth: width {args.width}, MLP {3 * args.width}, "
              f"{args.sequences} x {args.seq_len} calibration tokens (linear: 4.0)")  # fmt: skip
     table(title, header, rows)
@@ -138,23 +157,19 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     calibration = {"data": "embedded", "sequences": args.sequences, "seq_len": args.seq_len}
     model = llama(4096, 11008, 32, 1, len(tokenizer))
     print(describe(model))
-    spec = CalibrationSpec.model_validate(calibration)
-    batch = calibration_ids(tokenizer, spec)[: spec.batch_size].to(device())
-    with torch.no_grad():
-        forward = statistics.median(seconds(lambda: model(batch)) for _ in range(3))
-    narrow = {layers: llama(64, 172, 4, layers, len(tokenizer)) for layers in (1, 32)}
+    narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks
     rows = []
     for name, config in methods(calibration).items():
-        elapsed, passes = quantize(model, name, config, tokenizer)
-        passes_32 = quantize(narrow[32], name, config, tokenizer)[1]
-        estimate = 32 * (elapsed - passes * forward) + passes_32 * forward
-        rows.append([name, f"{elapsed:.1f}", str(passes), str(passes_32),
-                     f"{estimate:.0f} s = {estimate / 60:.1f} min"])  # fmt: skip
-    header = ["method", "1 block s", "block forwards", "block forwards, 32 blocks",
+        elapsed, forwards = quantize(model, name, config, tokenizer)
+        per_forward = forwards.seconds / forwards.count if forwards.count else 0.0
+        passes_32 = quantize(narrow, name, config, tokenizer)[1].count
+        estimate = 32 * (elapsed - forwards.seconds) + passes_32 * per_forward
+        rows.append([name, f"{elapsed:.1f}", f"{forwards.count} ({forwards.seconds:.1f} s)",
+                     str(passes_32), f"{estimate:.0f} s = {estimate / 60:.1f} min"])  # fmt: skip
+    header = ["method", "1 block s", "block forwards (their s)", "block forwards, 32 blocks",
               "estimate for 32 blocks"]  # fmt: skip
     title = (f"2. One 7B-shaped block (4096 / 11008 / 32 heads), {args.sequences} x "
-             f"{args.seq_len} calibration tokens; one block forward on a batch of "
-             f"{len(batch)}: {forward:.2f} s")  # fmt: skip
+             f"{args.seq_len} calibration tokens")  # fmt: skip
     table(title, header, rows)
 
 
