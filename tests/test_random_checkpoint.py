@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, TINY_SHAPE, write_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from qbench.checkpoints import random as random_source
@@ -14,15 +14,7 @@ from qbench.eval.diagnostics import diagnose
 from qbench.plan import plan
 from qbench.recipe import CheckpointSpec, RecipeError, load_recipe
 
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=600,
-    max_position_embeddings=256,
-)
+SHAPE = TINY_SHAPE  # vocabulary 300: the tokenizer takes all of it
 QWEN3_06B = REPO / "recipes" / "configs" / "qwen3-0.6b.json"
 
 
@@ -38,7 +30,7 @@ def test_weights_are_transformers_from_config_after_seeding():
     state = model.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k].cpu(), expected[k]) for k in expected)
-    assert len(tokenizer) == 600  # min(vocab_size, 4096): every token id has an embedding
+    assert len(tokenizer) == 300  # min(vocab_size, 4096): every token id has an embedding
     ids = tokenizer("The quick brown fox.", return_tensors="pt").input_ids
     assert int(ids.max()) < model.config.vocab_size
 
@@ -51,6 +43,9 @@ def test_built_once_and_keyed_by_seed(monkeypatch):
     assert (first / "config.json").is_file() and (first / "tokenizer.json").is_file()
     assert checkpoint_identity(spec(seed=1)) != checkpoint_identity(spec())
     assert checkpoint_identity(spec(hidden_size=128)) != checkpoint_identity(spec())
+    assert checkpoint_identity(spec(massive_channel={"dim": 1, "scale": 2})) != checkpoint_identity(
+        spec()
+    )
 
 
 def test_massive_channel_scales_one_embedding_column_and_shows_as_the_top_dim():
