@@ -140,6 +140,7 @@ def depth_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
             if layers == 4:  # warm-up: first calls (tokenizing the text, kernels) not timed
                 quantize(model, name, config, tokenizer)
             figures[name][layers] = quantize(model, name, config, tokenizer)
+            print(f"  {name}, {layers} blocks: {figures[name][layers][0]:.1f} s", flush=True)
     rows = []
     for name, by_depth in figures.items():
         (t4, f4), (t8, f8), (t16, f16) = (by_depth[d] for d in (4, 8, 16))
@@ -172,6 +173,7 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
         per_forward = forwards.seconds / forwards.count if forwards.count else 0.0
         passes_32 = quantize(narrow, name, config, tokenizer)[1].count
         estimate = 32 * (elapsed - forwards.seconds) + passes_32 * per_forward
+        print(f"  {name}: {elapsed:.1f} s", flush=True)
         rows.append([name, f"{elapsed:.1f}", f"{forwards.count} ({forwards.seconds:.1f} s)",
                      str(passes_32), f"{estimate:.0f} s = {estimate / 60:.1f} min"])  # fmt: skip
     header = ["method", "1 block s", "block forwards (their s)", "block forwards, 32 blocks",
