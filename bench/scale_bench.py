@@ -6,10 +6,11 @@
    16 / 4 of both. Linear in depth gives 4; GPTQ, which calibrates block i by running blocks
    0..i from the embeddings, gives 16*17 / (4*5) = 13.6 block forwards.
 2. block: time of each method on one 7B-shaped decoder block (Llama-2-7B: hidden 4096, MLP
-   11008, 32 heads) on this machine, and an estimate for a 32-block model:
-   32 x (its time - the time inside its block forwards) + the block forwards it runs on 32
-   blocks (counted on a narrow 32-block model) x the time of one of its block forwards.
-   Embeddings and lm_head (vocabulary 2048 here) are negligible.
+   11008, 32 heads) on this machine, and an estimate for a 32-block model: 32 x its time on
+   one block (its own calibration forwards and hooks, rounding, transforms) + the forwards it
+   runs through blocks before the one it calibrates (the block forwards counted on a narrow
+   32-block model, less 32 x those on one block) x a plain block forward's time. Embeddings
+   and lm_head (vocabulary 2048 here) are negligible.
 Each time is the fastest of up to 3 runs, repeated while they took under 30 s together.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/scale_bench.py [--only depth|block]
@@ -32,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from qbench.checkpoints.load import device
 from qbench.checkpoints.train import PRESETS, train_tokenizer
+from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.data.sources import embedded_rows
 from qbench.quant import METHODS, quantize_
 
@@ -166,20 +168,25 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     calibration = {"data": "embedded", "sequences": args.sequences, "seq_len": args.seq_len}
     model = llama(4096, 11008, 32, 1, len(tokenizer))
     print(describe(model))
+    spec = CalibrationSpec.model_validate(calibration)
+    batch = calibration_ids(tokenizer, spec)[: spec.batch_size].to(device())
+    with torch.no_grad():
+        plain = min(seconds(lambda: model(batch)) for _ in range(3))
     narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks
     rows = []
     for name, config in methods(calibration).items():
         elapsed, forwards = quantize(model, name, config, tokenizer)
-        per_forward = forwards.seconds / forwards.count if forwards.count else 0.0
         passes_32 = quantize(narrow, name, config, tokenizer)[1].count
-        estimate = 32 * (elapsed - forwards.seconds) + passes_32 * per_forward
+        extra = passes_32 - 32 * forwards.count  # forwards through the blocks before block i
+        estimate = 32 * elapsed + extra * plain
         print(f"  {name}: {elapsed:.1f} s", flush=True)
         rows.append([name, f"{elapsed:.1f}", f"{forwards.count} ({forwards.seconds:.1f} s)",
                      str(passes_32), f"{estimate:.0f} s = {estimate / 60:.1f} min"])  # fmt: skip
     header = ["method", "1 block s", "block forwards (their s)", "block forwards, 32 blocks",
               "estimate for 32 blocks"]  # fmt: skip
     title = (f"2. One 7B-shaped block (4096 / 11008 / 32 heads), {args.sequences} x "
-             f"{args.seq_len} calibration tokens")  # fmt: skip
+             f"{args.seq_len} calibration tokens; a plain block forward on a batch of "
+             f"{len(batch)} sequences: {plain:.2f} s")  # fmt: skip
     table(title, header, rows)
 
 
