@@ -44,8 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.data.sources import load_text
 from qbench.eval.perplexity import Perplexity, perplexity, windows_of
-from qbench.quant import quantize_
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig, quantize_
 
 FORMATS = {"int4": {"bits": 4}, "nvfp4": {"format": "nvfp4"}, "mxfp4": {"format": "mxfp4"}}
 
@@ -142,7 +141,7 @@ def main() -> None:
     rows = [["fp", "-", *measure(model, tokenizer, text, args)]]
     for name in args.formats:
         fmt = FORMATS[name]
-        config = RTNConfig(name=name, weights=fmt, activations=fmt)
+        config = QuantizerConfig(name=name, method="rtn", weights=fmt, activations=fmt)
         quantized = quantize_(copy.deepcopy(model), config)
         for mode, path in (("0", "reference"), ("1", "fast")):
             with fast_quant(mode):

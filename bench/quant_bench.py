@@ -44,7 +44,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
-from qbench.quant import METHODS, fused, quantize_
+from qbench.quant import fused, quantize_, quantizer
 from qbench.quant.spec import ActivationQuant, fake_quant
 
 FORMATS = {
@@ -114,7 +114,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def quantized(model: nn.Module, config: dict, tokenizer: object) -> tuple[nn.Module, float]:
-    spec = METHODS.get(config["method"]).model_validate({"name": "bench", **config})
+    spec = quantizer(name="bench", **config)
     torch.manual_seed(0)
     start = time.perf_counter()
     result = quantize_(copy.deepcopy(model), spec, tokenizer)

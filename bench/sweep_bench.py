@@ -221,6 +221,7 @@ def measure_recipe(recipe: Path, results: Path, scale_down: bool) -> None:
 
 def measure_executors(folder: Path, checkpoint: Path) -> None:
     from qbench.executors import make_executor
+    from qbench.store import load_table
     from qbench.sweep import plan_recipes, sweep
 
     eval_ = "{perplexity: [{data: embedded, seq_len: 128, max_windows: 16}]}"
@@ -233,12 +234,10 @@ def measure_executors(folder: Path, checkpoint: Path) -> None:
         tally = sweep(planned, folder / executor, make_executor(executor), progress=False)
         times[executor] = time.perf_counter() - start
         assert len(tally.ran) == 8 and not tally.failed
+    cells = planned[0].cells
     local, ray = (
-        {
-            p.name: json.loads(p.read_text())["metrics"]["perplexity"]["embedded"]
-            for p in (folder / run / "wall" / "runs").glob("*.json")
-        }
-        for run in ("local", "ray")
+        {c.key: table.value(c, "perplexity.embedded") for c in cells}
+        for table in (load_table(folder / run, cells) for run in ("local", "ray"))
     )
     worst = max(abs(ray[name] / value - 1) for name, value in local.items())
     print(f"   local: {times['local']:.1f} s; ray: {times['ray']:.1f} s (start-up included)")

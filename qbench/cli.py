@@ -6,15 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, describe
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "results", None) is not None:
+            _check_results_root(args.results)
         return args.command(args)
     except QBenchError as error:
         print(f"qbench: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file qbench could not read or write, not caught nearer
+        print(f"qbench: error: {describe(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
@@ -82,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_results_root(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise QBenchError(f"--results: '{path}' is not a directory; give the results folder")
+
+
 def _sweep(args: argparse.Namespace) -> int:
     """`qbench sweep` (and `qbench run`, its one-recipe local case): cells, then leaderboards;
     exit 1 when a cell failed (its record says why; a rerun retries it)."""
@@ -94,7 +104,7 @@ def _sweep(args: argparse.Namespace) -> int:
     planned = plan_recipes(args.recipes)
     tally = sweep(planned, args.results, executor, not args.no_progress)
     for p in planned:
-        print(f"leaderboard: {write_leaderboard(p.recipe, p.source, args.results)}")
+        print(f"leaderboard: {write_leaderboard(p.recipe, p.source, args.results, p.cells)}")
     if tally.elsewhere:
         print(f"{len(tally.elsewhere)} cells were left to another sweep on the same results")
     if tally.failed:
@@ -191,12 +201,15 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS
-    from qbench.quant import METHODS
+    from qbench.quant import ROUNDINGS, SHORTHANDS, TRANSFORMS
 
-    print("methods:     ", ", ".join(METHODS.names()))
+    print("methods:     ", ", ".join(SHORTHANDS), "(shorthands of transforms + rounding)")
+    print("transforms:  ", ", ".join(TRANSFORMS.names()))
+    print("rounding:    ", ", ".join(ROUNDINGS.names()))
     print(
         "data:        ",
-        ", ".join(f"{n} ({'/'.join(TEXT_SOURCES.get(n).splits)})" for n in TEXT_SOURCES.names()),
+        ", ".join(f"{n} ({'/'.join(TEXT_SOURCES.get(n).splits)})" for n in TEXT_SOURCES.names())
+        + "; perplexity also: text (path:), hub (dataset:, config:, split:, text_column:)",
     )
     print("presets:     ", ", ".join(PRESETS.names()))
     print("variants:    ", ", ".join(sorted(VARIANTS)))

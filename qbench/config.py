@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qbench.registry import did_you_mean
 
+# torch.manual_seed's range: a seed outside it fails at load, not in every cell.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
 
 class StrictModel(BaseModel):
-    """A frozen pydantic model that names unknown keys and suggests the closest field."""
+    """A frozen pydantic model that names unknown keys and suggests the closest field; floats
+    must be finite (`.inf` and `.nan` are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qbench.errors import QBenchError
+from qbench.record import Record
 from qbench.registry import Registry
-from qbench.runner import Worker, failure_record
-from qbench.store import Claim, Result
+from qbench.runner import Worker
+from qbench.store import Claim
 from qbench.sweep import Job, Sweep
 
 # Environment a Ray worker needs to find data, caches and the offline switches (no tokens).
@@ -153,7 +154,7 @@ class RayExecutor:
                         result = ray.get(ref)
                     except ray.exceptions.RayError as error:  # the worker died, or Ray failed
                         elapsed = time.perf_counter() - submitted
-                        result = failure_record(job.cell, job.recipe, error, elapsed)
+                        result = Record.failed(job.cell, job.recipe, error, elapsed)
                     sweep.record(job, result)
                 fill()
         finally:
@@ -201,7 +202,7 @@ def _process_worker() -> Worker:
     return Worker(progress=False)
 
 
-def _run_on_ray_worker(cell: Any, recipe: Any, results_root: str, cwd: str) -> Result:
+def _run_on_ray_worker(cell: Any, recipe: Any, results_root: str, cwd: str) -> Record:
     """The Ray task: one cell on this process's worker, run from the driver's directory where
     this node has it (relative `path:` checkpoints and data folders)."""
     if Path(cwd).is_dir():

@@ -15,16 +15,23 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from qbench.checkpoints.dispatch import check_module_map
-from qbench.checkpoints.load import checkpoint_config, checkpoint_dtype, checkpoint_identity
-from qbench.data.sources import load_text, text_fingerprint
-from qbench.errors import QBenchError
+from qbench.checkpoints.dispatch import check_module_map, offload_refusal
+from qbench.checkpoints.load import (
+    CheckpointIdentity,
+    checkpoint_config,
+    checkpoint_dtype,
+    checkpoint_identity,
+)
+from qbench.data.sources import text_fingerprint
+from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
-from qbench.quant.adapters import ARCHITECTURES, head_dim
-from qbench.quant.method import QuantizerConfig, target_linears
+from qbench.quant.inventory import Inventory, inventory, linear_conv1d
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.spec import KVQuant, divides_error
+from qbench.quant.steps import quantized_targets
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
 from qbench.versions import library_versions
 
@@ -33,12 +40,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluation: a checkpoint, unquantized (fp) or under one quantizer."""
+    """One evaluation: a checkpoint, unquantized (fp) or under one quantizer.
+
+    `refusal`: why the quantizer cannot run on this checkpoint, decided at plan time (the
+    cell is recorded as failed with this reason, without loading the model); None: it runs.
+    """
 
     recipe: str
     checkpoint: CheckpointSpec
     quantizer: QuantizerConfig | None
     key: str
+    identity: CheckpointIdentity  # the checkpoint's content, as the key holds it
+    refusal: str | None = None
+    fp_key: str | None = None  # the key of the same checkpoint's fp cell
 
     @property
     def quantizer_name(self) -> str:
@@ -49,19 +63,48 @@ class Cell:
         return "quantized" if self.quantizer else "fp"
 
     @property
+    def precision(self) -> str:
+        """The quantizer's precision label (e.g. W4A8), or the checkpoint's dtype for fp."""
+        return self.quantizer.precision() if self.quantizer else self.checkpoint.dtype
+
+    @property
+    def label(self) -> str:
+        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized'."""
+        return self.quantizer.label() if self.quantizer else "unquantized"
+
+    @property
+    def load_key(self) -> str:
+        """What the loaded model depends on: cells with equal load keys share one load."""
+        spec = self.checkpoint
+        return json.dumps(
+            [
+                self.identity.model_dump(),
+                spec.dtype,
+                spec.trust_remote_code,
+                spec.device_map,
+                spec.offload_folder,
+            ],
+            sort_keys=True,
+        )
+
+    @property
     def filename(self) -> str:
         return f"{self.checkpoint.name}--{self.quantizer_name}--{self.key[:16]}.json"
+
+    def fp_cell(self) -> Cell:
+        """The same checkpoint's fp cell (the reference of this cell's degradation)."""
+        return Cell(self.recipe, self.checkpoint, None, self.fp_key or self.key, self.identity)
 
 
 def plan(recipe: Recipe, source: Path) -> list[Cell]:
     """All cells of `recipe`, in run order (grouped by checkpoint, fp first)."""
     eval_identity = [
         {
-            **spec.model_dump(),
+            **spec.identity(),
             "text": _at(
                 source,
-                f"eval.perplexity[{i}].data",
-                lambda s=spec: text_fingerprint(load_text(s.data, s.split)),
+                f"eval.perplexity[{i}].{spec.source_field}",
+                lambda s=spec: text_fingerprint(s.text()),
             ),
         }
         for i, spec in enumerate(recipe.eval.perplexity)
@@ -74,46 +117,72 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
     cells = []
     for i, checkpoint in enumerate(recipe.checkpoints):
         where = f"checkpoints[{i}].{checkpoint.source_field}"
-        config = _at(source, where, lambda c=checkpoint: checkpoint_config(c))
-        checkpoint = _resolved(source, i, checkpoint, config)
-        _check_fits(recipe, source, checkpoint, config)
         identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
-        for quantizer in [None, *recipe.quantizers]:
+        commit = identity.commit
+        config = _at(source, where, lambda c=checkpoint, h=commit: checkpoint_config(c, h))
+        skeleton = _skeleton(source, where, checkpoint, config)
+        checkpoint = _resolved(source, i, checkpoint, config, skeleton)
+        _check_context(recipe, source, checkpoint, config)
+        found = inventory(skeleton)
+        offloaded = offload_refusal(checkpoint.device_map)
+        fp_key = None
+        for index, quantizer in enumerate([None, *recipe.quantizers]):
             determinants = {
-                "checkpoint": identity,
+                "checkpoint": identity.model_dump(),
                 "dtype": checkpoint.dtype,
                 "quantizer": _quantizer_identity(quantizer) if quantizer else None,
                 "eval": eval_identity,
                 "seed": recipe.seed,
                 "versions": versions | (quantizer.versions() if quantizer else {}),
             }
+            if checkpoint.device_map is not None:  # undispatched checkpoints keep their keys
+                determinants["device_map"] = checkpoint.device_map
             if tasks:  # recipes without tasks keep their keys
                 determinants["tasks"] = tasks
             if recipe.eval.diagnostics is not None:
                 determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
             blob = json.dumps(determinants, sort_keys=True).encode()
-            cells.append(Cell(recipe.name, checkpoint, quantizer, hashlib.sha256(blob).hexdigest()))
+            key = hashlib.sha256(blob).hexdigest()
+            fp_key = fp_key or key
+            refusal = quantizer and (
+                _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
+                or refusal_of(quantizer, index - 1, checkpoint, config, found)
+            )
+            cells.append(
+                Cell(recipe.name, checkpoint, quantizer, key, identity, refusal or None, fp_key)
+            )
     return cells
 
 
 def _resolved(
-    source: Path, i: int, checkpoint: CheckpointSpec, config: PretrainedConfig
+    source: Path, i: int, checkpoint: CheckpointSpec, config: PretrainedConfig, skeleton: nn.Module
 ) -> CheckpointSpec:
     """The checkpoint with `dtype: auto` resolved from its config (so cells, keys and labels
-    name the dtype it loads in), its module device_map checked against the model."""
+    name the dtype it loads in), its module device_map checked against the model's modules."""
     if isinstance(checkpoint.device_map, dict):
         _at(
             source,
             f"checkpoints[{i}].device_map",
-            lambda: check_module_map(checkpoint.device_map, config, checkpoint.trust_remote_code),
+            lambda: check_module_map(checkpoint.device_map, skeleton),
         )
     dtype = _at(source, f"checkpoints[{i}].dtype", lambda: checkpoint_dtype(checkpoint, config))
     return checkpoint.model_copy(update={"dtype": dtype})
 
 
+def recipe_digest(recipe: Recipe) -> str:
+    """A digest of everything in `recipe` that shapes its cells and their results (all but
+    `gate` and `resources`): a plan.json holds it to show which recipe it was planned from."""
+    blob = recipe.model_dump_json(exclude={"gate", "resources"}).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): keys changed once
+
+
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
-    """The quantizer's fields but its name; kv only when set, so older keys stay valid."""
-    return quantizer.model_dump(exclude={"name"} if quantizer.kv else {"name", "kv"})
+    """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
+    version of that layout."""
+    return {"schema": QUANTIZER_SCHEMA, **quantizer.model_dump(exclude={"name", "method"})}
 
 
 def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
@@ -126,79 +195,135 @@ def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
         raise RecipeError(f"{source}: {where}: {error}") from None
 
 
-def _check_fits(
+def _check_context(
     recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
 ) -> None:
-    """Group and block sizes divide every quantized layer's width; windows fit the context."""
-    context = getattr(config, "max_position_embeddings", None)
+    """Perplexity windows fit the checkpoint's context."""
+    context = getattr(_text_config(config), "max_position_embeddings", None)
     for i, spec in enumerate(recipe.eval.perplexity):
         if context is not None and spec.seq_len > context:
             raise RecipeError(
                 f"{source}: eval.perplexity[{i}].seq_len: {spec.seq_len} exceeds checkpoint "
                 f"'{checkpoint.name}''s max_position_embeddings {context}; use seq_len <= {context}"
             )
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=checkpoint.trust_remote_code
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _skeleton(
+    source: Path, where: str, checkpoint: CheckpointSpec, config: PretrainedConfig
+) -> torch.nn.Module:
+    """The checkpoint's modules on the meta device (no weights), as the loader shapes them."""
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=checkpoint.trust_remote_code
+            )
+    except Exception as error:  # a config transformers accepts but cannot build a model from
+        raise RecipeError(
+            f"{source}: {where}: the config of checkpoint '{checkpoint.name}' does not build a "
+            f"model: {describe(error)}"
+        ) from None
+    linear_conv1d(skeleton)
+    return skeleton
+
+
+def _offload_refusal(
+    quantizer: QuantizerConfig,
+    index: int,
+    i: int,
+    checkpoint: CheckpointSpec,
+    offloaded: str | None,
+) -> str | None:
+    """The refusal of `quantizer` (recipe entry `index`) on checkpoint `i`, whose device_map
+    offloads modules (`offloaded`: dispatch.offload_refusal's reason), else None."""
+    if offloaded is None:
+        return None
+    return (
+        f"quantizers[{index}] '{quantizer.name}' on checkpoint '{checkpoint.name}': "
+        f"checkpoints[{i}].device_map {offloaded}"
+    )
+
+
+def refusal_of(
+    quantizer: QuantizerConfig,
+    index: int,
+    checkpoint: CheckpointSpec,
+    config: PretrainedConfig,
+    found: Inventory,
+) -> str | None:
+    """Why `quantizer` (recipe entry `index`) cannot run on `checkpoint`, as a line naming the
+    field: a group or block that does not divide a target's width, a KV group that does not
+    divide head_dim, calibration windows longer than the context, or what the method itself
+    cannot do on this architecture (`QuantizerConfig.refusal`). None: it can run."""
+    where = f"quantizers[{index}] '{quantizer.name}'"
+    context = getattr(_text_config(config), "max_position_embeddings", None)
+    calibration = getattr(quantizer, "calibration", None)
+    if calibration is not None and context is not None and calibration.seq_len > context:
+        return (
+            f"{where}.calibration.seq_len: {calibration.seq_len} exceeds checkpoint "
+            f"'{checkpoint.name}''s max_position_embeddings {context}"
         )
-    embeddings = {"embeddings": skeleton.get_input_embeddings().weight.shape[1]}
-    for i, quantizer in enumerate(recipe.quantizers):
-        calibration = getattr(quantizer, "calibration", None)
-        if calibration is not None and context is not None and calibration.seq_len > context:
-            raise RecipeError(
-                f"{source}: quantizers[{i}].calibration.seq_len: {calibration.seq_len} exceeds "
-                f"checkpoint '{checkpoint.name}''s max_position_embeddings {context}"
-            )
-        if quantizer.kv is not None:
-            _check_kv(source, f"quantizers[{i}].kv", quantizer.kv, checkpoint, config)
-        linears = {name: m.in_features for name, m in target_linears(skeleton, quantizer).items()}
-        misfit = next(_misfits(quantizer, linears, embeddings), None)
-        if misfit is not None:
-            field, layer, text, fix = misfit
-            raise RecipeError(
-                f"{source}: quantizers[{i}].{field}: {text} of layer {layer} "
-                f"in checkpoint '{checkpoint.name}'; {fix}"
-            )
+    if quantizer.kv is not None and (problem := _kv_misfit(quantizer.kv, config)):
+        return f"{where}.kv.{problem} of checkpoint '{checkpoint.name}'"
+    if misfit := next(_misfits(quantizer, found), None):
+        field, layer, text, fix = misfit
+        return f"{where}.{field}: {text} of layer {layer} in checkpoint '{checkpoint.name}'; {fix}"
+    if problem := quantizer.refusal(found):
+        return (
+            f"{where} ({quantizer.method}) on checkpoint '{checkpoint.name}' "
+            f"({config.model_type}): {problem}"
+        )
+    return None
 
 
-def _misfits(
-    quantizer: QuantizerConfig, linears: dict[str, int], embeddings: dict[str, int]
-) -> Iterator[tuple[str, str, str, str]]:
-    """(field path, layer, problem, fix) for each layer of these input widths that `quantizer`
-    cannot quantize: its weight / activation formats, then the method's own fields."""
-    roles = {
-        "weights": linears | (embeddings if quantizer.embeddings else {}),
-        "activations": linears,
+def _misfits(quantizer: QuantizerConfig, found: Inventory) -> Iterator[tuple[str, str, str, str]]:
+    """(field path, layer, problem, fix) for each target input width `quantizer` cannot
+    quantize: its weight / activation formats, then the method's own fields."""
+    widths = {
+        f"{name}.{param}" if target.experts else name: width
+        for name, target in quantized_targets(found, quantizer).items()
+        for param, width in target.input_widths().items()
     }
-    for role, widths in roles.items():
+    embeddings = {}
+    if quantizer.embeddings and found.embeddings:
+        table = next(iter(found.embeddings.items()))
+        embeddings = {table[0]: table[1].weight.shape[1]}
+    roles = {"weights": widths | embeddings, "activations": widths}
+    for role, layers in roles.items():
         spec = getattr(quantizer, role)
-        for layer, width in widths.items() if spec is not None else ():
+        for layer, width in layers.items() if spec is not None else ():
             if problem := divides_error(spec, width):
                 field, text, fix = problem
                 yield f"{role}.{field}", layer, text, fix
-    for layer, width in linears.items():
+    for layer, width in widths.items():
         if problem := quantizer.width_error(width):
             field, text, fix = problem
             yield field, layer, text, fix
 
 
-def _check_kv(
-    source: Path, where: str, kv: KVQuant, checkpoint: CheckpointSpec, config: PretrainedConfig
-) -> None:
-    """The KV step has an adapter for the model, and groups or blocks divide head_dim."""
-    if config.model_type not in ARCHITECTURES:
-        raise RecipeError(
-            f"{source}: {where}: no KV-cache support for model_type '{config.model_type}' of "
-            f"checkpoint '{checkpoint.name}' (no architecture adapter; known: "
-            f"{', '.join(ARCHITECTURES)}); remove kv: for it"
-        )
-    width = head_dim(config)
-    if kv.block is not None and width % kv.block:
-        what = (
-            f"group {kv.group} does" if kv.group else f"{kv.format}'s {kv.block}-element blocks do"
-        )
-        raise RecipeError(
-            f"{source}: {where}.{'group' if kv.group else 'format'}: {what} not divide "
-            f"head_dim {width} of checkpoint '{checkpoint.name}'; use a group that divides "
-            f"{width}, or no group (one scale per token and head)"
-        )
+def kv_widths(config: PretrainedConfig) -> set[int]:
+    """The widths of the keys and values per head: head_dim, or MLA's key and value widths."""
+    text = _text_config(config)
+    if getattr(text, "qk_rope_head_dim", None) and getattr(text, "v_head_dim", None):
+        return {text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim}
+    width = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {width}
+
+
+def _kv_misfit(kv: KVQuant, config: PretrainedConfig) -> str | None:
+    """'field: problem' when the KV groups or blocks do not divide the key/value width."""
+    for width in sorted(kv_widths(config)):
+        if kv.block is not None and width % kv.block:
+            what = (
+                f"group {kv.group} does"
+                if kv.group
+                else f"{kv.format}'s {kv.block}-element blocks do"
+            )
+            return (
+                f"{'group' if kv.group else 'format'}: {what} not divide head_dim {width}; use a "
+                f"group that divides {width}, or no group (one scale per token and head)"
+            )
+    return None

@@ -9,15 +9,13 @@ from typing import Any
 from pydantic import ValidationError
 from tabulate import tabulate
 
-from qbench.checkpoints.load import load_checkpoint
-from qbench.data.sources import load_text
-from qbench.errors import QBenchError
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, probe_ids
-from qbench.quant.method import QuantizerConfig
-from qbench.quant.rtn import RTNConfig
-from qbench.recipe import CheckpointSpec, Recipe, load_recipe
+from qbench.checkpoints.load import checkpoint_config, load_checkpoint
+from qbench.errors import QBenchError, describe
+from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
+from qbench.files import write_json_atomic
+from qbench.quant import QuantizerConfig
+from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
-from qbench.store import write_json_atomic
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
 
@@ -40,7 +38,7 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
     known = {q.name: q for q in recipe.quantizers} if recipe else {}
     if name in known and not known[name].diagnosable:
         raise QBenchError(
-            f"--quantizer '{name}': {known[name].method} keeps its weights packed in the "
+            f"--quantizer '{name}': {known[name].rounding.method} keeps its weights packed in the "
             "library's own storage, which the probe's SQNR does not read; give wXaY or an "
             "RTN-family quantizer"
         )
@@ -53,30 +51,34 @@ def quantizer_named(name: str, recipe: Recipe | None) -> QuantizerConfig | None:
             f"or one of the recipe's quantizers: {', '.join(known) or '(no recipe)'}"
         )
     weights, activations = (int(bits) for bits in match.groups())
-    return RTNConfig(
-        name=name,
-        weights={"bits": weights} if weights < 16 else None,
-        activations={"bits": activations} if activations < 16 else None,
-    )
+    try:
+        return QuantizerConfig(
+            name=name,
+            method="rtn",
+            weights={"bits": weights} if weights < 16 else None,
+            activations={"bits": activations} if activations < 16 else None,
+        )
+    except ValidationError as error:
+        raise QBenchError(f"--quantizer '{name}': {describe(error)}") from None
 
 
 def probe(
     checkpoint: CheckpointSpec,
-    data: str,
-    split: str,
+    text: PerplexitySpec,
     spec: DiagnosticsSpec,
     quantizer: QuantizerConfig | None,
     out: Path,
 ) -> Diagnostics:
-    """Load `checkpoint`, diagnose it on `data`/`split`, write the JSON to `out`."""
+    """Load `checkpoint`, diagnose it on the start of `text`, write the JSON to `out`."""
+    checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
-    ids = probe_ids(tokenizer, load_text(data, split), spec)
-    diagnostics = diagnose(model, ids, quantizer)
+    ids = probe_ids(tokenizer, text.text(), spec)
+    diagnostics = diagnose(model, ids, layer_sqnr(model, ids, quantizer) if quantizer else None)
     write_json_atomic(
         out,
         {
             "checkpoint": checkpoint.model_dump(),
-            "probe": {"data": data, "split": split, **spec.model_dump()},
+            "probe": {"text": text.describe(), **text.identity(), **spec.model_dump()},
             "quantizer": quantizer.model_dump() if quantizer else None,
             "summary": diagnostics.summary,
             "details": diagnostics.details,
@@ -161,23 +163,35 @@ def probe_command(
     recipe = load_recipe(recipe_path) if recipe_path else None
     if recipe is not None:
         spec = checkpoint_in(recipe, checkpoint)
-        text = recipe.eval.perplexity[0]
-        data, split = data or text.data, split or text.split
+        text = _text_option(data, split, recipe.eval.perplexity[0])
         settings = recipe.eval.diagnostics or DiagnosticsSpec()
         folder = results / recipe.name / "probe"
     else:
-        spec = CheckpointSpec(name=Path(path).name or "checkpoint", path=path)
-        data, split = data or "embedded", split or "test"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name).lstrip("._-")[:NAME_MAX]
+        spec = CheckpointSpec(name=name or "checkpoint", path=path)
+        text = _text_option(data, split, PerplexitySpec(data="embedded", split="test"))
         settings = DiagnosticsSpec()
         folder = results / "probe"
     settings = _overridden(settings, samples=samples, seq_len=seq_len)
     rounding = quantizer_named(quantizer, recipe)
     out = out or folder / f"{spec.name}--{quantizer}.json"
-    diagnostics = probe(spec, data, split, settings, rounding, out)
+    diagnostics = probe(spec, text, settings, rounding, out)
     print(
-        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {data} {split}; "
+        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {text.describe()}; "
         f"SQNR under {quantizer}"
     )
     print(report(diagnostics))
     print(f"written: {out}")
     return 0
+
+
+def _text_option(data: str | None, split: str | None, default: PerplexitySpec) -> PerplexitySpec:
+    """The text named by --data / --split (a registered source), else `default`."""
+    if data is None and split is None:
+        return default
+    fields = {"data": data} if data else default.model_dump(exclude_none=True)
+    try:
+        return PerplexitySpec(**fields | ({"split": split} if split else {}))
+    except ValidationError as error:
+        problems = [e["msg"].removeprefix("Value error, ") for e in error.errors()]
+        raise QBenchError(f"--data / --split: {'; '.join(problems)}") from None

@@ -2,30 +2,68 @@
 
 Every error names the file and the field path, e.g.
 `recipes/x.yaml: quantizers[2].weights.bits: must be between 2 and 8`.
+
+The file is read with a bounded YAML loader (yaml's safe loader, with libyaml where built):
+at most MAX_RECIPE_BYTES, MAX_DEPTH levels of nesting, MAX_NODES nodes (an alias or merge key
+counts as the nodes it stands for, so a "billion laughs" or merge-key bomb is refused before
+it is built), MAX_ALIASES aliases and MAX_MERGE_KEYS merge keys; a key given twice in one
+mapping is an error (checked in linear time).
 """
 
 from __future__ import annotations
 
-import functools
-import operator
 import re
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.random import RandomSpec
 from qbench.checkpoints.train import PRESETS
-from qbench.config import StrictModel
-from qbench.data.sources import TEXT_SOURCES, check_split, text_source
+from qbench.config import Seed, StrictModel
+from qbench.data.external import resolve_path
+from qbench.data.sources import (
+    TEXT_SOURCES,
+    check_split,
+    default_split,
+    hub_text,
+    path_text,
+    source_text,
+    text_source,
+)
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
-from qbench.quant import METHODS
+from qbench.files import utf8_text
+from qbench.quant import QuantizerConfig
+from qbench.quant.steps import ROUNDINGS, TRANSFORMS
 from qbench.registry import did_you_mean
+from qbench.report.bootstrap import BootstrapSpec
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Names become file names and table cells: letters, digits, '.', '_', '-' (matched whole).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100  # characters; a result file name holds a checkpoint and a quantizer name
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._()-]*")
+REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+MAX_RECIPE_BYTES = 256 << 10
+MAX_DEPTH = 32
+MAX_NODES = 20_000
+MAX_ALIASES = 256
+MAX_MERGE_KEYS = 256
+
+# Counts (tokens, windows, documents, steps) fit the 32-bit sizes the libraries take.
+Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class RecipeError(QBenchError):
@@ -33,8 +71,11 @@ class RecipeError(QBenchError):
 
 
 def _check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise ValueError(f"'{name}' must be letters, digits, '.', '_' or '-' (it names files)")
+    if len(name) > NAME_MAX or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{name!r} must be at most {NAME_MAX} letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (it names files and table cells)"
+        )
     return name
 
 
@@ -52,8 +93,8 @@ class TrainSpec(StrictModel):
     preset: str = "tiny"
     variant: str = "baseline"
     corpus: str = "embedded"
-    seed: int = 0
-    steps: int | None = Field(default=None, ge=1)
+    seed: Seed = 0
+    steps: Count | None = None
 
     @field_validator("preset")
     @classmethod
@@ -126,11 +167,18 @@ class CheckpointSpec(StrictModel):
         None
     )
     offload_folder: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False  # only a YAML true runs a checkpoint's own code
     group: str | None = None
-    seeds: list[int] | None = Field(default=None, min_length=1)
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
 
-    _name = field_validator("name")(_check_name)
+    _name = field_validator("name", "group")(_check_name)
+
+    @field_validator("revision")
+    @classmethod
+    def _safe_revision(cls, revision: str) -> str:
+        if not REVISION_PATTERN.fullmatch(revision) or ".." in revision:
+            raise ValueError(f"{revision!r} is not a branch, tag or commit name")
+        return revision
 
     @property
     def source_field(self) -> str:
@@ -189,29 +237,127 @@ class CheckpointSpec(StrictModel):
 
 
 class PerplexitySpec(StrictModel):
-    """GPTQ-style token perplexity on one split of a text source."""
+    """GPTQ-style token perplexity on one text: a source's split (`data: wikitext2`, `c4`,
+    ...), a user's file or folder (`data: text, path: ...`), or a hub dataset (`data: hub,
+    dataset: ..., config: ..., split: ..., text_column: ...`).
+
+    Defaults come from the source's convention: `split` is 'test' where the source has one,
+    else its only split; c4 reads its first 1100 documents (`max_documents`) and scores its
+    first 256 windows (`max_windows`), as GPTQ and QuaRot do.
+    """
 
     data: str
-    split: str = "test"
-    seq_len: int = Field(default=2048, ge=2)
-    batch_size: int = Field(default=8, ge=1)
-    max_windows: int | None = Field(default=None, ge=1)
+    split: str | None = None
+    path: str | None = None  # data: text
+    dataset: str | None = None  # data: hub
+    config: str | None = None  # data: hub
+    text_column: str | None = None  # data: hub; default "text"
+    max_documents: Count | None = None
+    seq_len: Annotated[Count, Field(ge=2)] = 2048
+    batch_size: Count = 8
+    max_windows: Count | None = None
     name: str | None = None
+
+    _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_convention(cls, data: Any) -> Any:
+        """Fill split, max_documents and max_windows from a registered source's convention."""
+        if not isinstance(data, dict) or data.get("data") not in TEXT_SOURCES:
+            return data
+        source = TEXT_SOURCES.get(data["data"])
+        convention = {
+            "split": default_split(source.name),
+            "max_documents": source.documents,
+            "max_windows": source.windows,
+        }
+        return {**{k: v for k, v in convention.items() if v is not None}, **data}
 
     @field_validator("data")
     @classmethod
     def _known_data(cls, data: str) -> str:
-        return _in_registry(TEXT_SOURCES, data)
+        if data in EXTERNAL_DATA:
+            return data
+        try:
+            TEXT_SOURCES.get(data)
+        except KeyError as error:
+            raise ValueError(
+                f"{error.args[0]}; or `text` (with path:) or `hub` (with dataset:, split:)"
+            ) from None
+        return data
 
     @model_validator(mode="after")
-    def _known_split(self) -> PerplexitySpec:
-        check_split(self.data, self.split)
+    def _fields_fit_the_data(self) -> PerplexitySpec:
+        given = {f for f in _SOURCE_FIELDS if getattr(self, f) is not None}
+        allowed = {"text": {"path"}, "hub": {"split", "dataset", "config", "text_column"}}
+        extra = sorted(given - allowed.get(self.data, {"split"}))
+        if extra:
+            raise ValueError(f"{extra[0]}: does not apply to data: {self.data}")
+        if self.data not in EXTERNAL_DATA:
+            if self.split is None:
+                splits = ", ".join(TEXT_SOURCES.get(self.data).splits)
+                raise ValueError(f"split: required with data: {self.data} (one of {splits})")
+            check_split(self.data, self.split)
+            return self
+        missing = sorted(EXTERNAL_DATA[self.data] - given)
+        if missing:
+            field = missing[0]
+            raise ValueError(f"{field}: required with data: {self.data} ({_NEEDS[field]})")
         return self
 
     @property
     def column(self) -> str:
         """The key under metrics.perplexity and the leaderboard column."""
         return self.name or self.data
+
+    @property
+    def source_field(self) -> str:
+        """The field naming where the text comes from (for error messages)."""
+        return {"text": "path", "hub": "dataset"}.get(self.data, "data")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the numbers; path, dataset, config, text_column and
+        max_documents only where set, so the keys of specs without them stay as they were."""
+        return self.model_dump(exclude={f for f in _NEW_FIELDS if getattr(self, f) is None})
+
+    def text(self) -> str:
+        """The text to score (read once per process; the plan fingerprints it)."""
+        if self.data == "text":
+            return path_text(self.path, self.max_documents)
+        if self.data == "hub":
+            column = self.text_column or "text"
+            return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
+        return source_text(self.data, self.split, self.max_documents)
+
+    def describe(self) -> str:
+        """Where the text comes from and how its documents are joined."""
+        first = f"the first {self.max_documents} documents" if self.max_documents else "documents"
+        if self.data == "text":
+            kind = "a folder: each *.txt below it, sorted, one document"
+            if not resolve_path(self.path).is_dir():
+                kind = "a file: one document"
+            return f"`{self.path}` ({kind}); {first} joined with a blank line"
+        if self.data == "hub":
+            config = f", config {self.config}" if self.config else ""
+            return (
+                f"hub dataset {self.dataset}{config}, split {self.split}, column "
+                f"{self.text_column or 'text'}; {first} joined with a blank line"
+            )
+        source = TEXT_SOURCES.get(self.data)
+        joined = "a single space" if source.separator == " " else "a blank line"
+        origin = source.describe(self.split)
+        return f"{self.data} {self.split} split ({origin}); {first} joined with {joined}"
+
+
+EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}}  # data: -> required fields
+_SOURCE_FIELDS = ("split", "path", "dataset", "config", "text_column")
+_NEW_FIELDS = ("path", "dataset", "config", "text_column", "max_documents")
+_NEEDS = {
+    "path": "a UTF-8 file, or a folder of .txt files",
+    "dataset": "a Hugging Face dataset id, e.g. allenai/c4",
+    "split": "the split's name, e.g. validation",
+}
 
 
 def _diagnostics_switch(value: Any) -> Any:
@@ -225,14 +371,16 @@ class TaskSpec(StrictModel):
     """One downstream task run through lm-eval; limit / num_fewshot override task_options."""
 
     name: str
-    limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int | None = Field(default=None, ge=0)
+    limit: Count | None = None
+    num_fewshot: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
     @field_validator("name")
     @classmethod
     def _known_task(cls, name: str) -> str:
         from qbench.eval.tasks import check_task_name  # lm-eval's index only when needed
 
+        if not TASK_NAME_PATTERN.fullmatch(name):  # lm-eval's names: these and parentheses
+            raise ValueError(f"{name!r} is not a task name (letters, digits, '._()-')")
         return check_task_name(name)
 
 
@@ -244,10 +392,10 @@ def _task_from_name(value: Any) -> Any:
 class TaskOptions(StrictModel):
     """How lm-eval runs every task: batch size, documents per task, few-shot, stderr."""
 
-    batch_size: int = Field(default=16, ge=1)
-    limit: int | None = Field(default=None, ge=1)  # first N documents of each task; None: all
-    num_fewshot: int = Field(default=0, ge=0)
-    bootstrap_iters: int = Field(default=1000, ge=0)  # for non-mean metrics; 0: no stderr
+    batch_size: Count = 16
+    limit: Count | None = None  # first N documents of each task; None: all
+    num_fewshot: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    bootstrap_iters: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1000  # 0: no stderr
     log_samples: bool = False  # per-document records to results/<recipe>/samples/
 
 
@@ -264,19 +412,6 @@ class EvalSpec(StrictModel):
         return self
 
 
-def _known_method(data: Any) -> Any:
-    if isinstance(data, dict):
-        _in_registry(METHODS, data.get("method", "(missing)"))
-    return data
-
-
-Quantizer = Annotated[
-    functools.reduce(operator.or_, (METHODS.get(m) for m in METHODS)),
-    Field(discriminator="method"),
-    BeforeValidator(_known_method),
-]
-
-
 class GateSpec(StrictModel):
     """Regression thresholds: minimum recovery per metric (e.g. perplexity.wikitext2: 0.95)."""
 
@@ -285,6 +420,8 @@ class GateSpec(StrictModel):
     quantizers: dict[str, dict[str, float]] = Field(default_factory=dict)
     reference: str | None = None
     tolerance: float = Field(default=0.05, gt=0)
+
+    _cadence = field_validator("cadence")(_check_name)
 
     @model_validator(mode="after")
     def _positive_thresholds(self) -> GateSpec:
@@ -309,16 +446,25 @@ class ResourcesSpec(StrictModel):
         return gpus
 
 
+class ReportSpec(StrictModel):
+    """How the leaderboard draws its intervals, and which group every group is compared with
+    (`baseline`: a checkpoint group's name, or a checkpoint's outside any group)."""
+
+    bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+    baseline: str | None = None
+
+
 class Recipe(StrictModel):
     """Checkpoints x quantizers, evaluated as `eval` says."""
 
     name: str
-    seed: int = 0
+    seed: Seed = 0
     checkpoints: list[CheckpointSpec] = Field(min_length=1)
-    quantizers: list[Quantizer] = Field(default_factory=list)
+    quantizers: list[QuantizerConfig] = Field(default_factory=list)
     eval: EvalSpec
     gate: GateSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     _name = field_validator("name")(_check_name)
 
@@ -337,11 +483,27 @@ class Recipe(StrictModel):
     def _unique_names(self) -> Recipe:
         _reject_duplicates([c.name for c in self.checkpoints], "checkpoints", "rename one")
         names = [q.name for q in self.quantizers]
+        for i, name in enumerate(names):
+            try:
+                _check_name(name)
+            except ValueError as error:
+                raise ValueError(f"quantizers[{i}].name: {error}") from None
         if "fp" in names:
             raise ValueError("quantizers: name 'fp' is reserved for the unquantized reference")
-        _reject_duplicates([_check_name(n) for n in names], "quantizers", "rename one")
+        _reject_duplicates(names, "quantizers", "rename one")
         if self.gate is not None:
             self._check_gate(names)
+        return self
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> Recipe:
+        baseline = self.report.baseline
+        groups = list(dict.fromkeys(c.group or c.name for c in self.checkpoints))
+        if baseline is not None and baseline not in groups:
+            raise ValueError(
+                f"report.baseline: no checkpoint group '{baseline}'"
+                f"{did_you_mean(baseline, groups)}; groups: {', '.join(groups)}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -376,50 +538,180 @@ def _reject_duplicates(names: list[str], what: str, fix: str) -> None:
         raise ValueError(f"{what}: duplicate name(s) {sorted(seen)}: {fix}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that rejects a key given twice in one mapping."""
+_LIBYAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where built
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _RecipeLoader(_LIBYAML):
+    """yaml's safe loader that rejects a key given twice in one mapping (explicit keys; a
+    `<<: *anchor` merge may be overridden by them), in linear time."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        merge = "tag:yaml.org,2002:merge"  # `<<: *anchor` may be overridden by explicit keys
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != merge]
-        for key in keys:
-            if keys.count(key) > 1:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE:
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # a list or mapping used as a key
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in one mapping", node.start_mark
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                ) from None
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
                 )
+            seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+@dataclass
+class _Open:
+    """A collection being streamed: its anchor, the node count at its start, its kind."""
+
+    anchor: str | None
+    start: int
+    mapping: bool
+    items: int = 0
+
+
+def _check_bounds(text: str) -> str | None:
+    """The first limit the YAML exceeds (a one-line problem with its line), or None.
+
+    Streams the parser's events (no tree is built, no recursion), so the check is linear in
+    the text and stops at the first excess: an alias counts as the nodes of its anchor, which
+    is what constructing it would expand to.
+    """
+    sizes: dict[str, int] = {}
+    stack: list[_Open] = []
+    nodes = aliases = merges = 0
+    for event in yaml.parse(text, Loader=_LIBYAML):
+        if not isinstance(event, yaml.NodeEvent | yaml.CollectionEndEvent):
+            continue
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.CollectionEndEvent):
+            closed = stack.pop()
+            if closed.anchor is not None:
+                sizes[closed.anchor] = nodes - closed.start
+            continue
+        parent = stack[-1] if stack else None
+        is_key = parent is not None and parent.mapping and parent.items % 2 == 0
+        if parent is not None:
+            parent.items += 1
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            nodes += sizes.get(event.anchor, 1)
+        else:
+            nodes += 1
+        if isinstance(event, yaml.ScalarEvent):
+            merges += is_key and event.value == "<<" and event.implicit[0]
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            stack.append(_Open(event.anchor, nodes - 1, isinstance(event, yaml.MappingStartEvent)))
+        for count, limit, what in (
+            (len(stack), MAX_DEPTH, "nesting depth"),
+            (nodes, MAX_NODES, "number of nodes (aliases and merges expanded)"),
+            (aliases, MAX_ALIASES, "number of aliases"),
+            (merges, MAX_MERGE_KEYS, "number of merge keys (<<)"),
+        ):
+            if count > limit:
+                return f"line {line}: the {what} exceeds {limit}; a recipe needs far fewer"
+    return None
+
+
+def _read_recipe(path: Path) -> str:
+    """The recipe file's text: a regular UTF-8 file of at most MAX_RECIPE_BYTES."""
+    try:
+        if path.is_dir():
+            raise RecipeError(f"{path}: a directory, not a recipe file")
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+            raise RecipeError(f"{path}: not a regular file; give a recipe (.yaml) file")
+        with path.open("rb") as file:
+            data = file.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read: {error.strerror or error}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+    try:
+        return utf8_text(data)
+    except ValueError as error:
+        raise RecipeError(f"{path}: {error}; save the recipe as UTF-8") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: 'line L, column C: context: problem'."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    context = f"{error.context}: " if error.context else ""
+    return f"{where}{context}{error.problem}"
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; raise RecipeError naming the file and field."""
     path = Path(path)
+    text = _read_recipe(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
+        problem = _check_bounds(text)
+        if problem is not None:
+            raise RecipeError(f"{path}: {problem}")
+        data = yaml.load(text, Loader=_RecipeLoader)  # a safe loader
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with name:, checkpoints:, eval:")
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError("\n".join(f"{path}: {_describe(e)}" for e in error.errors())) from None
+        problems = (_describe(e, data) for e in error.errors())
+        raise RecipeError("\n".join(f"{path}: {p}" for p in problems)) from None
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
-    """('quantizers', 2, 'rtn', 'weights') -> 'quantizers[2].weights' (union tags dropped)."""
+    """('quantizers', 2, 'rounding', 'gptq', 'damp') -> 'quantizers[2].rounding.damp' (the
+    step names pydantic inserts for the tagged unions dropped)."""
     text = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):
             text += f"[{part}]"
-        elif not (i and isinstance(loc[i - 1], int) and part in METHODS):
+        elif not _union_tag(loc, i):
             text += f".{part}" if text else str(part)
     return text
 
 
-def _describe(error: dict[str, Any]) -> str:
-    where = field_path(error["loc"])
+def _union_tag(loc: tuple[Any, ...], i: int) -> bool:
+    previous = loc[i - 1] if i else None
+    if previous == "rounding":
+        return loc[i] in ROUNDINGS
+    return (
+        isinstance(previous, int) and i > 1 and loc[i - 2] == "transforms" and loc[i] in TRANSFORMS
+    )
+
+
+def _shorthand(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """A quantizer written with `method:` names its fields where the user wrote them:
+    ('quantizers', 0, 'rounding', 'bitsandbytes', 'threshold') -> ('quantizers', 0,
+    'threshold')."""
+    if len(loc) < 3 or loc[0] != "quantizers" or not isinstance(loc[1], int):
+        return loc
+    entries = data.get("quantizers") if isinstance(data, dict) else None
+    entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+    if not isinstance(entry, dict) or "method" not in entry:
+        return loc
+    if loc[2] == "rounding":
+        return loc[:2] + loc[4:]
+    if loc[2] == "transforms":
+        return loc[:2] + loc[5:]
+    return loc
+
+
+def _describe(error: dict[str, Any], data: Any = None) -> str:
+    where = field_path(_shorthand(error["loc"], data))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         message = "required field is missing"

@@ -1,23 +1,20 @@
 """Evaluate cells on a worker: one load per checkpoint, one record per cell, failures recorded.
 
-A `Worker` keeps the checkpoint it loaded last (a `CheckpointContext`): the pristine model,
-which every quantized cell deep-copies (weights restored from memory, never reloaded), its
-tokenizer, and a store of what the checkpoint's cells share: calibration token ids, the fp
-model's SmoothQuant activation absmax, GPTQ's layer-0 Hessians (qbench.data.calibration's
+A `Worker` keeps the checkpoint it loaded last (a `CheckpointContext`): the model, which each
+quantized cell quantizes in place and `Pristine` (qbench.quant.restore) puts back afterwards
+(weights read back from a file written once, never a second copy in memory), its tokenizer,
+and a store of what the checkpoint's cells share: calibration token ids, the fp model's
+SmoothQuant activation absmax, GPTQ's block-0 Hessians (qbench.data.calibration's
 `shared_statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
-included) or a non-finite perplexity becomes a `status: failed` record.
+included), a non-finite perplexity, a transform that is not lossless or a quantizer the plan
+refused becomes a `status: failed` record.
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
 import gc
 import math
-import os
-import socket
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,39 +23,62 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import check_quantizable, device_label
-from qbench.checkpoints.load import load_checkpoint
+from qbench.checkpoints.load import load_identified
+from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
-from qbench.data.sources import load_text
 from qbench.errors import QBenchError
-from qbench.eval.diagnostics import Diagnostics, diagnose, probe_ids
+from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.fused import fast_quant_mode
-from qbench.recipe import CheckpointSpec, Recipe
-from qbench.store import FAILED, OK, Result
-from qbench.versions import library_versions
+from qbench.quant.inventory import inventory
+from qbench.quant.notes import collecting
+from qbench.quant.restore import Pristine
+from qbench.recipe import Recipe
+from qbench.record import OK, Record
+from qbench.store import read_record
 
-TRACEBACK_LINES = 40  # the tail of a failed cell's traceback kept in its record
+# How far a transformed (smoothed, rotated) model's perplexity may move from fp, relative,
+# before the cell fails: float transforms are lossless up to rounding in the weights' dtype.
+TRANSFORM_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+HALF_TRANSFORM_TOLERANCE = 2e-2  # bfloat16 / float16
 
 
 class NonFiniteMetricError(QBenchError):
     """A cell's model produced NaN or infinite perplexity."""
 
 
+class RefusedError(QBenchError):
+    """The quantizer cannot run on this checkpoint (decided at plan time)."""
+
+
+class TransformError(QBenchError):
+    """A float transform changed the model's perplexity beyond its tolerance."""
+
+
 @dataclass
 class CheckpointContext:
-    """One checkpoint loaded on a worker, and the statistics its cells share."""
+    """One checkpoint loaded on a worker, the statistics its cells share, and its pristine
+    state (written when its first quantized cell starts) to restore the model after each."""
 
-    identity: str
+    load_key: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     shared: dict[Any, Any] = field(default_factory=dict)
+    pristine: Pristine | None = None
 
+    def keep_pristine(self) -> Pristine:
+        """The pristine state, written now if this is the first quantized cell."""
+        if self.pristine is None:
+            folder = cache_dir() / "pristine"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.pristine = Pristine(self.model, folder)
+        return self.pristine
 
-def checkpoint_identity(checkpoint: CheckpointSpec) -> str:
-    """What the loaded weights depend on (not the recipe's name for them)."""
-    return checkpoint.model_dump_json(exclude={"name", "group", "seeds"})
+    def close(self) -> None:
+        if self.pristine is not None:
+            self.pristine.close()
 
 
 class Worker:
@@ -69,85 +89,68 @@ class Worker:
         self.loads = 0  # checkpoint loads so far
         self._context: CheckpointContext | None = None
 
-    def context(self, checkpoint: CheckpointSpec) -> CheckpointContext:
-        identity = checkpoint_identity(checkpoint)
-        if self._context is None or self._context.identity != identity:
+    def context(self, cell: Cell) -> CheckpointContext:
+        """The loaded checkpoint of `cell` (loaded now unless the last cell's was the same)."""
+        if self._context is None or self._context.load_key != cell.load_key:
             self.release()
-            model, tokenizer = load_checkpoint(checkpoint, self.progress)
-            self._context = CheckpointContext(identity, model, tokenizer)
+            model, tokenizer = load_identified(cell.checkpoint, cell.identity, self.progress)
+            self._context = CheckpointContext(cell.load_key, model, tokenizer)
             self.loads += 1
         return self._context
 
     def release(self) -> None:
-        """Drop the loaded checkpoint and what its cells shared."""
+        """Drop the loaded checkpoint, what its cells shared and its pristine weights file."""
+        if self._context is not None:
+            self._context.close()
         self._context = None
         _free_memory()
 
-    def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Result:
-        """The cell's record: `status: ok` with metrics, or `status: failed` with the error."""
+    def execute(self, cell: Cell, recipe: Recipe, results_root: Path) -> Record:
+        """The cell's record: `status: ok` with metrics, or `status: failed` with the error.
+
+        A quantized cell changes the loaded model in place; it is restored afterwards, whether
+        the cell finished or failed (a failed restore drops the model: the next cell reloads).
+        """
         start = time.perf_counter()
+        if cell.refusal is not None:
+            return Record.failed(cell, recipe, RefusedError(cell.refusal), 0.0)
         try:
-            context = self.context(cell.checkpoint)
-            with sharing_statistics(context.shared):
-                result = run_cell(
-                    cell,
-                    recipe,
-                    context.model,
-                    context.tokenizer,
-                    self.progress,
-                    results_root / recipe.name,
-                )
-            check_finite(result)
-            return result
+            context = self.context(cell)
+            fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
+            if cell.quantizer:  # what a string device_map offloaded shows only once loaded
+                check_quantizable(context.model)
+            pristine = context.keep_pristine() if cell.quantizer else None
+            try:
+                with sharing_statistics(context.shared):
+                    return run_cell(
+                        cell,
+                        recipe,
+                        context.model,
+                        context.tokenizer,
+                        self.progress,
+                        results_root / recipe.name,
+                        fp,
+                    )
+            finally:
+                if pristine is not None:
+                    self._restore(pristine)
         except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
-            record = failure_record(cell, recipe, error, time.perf_counter() - start)
-        _free_memory()  # the error's traceback held the cell's model copy
+            record = Record.failed(cell, recipe, error, time.perf_counter() - start)
+        _free_memory()  # the error's traceback held tensors of the cell
         return record
 
+    def _restore(self, pristine: Pristine) -> None:
+        try:
+            pristine.restore()
+        except Exception:
+            self.release()
+            raise
 
-def check_finite(result: Result) -> None:
-    bad = {k: v for k, v in result["metrics"]["perplexity"].items() if not math.isfinite(v)}
+
+def check_finite(scores: dict[str, Perplexity]) -> None:
+    bad = {k: s.perplexity for k, s in scores.items() if not math.isfinite(s.perplexity)}
     if bad:
         raise NonFiniteMetricError(f"non-finite perplexity {bad}: the model produced NaN/inf")
-
-
-def failure_record(cell: Cell, recipe: Recipe, error: BaseException, wall_time_s: float) -> Result:
-    """A failed cell's record: the error's type, message and traceback tail; no metrics."""
-    lines = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return {
-        **_header(cell, recipe),
-        "status": FAILED,
-        "error": {
-            "type": type(error).__name__,
-            "message": str(error),
-            "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
-        },
-        **_footer(cell, wall_time_s),
-    }
-
-
-def _header(cell: Cell, recipe: Recipe) -> Result:
-    return {
-        "recipe": recipe.name,
-        "key": cell.key,
-        "checkpoint": {"name": cell.checkpoint.name, "spec": cell.checkpoint.model_dump()},
-        "quantizer": {
-            "name": cell.quantizer_name,
-            "config": cell.quantizer.model_dump() if cell.quantizer else None,
-        },
-        "stage": cell.stage,
-        "precision": cell.quantizer.precision() if cell.quantizer else cell.checkpoint.dtype,
-        "seed": recipe.seed,
-    }
-
-
-def _footer(cell: Cell, wall_time_s: float) -> Result:
-    return {
-        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
-        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
-        "wall_time_s": wall_time_s,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _free_memory() -> None:
@@ -163,27 +166,39 @@ def run_cell(
     tokenizer: PreTrainedTokenizerBase,
     progress: bool = True,
     work_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Quantize a copy of `model` as the cell says, evaluate it, and describe the result.
+    fp: Record | None = None,
+) -> Record:
+    """Quantize `model` in place as the cell says, evaluate it, and return its record (the
+    caller restores the model afterwards: qbench.quant.restore).
+
+    Raises NonFiniteMetricError when a perplexity is NaN or infinite, TransformError when a
+    transformed stage is not lossless against `fp`, the checkpoint's fp record
+    (TRANSFORM_TOLERANCE), and QBenchError when a targeted weight stayed in float
+    (Worker.execute records each, as any exception, as a failed cell).
 
     `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples.
     """
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    stages, transformed_eval_s, fp_model = {}, 0.0, model
-    if cell.quantizer is not None:
-        check_quantizable(model)
-        model = copy.deepcopy(model)
-        cell.quantizer.transform(model, tokenizer)
-        if cell.quantizer.has_transform:  # the float model after smoothing / rotation
-            eval_start = time.perf_counter()
-            scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
-            stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
-            transformed_eval_s = time.perf_counter() - eval_start
-        cell.quantizer.quantize(model, tokenizer)
+    stages, transformed_eval_s, coverage = {}, 0.0, None
+    probe = _probe(recipe, tokenizer)
+    quantizer = cell.quantizer
+    sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
+    with collecting() as notes:
+        if quantizer is not None:
+            before = inventory(model).sizes()
+            quantizer.transform(model, tokenizer)
+            if quantizer.has_transform:  # the float model after smoothing / rotation
+                eval_start = time.perf_counter()
+                scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
+                stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
+                check_transformed(stages["transformed"]["perplexity"], fp, model)
+                transformed_eval_s = time.perf_counter() - eval_start
+            coverage = quantizer.quantize(model, tokenizer, before)
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
-    diagnostics = _diagnostics(cell, recipe, model, fp_model, tokenizer)
+    check_finite(scores)
+    diagnostics = diagnose(model, probe, sqnr) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,
@@ -197,25 +212,46 @@ def run_cell(
         if recipe.eval.tasks
         else {"metrics": {}, "details": {}}
     )
-    return {
-        **_header(cell, recipe),
-        "status": OK,
-        "metrics": {
+    return Record.ok(
+        cell,
+        recipe,
+        time.perf_counter() - start,
+        metrics={
             "perplexity": {name: s.perplexity for name, s in scores.items()},
             **({"diagnostics": diagnostics.summary} if diagnostics else {}),
             **tasks["metrics"],
         },
-        "details": {
+        details={
             "perplexity": {name: s.as_dict() for name, s in scores.items()},
             **({"diagnostics": diagnostics.details} if diagnostics else {}),
             **tasks["details"],
         },
-        "stages": stages,
-        "device": device_label(model),
-        "fast_quant": fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
-        "quantize_s": quantize_s,
-        **_footer(cell, time.perf_counter() - start),
-    }
+        stages=stages,
+        coverage=coverage,
+        notes=notes,
+        device=device_label(model),
+        fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
+        quantize_s=quantize_s,
+    )
+
+
+def check_transformed(
+    transformed: dict[str, float], fp: Record | None, model: PreTrainedModel
+) -> None:
+    """TransformError when a transformed perplexity moved from the fp record's beyond the
+    tolerance of the model's dtype (no check without a finished fp record)."""
+    if fp is None or fp.status != OK:
+        return
+    dtype = next(model.parameters()).dtype
+    tolerance = TRANSFORM_TOLERANCE.get(dtype, HALF_TRANSFORM_TOLERANCE)
+    for column, value in transformed.items():
+        reference = fp.metrics.perplexity.get(column)
+        if reference and not abs(value / reference - 1) <= tolerance:
+            raise TransformError(
+                f"the transformed float model's {column} perplexity is {value:.4f}, fp's "
+                f"{reference:.4f} (relative {value / reference - 1:+.2e}, allowed {tolerance:g} "
+                f"in {dtype}): the transform is not lossless on this model"
+            )
 
 
 def _perplexities(
@@ -230,7 +266,7 @@ def _perplexities(
         spec.column: perplexity(
             model,
             tokenizer,
-            load_text(spec.data, spec.split),
+            spec.text(),
             spec.seq_len,
             spec.batch_size,
             spec.max_windows,
@@ -241,17 +277,10 @@ def _perplexities(
     }
 
 
-def _diagnostics(
-    cell: Cell,
-    recipe: Recipe,
-    model: PreTrainedModel,
-    fp_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Diagnostics | None:
-    """Outlier diagnostics of the cell's model on the first perplexity text, if asked for."""
+def _probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
+    """The outlier diagnostics' token windows (of the first perplexity text), if asked for."""
     spec = recipe.eval.diagnostics
     if spec is None:
         return None
     text = recipe.eval.perplexity[0]
-    ids = probe_ids(tokenizer, load_text(text.data, text.split), spec)
-    return diagnose(model, ids, cell.quantizer, fp_model)
+    return probe_ids(tokenizer, text.text(), spec)

@@ -1,75 +1,201 @@
-"""The results folder: one JSON record per cell, written atomically, and one claim per cell.
+"""The results folder: records, claims, the plan, and what dead processes left behind.
 
-    results/<recipe>/runs/<checkpoint>--<quantizer>--<key[:16]>.json
-    results/<recipe>/runs/.claims/<same name>.lock
+    results/<recipe>/plan.json        the cells of the last run (keys, names, identities) and
+                                      the recipe's columns: report and gate need nothing else
+    results/<recipe>/runs/<checkpoint>--<quantizer>--<key[:16]>.json    one record per cell
+    results/<recipe>/runs/.claims/<same name>.lock    a claim while a process computes a cell
+    results/<recipe>/runs/.invalid/   records that failed validation, moved aside
+    results/<recipe>/cache/           lm-eval request caches (JSON values), while cells run
 
-A record has `status: ok` (with metrics) or `status: failed` (with the error, no metrics).
-A record is written to a temporary file and renamed, so a killed process leaves no partial
-record. A claim is an exclusive flock held while a process computes the cell: a second sweep
-on the same folder skips the cell instead of computing it twice, and the kernel drops the
-lock of a process that dies, so a dead sweep never blocks a cell.
+Records (qbench.record.Record) are written atomically (qbench.files) and validated on read:
+one that is truncated, empty, wrongly typed, a symlink, or whose key, recipe, checkpoint or
+quantizer disagrees with the cell whose file it sits in (a record copied over another cell's
+file) is moved to runs/.invalid/ with a one-line warning, and the cell counts as missing, so
+the next run recomputes it. Nothing in the folder is unpickled.
+
+A claim is an exclusive flock on the cell's claim file, held while a process computes the
+cell: a second sweep on the same folder skips the cell instead of computing it twice, and the
+kernel drops the lock of a process that dies. Claim files are opened without following
+symlinks. `remove_leftovers` deletes claim files no live process holds and temporary files of
+dead writers.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
 import fcntl
-import json
 import os
 import socket
-import tempfile
 from pathlib import Path
-from typing import Any
 
-from qbench.plan import Cell
+from pydantic import BaseModel, ConfigDict
 
-OK, FAILED = "ok", "failed"
+from qbench.checkpoints.load import CheckpointIdentity
+from qbench.errors import QBenchError, describe, warn
+from qbench.files import (
+    make_directory,
+    read_text_nofollow,
+    remove_if_unlocked,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
+from qbench.plan import Cell, plan, recipe_digest
+from qbench.recipe import CheckpointSpec, Recipe
+from qbench.record import Key, Record, ResultsTable
 
-Result = dict[str, Any]
+RECORD_LIMIT = 64 << 20  # bytes; a record above this is not one qbench wrote
+PLAN_LIMIT = 64 << 20
+
+
+def recipe_dir(results_root: Path, recipe: str) -> Path:
+    return results_root / recipe
+
+
+def runs_dir(results_root: Path, recipe: str) -> Path:
+    return recipe_dir(results_root, recipe) / "runs"
 
 
 def result_path(results_root: Path, cell: Cell) -> Path:
-    return results_root / cell.recipe / "runs" / cell.filename
+    return runs_dir(results_root, cell.recipe) / cell.filename
 
 
-def read_result(results_root: Path, cell: Cell) -> Result | None:
-    """The cell's record (finished or failed), or None if it has none."""
+# ---------------------------------------------------------------- records
+
+
+def write_record(results_root: Path, cell: Cell, record: Record) -> None:
+    write_json_atomic(result_path(results_root, cell), record.to_json())
+
+
+def read_record(results_root: Path, cell: Cell) -> Record | None:
+    """The cell's validated record (finished or failed), or None if it has none; an invalid
+    one is moved aside to runs/.invalid/ with a warning and counts as none."""
     path = result_path(results_root, cell)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def is_finished(result: Result | None) -> bool:
-    """A record with metrics (records from before statuses existed are finished ones)."""
-    return result is not None and result.get("status", OK) == OK
-
-
-def is_failed(result: Result | None) -> bool:
-    return result is not None and result.get("status") == FAILED
-
-
-def error_line(result: Result) -> str:
-    """'Type: first line of the message' of a failed record."""
-    error = result.get("error") or {}
-    message = (error.get("message") or "").strip().splitlines()
-    return f"{error.get('type', 'Error')}: {message[0] if message else ''}".rstrip(": ")
-
-
-def write_json_atomic(path: Path, data: Result) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        return Record.from_json(read_text_nofollow(path, RECORD_LIMIT), cell)
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        _set_aside(path, str(error))
+        return None
+
+
+def _set_aside(path: Path, reason: str) -> None:
+    folder = path.parent / ".invalid"
+    _own_directory(folder)
+    target = folder / path.name
+    if os.path.lexists(target):
+        target = folder / f"{path.name}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another process moved it first
+        return
+    warn(f"{path}: {reason}; moved to {target}; the cell will be recomputed")
+
+
+def load_table(results_root: Path, cells: list[Cell]) -> ResultsTable:
+    """The records of `cells` in the results folder (invalid ones set aside)."""
+    records = {c.key: r for c in cells if (r := read_record(results_root, c)) is not None}
+    return ResultsTable(cells, records)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+class PlannedCell(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: str
+    quantizer: str  # "fp" for the unquantized cell
+    key: Key
+    file: str
+    identity: CheckpointIdentity
+    dtype: str | None = None  # the dtype it loads in (a checkpoint's `dtype: auto` resolved)
+
+
+class PlanFile(BaseModel):
+    """results/<recipe>/plan.json: what `qbench run` planned, so that report and gate work
+    from the results folder alone (without the checkpoints or the data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe: str
+    recipe_digest: str  # qbench.plan.recipe_digest: the recipe's fields but gate/resources
+    source: str  # the recipe file it was planned from
+    planned_at: str
+    perplexity_columns: list[str]
+    tasks: list[str]
+    cells: list[PlannedCell]
+
+
+def plan_path(results_root: Path, recipe: str) -> Path:
+    return recipe_dir(results_root, recipe) / "plan.json"
+
+
+def write_plan(results_root: Path, recipe: Recipe, source: Path, cells: list[Cell]) -> None:
+    planned = PlanFile(
+        recipe=recipe.name,
+        recipe_digest=recipe_digest(recipe),
+        source=str(source),
+        planned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        perplexity_columns=[spec.column for spec in recipe.eval.perplexity],
+        tasks=[task.name for task in recipe.eval.tasks],
+        cells=[
+            PlannedCell(
+                checkpoint=c.checkpoint.name,
+                quantizer=c.quantizer_name,
+                key=c.key,
+                file=c.filename,
+                identity=c.identity,
+                dtype=c.checkpoint.dtype,
+            )
+            for c in cells
+        ],
+    )
+    write_json_atomic(plan_path(results_root, recipe.name), planned.model_dump(mode="json"))
+
+
+def read_plan(results_root: Path, recipe: Recipe) -> list[Cell] | None:
+    """The cells of plan.json if it was planned from this recipe (same digest), else None; an
+    unreadable plan.json is ignored with a warning."""
+    path = plan_path(results_root, recipe.name)
+    try:
+        planned = PlanFile.model_validate_json(read_text_nofollow(path, PLAN_LIMIT))
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        warn(f"{path}: ignored ({describe(error)}); planning from the recipe instead")
+        return None
+    if planned.recipe != recipe.name or planned.recipe_digest != recipe_digest(recipe):
+        return None
+    checkpoints = {c.name: c for c in recipe.checkpoints}
+    quantizers = {q.name: q for q in recipe.quantizers}
+    cells = [
+        Cell(
+            recipe.name,
+            _planned_dtype(checkpoints[c.checkpoint], c.dtype),
+            quantizers.get(c.quantizer),
+            c.key,
+            c.identity,
+        )
+        for c in planned.cells
+        if c.checkpoint in checkpoints and (c.quantizer == "fp" or c.quantizer in quantizers)
+    ]
+    return cells if len(cells) == len(recipe.checkpoints) * (1 + len(recipe.quantizers)) else None
+
+
+def _planned_dtype(checkpoint: CheckpointSpec, dtype: str | None) -> CheckpointSpec:
+    """The checkpoint as planned: in the dtype plan.json names (older plans name none)."""
+    return checkpoint if dtype is None else checkpoint.model_copy(update={"dtype": dtype})
+
+
+def report_cells(results_root: Path, recipe: Recipe, source: Path) -> list[Cell]:
+    """The cells a report describes: the last run's plan.json when it was planned from this
+    recipe, else a fresh plan (which reads the checkpoints' configs and the data)."""
+    return read_plan(results_root, recipe) or plan(recipe, source)
+
+
+# ---------------------------------------------------------------- claims
 
 
 class Claim:
@@ -93,16 +219,20 @@ class Claim:
         self.release()
 
 
+def claims_dir(results_root: Path, recipe: str) -> Path:
+    return runs_dir(results_root, recipe) / ".claims"
+
+
 def claim_path(results_root: Path, cell: Cell) -> Path:
-    return results_root / cell.recipe / "runs" / ".claims" / f"{Path(cell.filename).stem}.lock"
+    return claims_dir(results_root, cell.recipe) / f"{Path(cell.filename).stem}.lock"
 
 
 def claim(results_root: Path, cell: Cell) -> Claim | None:
     """Claim `cell` for this process, or None while another live process holds it."""
     path = claim_path(results_root, cell)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _own_directory(path.parent)
     while True:
-        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        descriptor = _open_claim(path)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,20 +240,55 @@ def claim(results_root: Path, cell: Cell) -> Claim | None:
             return None
         # The holder may have released (and unlinked) the file between our open and flock:
         # then we hold a lock on a deleted file, and must try again on the path's new file.
-        try:
-            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
+        if _is_current(path, descriptor):
             os.ftruncate(descriptor, 0)
             os.write(descriptor, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
             return Claim(path, descriptor)
         os.close(descriptor)
 
 
+def _open_claim(path: Path) -> int:
+    """The claim file's descriptor, never through a symlink: a symlink planted at the claim
+    path is removed (its target untouched) and a regular file made in its place."""
+    while True:
+        try:
+            return os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o666)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                problem = describe(error)
+                raise QBenchError(f"{path}: cannot create the claim file: {problem}") from None
+        warn(f"{path}: a symlink in place of a claim file; removed (its target is untouched)")
+        path.unlink(missing_ok=True)
+
+
+def _is_current(path: Path, descriptor: int) -> bool:
+    try:
+        return os.lstat(path).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _own_directory(folder: Path) -> None:
+    """A folder qbench keeps inside runs/: made if absent, never a symlink."""
+    make_directory(folder)
+    if folder.is_symlink():
+        raise QBenchError(f"{folder}: a symlink where qbench keeps its own folder; remove it")
+
+
 def claim_holder(results_root: Path, cell: Cell) -> str:
     """Who holds the cell's claim ('host pid N'), as far as the claim file says."""
     try:
-        return claim_path(results_root, cell).read_text().strip() or "another process"
-    except FileNotFoundError:
+        text = read_text_nofollow(claim_path(results_root, cell), 1024).strip()
+    except (OSError, ValueError):
         return "another process"
+    return text.splitlines()[0] if text else "another process"
+
+
+def remove_leftovers(results_root: Path, recipe: str) -> int:
+    """Delete claim files that no live process holds and temporary files of dead writers
+    (left by killed processes); return how many."""
+    claims = claims_dir(results_root, recipe)
+    removed = sum(remove_if_unlocked(path) for path in claims.glob("*.lock"))
+    for folder in (recipe_dir(results_root, recipe), runs_dir(results_root, recipe)):
+        removed += remove_stale_temporaries(folder)
+    return removed

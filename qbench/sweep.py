@@ -19,7 +19,7 @@ from qbench import store
 from qbench.eval.tasks import discard_request_cache
 from qbench.plan import Cell, plan
 from qbench.recipe import Recipe, RecipeError, load_recipe
-from qbench.runner import checkpoint_identity
+from qbench.record import Record
 
 if TYPE_CHECKING:
     from qbench.executors import Executor
@@ -64,9 +64,9 @@ def pending_jobs(planned: list[PlannedRecipe], results_root: Path) -> list[Job]:
     """Cells without a finished record, grouped by checkpoint; one summary line per recipe."""
     jobs = []
     for p in planned:
-        records = {c.key: store.read_result(results_root, c) for c in p.cells}
-        todo = [c for c in p.cells if not store.is_finished(records[c.key])]
-        failed = sum(store.is_failed(records[c.key]) for c in todo)
+        table = store.load_table(results_root, p.cells)
+        todo = [c for c in p.cells if table.finished(c) is None]
+        failed = len(table.failed_cells())
         retried = f" ({failed} failed before: retried)" if failed else ""
         print(
             f"{p.recipe.name}: {len(p.cells)} cells, {len(p.cells) - len(todo)} done, "
@@ -76,8 +76,8 @@ def pending_jobs(planned: list[PlannedRecipe], results_root: Path) -> list[Job]:
         jobs += [Job(p.recipe, p.source, cell) for cell in todo]
     order: dict[str, int] = {}
     for job in jobs:
-        order.setdefault(checkpoint_identity(job.cell.checkpoint), len(order))
-    return sorted(jobs, key=lambda job: order[checkpoint_identity(job.cell.checkpoint)])
+        order.setdefault(job.cell.load_key, len(order))
+    return sorted(jobs, key=lambda job: order[job.cell.load_key])
 
 
 @dataclass
@@ -100,28 +100,29 @@ class Sweep:
             print(f"{job.label}: being computed by {holder}; left to it", flush=True)
             self.elsewhere.append(job)
             return None
-        if store.is_finished(store.read_result(self.results_root, job.cell)):
+        record = store.read_record(self.results_root, job.cell)
+        if record is not None and record.finished:
             claim.release()
             print(f"{job.label}: finished by another sweep", flush=True)
             self.elsewhere.append(job)
             return None
         return claim
 
-    def record(self, job: Job, result: store.Result) -> None:
+    def record(self, job: Job, record: Record) -> None:
         """Write the cell's record (atomically) while its claim is held, and report it."""
-        store.write_json_atomic(store.result_path(self.results_root, job.cell), result)
+        store.write_record(self.results_root, job.cell, record)
         self.ran.append(job)
         position = f"[{len(self.ran)}/{self.total}] {job.label}"
-        if not store.is_finished(result):
+        if not record.finished:
             self.failed.append(job)
-            print(f"{position}: FAILED {store.error_line(result)}", flush=True)
+            print(f"{position}: FAILED {record.error_line()}", flush=True)
             return
         discard_request_cache(self.results_root / job.recipe.name, job.cell.key)
-        metrics = result["metrics"]
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items())
-        if (average := metrics.get("zero_shot_average")) is not None:
-            scores += f"; {len(job.recipe.eval.tasks)}-task average {average:.4f}"
-        print(f"{position}: perplexity {scores} ({result['wall_time_s']:.1f} s)", flush=True)
+        metrics = record.metrics
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics.perplexity.items())
+        if metrics.zero_shot_average is not None:
+            scores += f"; {len(job.recipe.eval.tasks)}-task average {metrics.zero_shot_average:.4f}"
+        print(f"{position}: perplexity {scores} ({record.wall_time_s:.1f} s)", flush=True)
 
 
 def sweep(
@@ -130,9 +131,17 @@ def sweep(
     executor: Executor | None = None,
     progress: bool = True,
 ) -> Sweep:
-    """Compute every pending cell of the planned recipes (default: locally); return the tally."""
+    """Compute every pending cell of the planned recipes (default: locally); return the tally.
+
+    Each recipe's plan is written to its results folder first (plan.json), and what killed
+    processes left there (unheld claim files, temporary files) is deleted.
+    """
     from qbench.executors import LocalExecutor
 
+    for p in planned:
+        store.write_plan(results_root, p.recipe, p.source, p.cells)
+        if removed := store.remove_leftovers(results_root, p.recipe.name):
+            print(f"{p.recipe.name}: removed {removed} files left by killed runs", flush=True)
     jobs = pending_jobs(planned, results_root)
     state = Sweep(results_root, len(jobs), progress)
     if jobs:

@@ -86,6 +86,14 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def refusals(path: Path) -> dict[str, str]:
+    """{quantizer name: why} of the cells the plan of recipe `path` refuses."""
+    from qbench.plan import plan
+    from qbench.recipe import load_recipe
+
+    return {c.quantizer_name: c.refusal for c in plan(load_recipe(path), path) if c.refusal}
+
+
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter random (norm scales around 1), so no variant module is neutral."""
     generator = torch.Generator().manual_seed(seed)
@@ -103,6 +111,98 @@ ARCH_CONFIGS = {
     "qwen3": Qwen3Config,
     "mistral": MistralConfig,
 }
+
+# Every decoder family issue 10 names, as tiny random configs (vocab 300 for the test tokenizer;
+# no token id beyond it). Each exercises a structure: MoE with 3-D experts (qwen3_moe, mixtral,
+# gpt_oss: transposed with biases), shared experts (qwen2_moe, deepseek_v3, with MLA attention),
+# Gemma's 1 + w norms, sandwich norms and soft-capping (gemma2, gemma3_text), fused qkv and
+# gate_up (phi3), a parallel block off one LayerNorm with partial rotary (phi), LayerNorm with
+# bias and learned positions (opt), Conv1D (gpt2), parallel residual (gpt_neox), shared
+# LayerNorms and multi-query (falcon), post-norms only (olmo2), multipliers (granite).
+_SMALL = {**TINY_SHAPE, "intermediate_size": 128, "pad_token_id": None}
+_NO_IDS = {"bos_token_id": None, "eos_token_id": None}
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+        },
+    ),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_group": 1,
+            "topk_group": 1,
+            "rope_parameters": {"rope_type": "default"},
+        },
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 16},
+    ),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+    "phi3": ("Phi3Config", _NO_IDS),
+    "phi": ("PhiConfig", {"partial_rotary_factor": 0.5}),
+    "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64, **_NO_IDS}),
+    "gpt2": (
+        "GPT2Config",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, **_NO_IDS},
+    ),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, **_NO_IDS}),
+    "falcon": ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2, **_NO_IDS}),
+    "olmo2": ("Olmo2Config", _NO_IDS),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25}),
+    "granite": (
+        "GraniteConfig",
+        {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.0625,
+            "logits_scaling": 8.0,
+        },
+    ),
+    "starcoder2": ("Starcoder2Config", _NO_IDS),
+}
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
+
+
+def family_model(family: str, massive_channel: int | None = 7) -> torch.nn.Module:
+    """A tiny random model of `family` (fp32, eval), with one residual channel of the input
+    embedding x50 (a planted massive activation) unless `massive_channel` is None."""
+    import transformers
+
+    name, fields = FAMILIES[family]
+    config = getattr(transformers, name)(**{**_SMALL, **fields})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if massive_channel is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, massive_channel] *= 50
+    return model
 
 
 @pytest.fixture(scope="session")

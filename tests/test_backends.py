@@ -11,7 +11,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import refusals, write_recipe
 from optimum.quanto import qint4
 from optimum.quanto.tensor import MaxOptimizer
 from optimum.quanto.tensor.weights import quantize_weight
@@ -22,7 +22,7 @@ from qbench.cli import main
 from qbench.errors import QBenchError
 from qbench.plan import plan
 from qbench.probe import quantizer_named
-from qbench.quant import METHODS, quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.spec import WeightQuant, fake_quant
 from qbench.recipe import RecipeError, load_recipe
 
@@ -30,7 +30,7 @@ CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 
 
 
 def _config(**fields):
-    return METHODS.get(fields["method"]).model_validate({"name": "q", **fields})
+    return QuantizerConfig.model_validate({"name": "q", **fields})
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -338,9 +338,13 @@ def test_backend_fields_are_checked_at_load_time(tmp_path, llama_dir, old, new, 
     assert expected in _plan_error(tmp_path, llama_dir, old, new)
 
 
-def test_quanto_group_that_does_not_divide_a_layer_fails_at_plan_time(tmp_path, llama_dir):
-    message = _plan_error(tmp_path, llama_dir, "group: 4", "group: 32")
-    assert "quantizers[2].group: group 32 does not divide the input width 172" in message
+def test_quanto_group_that_does_not_divide_a_layer_is_refused_at_plan_time(tmp_path, llama_dir):
+    message = refusals(_recipe(tmp_path, llama_dir, RECIPE.replace("group: 4", "group: 32")))[
+        "quanto-w4"
+    ]
+    assert "quantizers[2] 'quanto-w4'.group: group 32 does not divide the input width 172" in (
+        message
+    )
     assert "model.layers.0.mlp.down_proj" in message and "leave group unset" in message
 
 

@@ -14,13 +14,13 @@ from qbench.checkpoints.load import load_checkpoint
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.cli import main
 from qbench.eval.diagnostics import diagnose, kurtosis, layer_sqnr, sqnr_db
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig
 from qbench.quant.spec import fake_quant
 from qbench.recipe import CheckpointSpec
 
 SINK_DIM, TRIGGER_DIM, MASSIVE_DIM, UNIT = 10, 30, 20, 3  # hidden dims; an MLP channel
 SINK_TOKEN, TRIGGER_TOKEN, TRIGGER_POSITION = 299, 298, 5
-W8A8 = RTNConfig(name="w8a8", weights={"bits": 8}, activations={"bits": 8})
+W8A8 = QuantizerConfig(name="w8a8", method="rtn", weights={"bits": 8}, activations={"bits": 8})
 
 
 def _probe(samples: int = 2, seq_len: int = 32) -> torch.Tensor:

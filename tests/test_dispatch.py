@@ -3,16 +3,23 @@ would meet offloaded weights refuse, and bad maps fail at plan time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import write_recipe
 
-from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.dispatch import (
+    CANNOT_QUANTIZE_OFFLOADED,
+    input_device,
+    offload_refusal,
+    offloaded_modules,
+)
 from qbench.checkpoints.load import load_checkpoint
 from qbench.plan import plan
 from qbench.recipe import RecipeError, load_recipe
+from qbench.record import FAILED, OK
 from qbench.runner import Worker
-from qbench.store import FAILED, OK
 
 LAYERS = 4
 RANDOM = (
@@ -54,16 +61,18 @@ def _map_text(device_map: dict[str, str]) -> str:
 
 def test_half_the_blocks_on_disk_give_the_whole_models_numbers(tmp_path):
     recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK))
+    assert cells[0].identity == cells[1].identity and cells[0].key != cells[1].key  # device_map
     worker = Worker(progress=False)
     whole, dispatched = (worker.execute(c, recipe, tmp_path / "results") for c in cells)
-    assert whole["status"] == dispatched["status"] == OK
-    ppl, ppl_dispatched = (r["metrics"]["perplexity"]["embedded"] for r in (whole, dispatched))
+    assert worker.loads == 2
+    assert whole.status == dispatched.status == OK
+    ppl, ppl_dispatched = (r.metrics.perplexity["embedded"] for r in (whole, dispatched))
     assert ppl_dispatched == pytest.approx(ppl, rel=RELATIVE_TOLERANCE)
-    tasks, tasks_dispatched = (r["details"]["tasks"]["embedded_mc"] for r in (whole, dispatched))
+    tasks, tasks_dispatched = (r.details.tasks["embedded_mc"] for r in (whole, dispatched))
     assert tasks["samples"] == tasks_dispatched["samples"] == 12
     for metric in ("acc", "acc_norm"):
         assert tasks_dispatched["metrics"][metric] == tasks["metrics"][metric]
-    assert whole["device"] == "cpu" and dispatched["device"] == "device_map: cpu, disk"
+    assert whole.device == "cpu" and dispatched.device == "device_map: cpu, disk"
 
 
 def test_offloaded_modules_hold_no_weights_and_inputs_go_to_the_execution_device(tmp_path):
@@ -77,20 +86,61 @@ def test_offloaded_modules_hold_no_weights_and_inputs_go_to_the_execution_device
     assert model.device.type == "meta" and input_device(model) == torch.device("cpu")
 
 
-def test_a_quantized_cell_on_offloaded_weights_fails_with_the_reason(tmp_path):
+def test_a_quantized_cell_on_an_offloading_map_is_refused_at_plan_time(tmp_path):
     quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
     recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
+    refusals = {(c.checkpoint.name, c.quantizer_name): c.refusal for c in cells}
+    assert refusals["whole", "w4a4"] is None and refusals["dispatched", "fp"] is None
+    assert refusals["dispatched", "w4a4"] == (
+        "quantizers[0] 'w4a4' on checkpoint 'dispatched': checkpoints[1].device_map offloads "
+        f"3 modules to disk (e.g. model.embed_tokens), {CANNOT_QUANTIZE_OFFLOADED}"
+    )
     worker = Worker(progress=False)
     records = {
-        (c.checkpoint.name, c.quantizer_name): worker.execute(c, recipe, tmp_path / "r")
+        c.quantizer_name: worker.execute(c, recipe, tmp_path / "r")
         for c in cells
         if c.checkpoint.name == "dispatched"
     }
-    assert records["dispatched", "fp"]["status"] == OK
-    failed = records["dispatched", "w4a4"]
-    assert failed["status"] == FAILED and failed["error"]["type"] == "QBenchError"
-    assert "offloads 19 modules to cpu/disk" in failed["error"]["message"]
-    assert "evaluate it unquantized (fp) only" in failed["error"]["message"]
+    assert records["fp"].status == OK
+    assert records["w4a4"].status == FAILED and records["w4a4"].error.type == "RefusedError"
+    assert worker.loads == 1  # the refused cell loaded nothing
+
+
+def test_weights_offloaded_at_load_fail_the_quantized_cell_at_run_time(tmp_path):
+    """What a strategy (device_map: auto) offloads shows only once loaded: the quantized cell
+    fails with the reason before anything is written or quantized, the model unchanged."""
+    quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
+    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
+    fp, quantized = (replace(c, refusal=None) for c in cells if c.checkpoint.name == "dispatched")
+    worker = Worker(progress=False)
+    before = worker.execute(fp, recipe, tmp_path / "r")
+    failed = worker.execute(quantized, recipe, tmp_path / "r")
+    assert failed.status == FAILED and failed.error.type == "QBenchError"
+    assert "device_map offloads 19 modules to cpu/disk" in failed.error.message
+    assert failed.error.message.endswith(CANNOT_QUANTIZE_OFFLOADED)
+    assert worker._context.pristine is None  # no pristine copy of meta placeholders
+    again = worker.execute(fp, recipe, tmp_path / "again")
+    assert again.metrics.perplexity == before.metrics.perplexity and worker.loads == 1
+
+
+@pytest.mark.parametrize(
+    ("device_map", "offloaded"),
+    [
+        ({"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "cuda:1"}, "1 modules to cpu"),
+        ({"model.layers.0": 0, "model.norm": "cpu", "lm_head": "disk"}, "2 modules to cpu/disk"),
+        ({"model.layers.0": "cpu", "lm_head": "disk"}, "1 modules to disk (e.g. lm_head)"),
+        ({"": "cpu"}, None),  # executes on the CPU: nothing offloaded
+        ({"model.layers.0": 0, "lm_head": 1}, None),
+        ("auto", None),  # only loading shows what a strategy offloads
+        (None, None),
+    ],
+)
+def test_what_a_map_offloads_is_known_before_loading(device_map, offloaded):
+    reason = offload_refusal(device_map)
+    if offloaded is None:
+        assert reason is None
+    else:
+        assert reason.startswith(f"offloads {offloaded}")
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from qbench.errors import QBenchError
-from qbench.quant import fused, quantize_
+from qbench.quant import QuantizerConfig, fused, quantize_
 from qbench.quant.linear import QuantLinear
-from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import ActivationQuant, fake_quant
 
 IN, OUT = 64, 24
@@ -102,7 +101,7 @@ def test_quantized_model_is_identical_and_compiles_once_per_weight_shape(
 ):
     model = tiny_model("llama", intermediate_size=176)  # 64->64, 64->32, 64->176, 176->64
     config = {"name": "q", "method": "rtn", "weights": {"format": "nvfp4"}}
-    quantize_(model, RTNConfig.model_validate({**config, "activations": {"format": "nvfp4"}}))
+    quantize_(model, QuantizerConfig.model_validate({**config, "activations": {"format": "nvfp4"}}))
     ids = torch.randint(0, 300, (3, 48), generator=torch.Generator().manual_seed(0))
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():

@@ -8,11 +8,13 @@ import re
 
 import pytest
 from conftest import write_recipe
+from pydantic import ValidationError
 
 from qbench.cli import main
 from qbench.plan import plan
 from qbench.recipe import RecipeError, load_recipe
-from qbench.report.gate import Check, _lower_is_better, checks, metric_value
+from qbench.record import Record, ResultsTable
+from qbench.report.gate import Check, checks
 
 RECIPE = """
 name: gated
@@ -29,31 +31,59 @@ gate:
 """
 
 
-def _result(ppl: float) -> dict:
-    return {"metrics": {"perplexity": {"embedded": ppl}}}
+def _ok(recipe, cell, **metrics) -> Record:
+    return Record.ok(cell, recipe, 0.0, metrics=metrics)
 
 
 def test_recovery_is_fp_over_quantized_for_perplexity():
-    check = Check("c", "q", "perplexity.embedded", base=10.0, quantized=12.5, threshold=0.8)
+    check = Check("c", "q", "perplexity.embedded", 10.0, 12.5, 0.8, lower_is_better=True)
     assert check.recovery == pytest.approx(0.8) and check.passed
-    accuracy = Check("c", "q", "tasks.piqa", base=0.5, quantized=0.4, threshold=0.81)
+    accuracy = Check("c", "q", "tasks.piqa", 0.5, 0.4, 0.81, lower_is_better=False)
     assert accuracy.recovery == pytest.approx(0.8) and not accuracy.passed
+    nan = Check("c", "q", "perplexity.embedded", 10.0, math.nan, 0.5, lower_is_better=True)
+    assert not nan.passed
 
 
-def test_checks_use_overrides_and_fail_missing_or_nan_cells(tmp_path, llama_dir):
+def test_checks_use_overrides_and_fail_missing_or_failed_cells(tmp_path, llama_dir):
     path = write_recipe(tmp_path / "g.yaml", RECIPE.replace("LLAMA", str(llama_dir)))
     recipe = load_recipe(path)
     cells = plan(recipe, path)
     fp, w8a8, w2a2 = cells
-    found = checks(recipe, cells, {fp.key: _result(10.0), w8a8.key: _result(10.4), w2a2.key: None})
-    assert [(c.quantizer, c.threshold, c.passed) for c in found] == [
-        ("w8a8", 0.95, True),
-        ("w2a2", 0.01, False),  # no result: missing, never a pass
+    records = {
+        fp.key: _ok(recipe, fp, perplexity={"embedded": 10.0}),
+        w8a8.key: _ok(recipe, w8a8, perplexity={"embedded": 10.4}),
+    }
+    found = checks(recipe, ResultsTable(cells, records))
+    assert [(c.quantizer, c.threshold, c.passed, c.quantized_state) for c in found] == [
+        ("w8a8", 0.95, True, "ok"),
+        ("w2a2", 0.01, False, "missing"),  # no result: missing, never a pass
     ]
-    nan = checks(
-        recipe, cells, {fp.key: _result(10.0), w8a8.key: _result(math.nan), w2a2.key: None}
+    records[w2a2.key] = Record.failed(w2a2, recipe, RuntimeError("boom"), 0.0)
+    failed = checks(recipe, ResultsTable(cells, records))[1]
+    assert failed.quantized is None and failed.quantized_state == "failed" and not failed.passed
+    with pytest.raises(ValidationError, match="finite"):  # a NaN perplexity is no ok record
+        _ok(recipe, w8a8, perplexity={"embedded": math.nan})
+
+
+def test_a_perplexity_column_named_with_a_dot_is_gated(tmp_path, llama_dir):
+    text = RECIPE.replace("LLAMA", str(llama_dir)).replace(
+        "max_windows: 4}", "max_windows: 4, name: wiki.v2}"
     )
-    assert not nan[0].passed
+    text = text.replace("perplexity.embedded", "perplexity.wiki.v2")
+    path = write_recipe(tmp_path / "g.yaml", text)
+    recipe = load_recipe(path)
+    cells = plan(recipe, path)
+    fp, w8a8, _ = cells
+    table = ResultsTable(
+        cells,
+        {
+            fp.key: _ok(recipe, fp, perplexity={"wiki.v2": 10.0}),
+            w8a8.key: _ok(recipe, w8a8, perplexity={"wiki.v2": 12.5}),
+        },
+    )
+    check = checks(recipe, table)[0]
+    assert (check.metric, check.base, check.quantized) == ("perplexity.wiki.v2", 10.0, 12.5)
+    assert check.recovery == pytest.approx(0.8) and not check.passed  # threshold 0.95
 
 
 def test_gate_command_passes_then_fails_on_a_strict_threshold(tmp_path, llama_dir, capsys):
@@ -109,17 +139,12 @@ def test_gate_errors_name_the_field(tmp_path, old, new, expected):
 
 def _tasks(piqa: float, lambada_ppl: float) -> dict:
     return {
-        "metrics": {
-            "tasks": {
-                "piqa": {"metric": "acc_norm", "value": piqa, "higher_is_better": True},
-                "lambada": {
-                    "metric": "perplexity",
-                    "value": lambada_ppl,
-                    "higher_is_better": False,
-                },
-            },
-            "zero_shot_average": piqa,
-        }
+        "perplexity": {"embedded": 10.0},
+        "tasks": {
+            "piqa": {"metric": "acc_norm", "value": piqa, "higher_is_better": True},
+            "lambada": {"metric": "perplexity", "value": lambada_ppl, "higher_is_better": False},
+        },
+        "zero_shot_average": piqa,
     }
 
 
@@ -129,21 +154,29 @@ def test_task_metrics_are_gated_by_their_headline_value_and_direction(tmp_path, 
         "perplexity: [{data: embedded, seq_len: 64, max_windows: 4}]\n  tasks: [embedded_mc]",
     )
     text = text.replace("{perplexity.embedded: 0.95}", "{tasks.embedded_mc: 0.9}")
-    assert load_recipe(write_recipe(tmp_path / "g.yaml", text)).gate.min_recovery == {
-        "tasks.embedded_mc": 0.9
-    }
-    fp, quantized = _tasks(0.60, 10.0), _tasks(0.54, 12.5)
-    assert metric_value(quantized, "tasks.piqa") == 0.54
-    assert metric_value(quantized, "zero_shot_average") == 0.54
-    assert metric_value({"status": "failed", "error": {}}, "tasks.piqa") is None
+    path = write_recipe(tmp_path / "g.yaml", text)
+    recipe = load_recipe(path)
+    assert recipe.gate.min_recovery == {"tasks.embedded_mc": 0.9}
+    fp, w8a8, w2a2 = cells = plan(recipe, path)
+    table = ResultsTable(
+        cells,
+        {
+            fp.key: _ok(recipe, fp, **_tasks(0.60, 10.0)),
+            w8a8.key: _ok(recipe, w8a8, **_tasks(0.54, 12.5)),
+            w2a2.key: Record.failed(w2a2, recipe, RuntimeError("boom"), 0.0),
+        },
+    )
+    assert table.value(w8a8, "tasks.piqa") == 0.54
+    assert table.value(w8a8, "zero_shot_average") == 0.54
+    assert table.value(w2a2, "tasks.piqa") is None and table.state(w2a2) == "failed"
     for metric, recovery in (("tasks.piqa", 0.9), ("tasks.lambada", 0.8)):
         check = Check(
             "c",
             "q",
             metric,
-            metric_value(fp, metric),
-            metric_value(quantized, metric),
+            table.value(fp, metric),
+            table.value(w8a8, metric),
             0.85,
-            lower_is_better=_lower_is_better(metric, fp, quantized),
+            lower_is_better=table.lower_is_better(metric),
         )
         assert check.recovery == pytest.approx(recovery) and check.passed == (recovery >= 0.85)

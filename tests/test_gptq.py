@@ -7,12 +7,10 @@ import torch
 from transformers import AutoTokenizer
 
 from qbench.data.calibration import calibration_ids
-from qbench.quant import quantize_
-from qbench.quant.calibrate import observe_inputs
-from qbench.quant.gptq import GPTQConfig, gptq_round
+from qbench.quant import QuantizerConfig, quantize_
+from qbench.quant.gptq import gptq_round
 from qbench.quant.linear import QuantLinear
 from qbench.quant.rotation import HadamardInput
-from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import WeightQuant, fake_quant
 
 CALIBRATION = {"data": "embedded", "sequences": 8, "seq_len": 32, "batch_size": 4}
@@ -56,17 +54,15 @@ def test_gptq_values_lie_on_the_rtn_grid_of_each_group():
 
 def test_gptq_model_layer_error_is_below_rtn_on_the_calibration_batch(tiny_model, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    gptq = GPTQConfig.model_validate(
+    gptq = QuantizerConfig.model_validate(
         {"name": "g", "method": "gptq", "weights": {"bits": 3}, "calibration": CALIBRATION}
     )
-    rtn = RTNConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
+    rtn = QuantizerConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
     fp = tiny_model("llama")
     torch.manual_seed(0)  # the batch GPTQ calibrates on
-    ids = calibration_ids(tokenizer, gptq.calibration)
+    ids = calibration_ids(tokenizer, gptq.rounding.calibration)
     layer = {"gate": fp.model.layers[0].mlp.gate_proj}
-    inputs = []
-    observe_inputs(fp, layer, ids, 4, lambda _, x: inputs.append(x))
-    x = torch.cat(inputs)
+    x = torch.cat(_inputs_of(fp, layer["gate"], ids))
     errors = {}
     for config in (gptq, rtn):
         torch.manual_seed(0)
@@ -77,9 +73,55 @@ def test_gptq_model_layer_error_is_below_rtn_on_the_calibration_batch(tiny_model
     assert errors["gptq"] < 0.9 * errors["rtn"]
 
 
+def _inputs_of(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor) -> list:
+    """The inputs [tokens, in] that `module` receives when `model` runs on `ids` (batches of 4)."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _, args: seen.append(args[0].flatten(0, -2)))
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model(batch)
+    handle.remove()
+    return seen
+
+
+def _layer_by_layer_gptq(model, config, ids):
+    """GPTQ as before blockwise calibration: layer i's Hessians from a full forward pass of the
+    model, layers 0..i-1 already rounded (the reference the blockwise flow must equal)."""
+    for layer in model.model.layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        inputs = {n: torch.cat(_inputs_of(model, m, ids)).double() for n, m in linears.items()}
+        for name, linear in linears.items():
+            x = inputs[name]
+            hessian = 2 * x.T @ x / x.shape[0]
+            w = gptq_round(linear.weight, hessian, config.weights, config.rounding.damp, 128, False)
+            quantized = QuantLinear(linear, config.weights, config.activations, rounded=w)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, quantized)
+    return model
+
+
+def test_blockwise_gptq_equals_the_layer_by_layer_computation(tiny_model, tokenizer_dir):
+    """The blockwise flow (two block passes per block) rounds every weight as running the
+    model from its embeddings for every layer does, within float tolerance."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = QuantizerConfig.model_validate(
+        {"name": "g", "method": "gptq", "weights": {"bits": 4}, "activations": {"bits": 8},
+         "calibration": CALIBRATION}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = calibration_ids(tokenizer, config.rounding.calibration)
+    reference = _layer_by_layer_gptq(tiny_model("llama"), config, ids)
+    torch.manual_seed(0)
+    model = quantize_(tiny_model("llama"), config, tokenizer)
+    for name, module in reference.named_modules():
+        if isinstance(module, QuantLinear):
+            ours = model.get_submodule(name).weight
+            assert (ours - module.weight).abs().max() <= 1e-5 * module.weight.abs().max(), name
+
+
 def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTQConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {
             "name": "quarot",
             "method": "gptq",
@@ -92,11 +134,13 @@ def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir)
     )
     assert config.has_transform
     model = quantize_(tiny_model("qwen2"), config, tokenizer)
-    down = model.model.layers[1].mlp.down_proj
-    assert isinstance(down, HadamardInput) and isinstance(down.linear, QuantLinear)
-    assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
+    for writer in (model.model.layers[1].mlp.down_proj, model.model.layers[1].self_attn.o_proj):
+        assert isinstance(writer, HadamardInput) and isinstance(writer.linear, QuantLinear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)
 
 
 def test_gptq_needs_int_weights():
     with pytest.raises(ValueError, match="gptq rounds int weights"):
-        GPTQConfig.model_validate({"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}})
+        QuantizerConfig.model_validate(
+            {"name": "g", "method": "gptq", "weights": {"format": "nvfp4"}}
+        )

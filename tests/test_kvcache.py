@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SHAPE, write_recipe
+from conftest import TINY_SHAPE, refusals, write_recipe
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.eval.diagnostics import diagnose
-from qbench.plan import _quantizer_identity, plan
-from qbench.quant import quantize_
+from qbench.plan import _quantizer_identity
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.kvcache import KVTransform, eager_attention, quantize_kv_cache
 from qbench.quant.linear import QuantLinear
-from qbench.quant.rotation import RotationConfig
-from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import KVQuant, fake_quant
-from qbench.recipe import RecipeError, load_recipe
 
 SHAPE = TINY_SHAPE | {"intermediate_size": 128, "head_dim": 16}
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
@@ -82,7 +79,7 @@ def test_transformers_path_equals_the_family_hook(hf_class, hf_config, options, 
         config["method"] = "rotation"
     for model in (hf, family):
         torch.manual_seed(0)
-        quantize_(model, (RotationConfig if rotate else RTNConfig).model_validate(config))
+        quantize_(model, QuantizerConfig.model_validate(config))
     assert hf.config._attn_implementation == "qbench_kv_sdpa"
     quantized = _logits(hf)
     torch.testing.assert_close(_logits(family), quantized, atol=1e-5, rtol=1e-4)
@@ -127,7 +124,7 @@ def test_incremental_decoding_with_the_cache_equals_the_full_pass():
     """Per-token rounding: the cache rounded again at each step equals rounding once."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
-    quantize_(model, RotationConfig(name="r", kv={"bits": 4}))
+    quantize_(model, QuantizerConfig(name="r", method="rtn", kv={"bits": 4}))
     with torch.no_grad():
         prefix = model(IDS[:, :-1], use_cache=True)
         step = model(IDS[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
@@ -157,13 +154,15 @@ def test_diagnostics_see_the_quantized_cache_and_restore_the_attention():
 
 
 def test_kv_alone_is_a_quantizer_and_labels_say_kv():
-    kv_only = RTNConfig(name="kv4", kv={"bits": 4})
+    kv_only = QuantizerConfig(name="kv4", method="rtn", kv={"bits": 4})
     assert kv_only.precision() == "W16A16KV4"
-    w4a4kv4 = RTNConfig(name="q", weights={"bits": 4}, activations={"bits": 4}, kv={"bits": 4})
-    assert w4a4kv4.precision() == "W4A4KV4"
-    assert RTNConfig(name="w4a4", weights={"bits": 4}, activations={"bits": 4}).precision() == (
-        "W4A4"
+    w4a4kv4 = QuantizerConfig(
+        name="q", method="rtn", weights={"bits": 4}, activations={"bits": 4}, kv={"bits": 4}
     )
+    assert w4a4kv4.precision() == "W4A4KV4"
+    assert QuantizerConfig(
+        name="w4a4", method="rtn", weights={"bits": 4}, activations={"bits": 4}
+    ).precision() == ("W4A4")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
     quantize_(model, kv_only)
@@ -172,10 +171,10 @@ def test_kv_alone_is_a_quantizer_and_labels_say_kv():
         isinstance(layer.self_attn.kv_transform, KVTransform) for layer in model.model.layers
     )
     with pytest.raises(ValidationError, match="kv:"):
-        RTNConfig(name="nothing")
+        QuantizerConfig(name="nothing", method="rtn")
 
 
-def test_kv_group_that_does_not_divide_head_dim_fails_at_plan_time(tmp_path, llama_dir):
+def test_kv_group_that_does_not_divide_head_dim_is_refused_at_plan_time(tmp_path, llama_dir):
     recipe = write_recipe(
         tmp_path / "kv.yaml",
         f"""
@@ -186,14 +185,22 @@ quantizers:
 eval: {{perplexity: [{{data: embedded, seq_len: 64}}]}}
 """,
     )
-    with pytest.raises(RecipeError) as caught:
-        plan(load_recipe(recipe), recipe)
-    message = str(caught.value)
-    assert "quantizers[0].kv.group: group 32 does not divide head_dim 16" in message
+    message = refusals(recipe)["kv4"]
+    assert "quantizers[0] 'kv4'.kv.group: group 32 does not divide head_dim 16" in message
     assert "checkpoint 'tiny'" in message
 
 
-def test_quantizers_without_kv_keep_their_result_keys():
-    """The kv field enters a cell's key only when set: older results stay valid."""
-    assert "kv" not in _quantizer_identity(RTNConfig(name="w8", weights={"bits": 8}))
-    assert _quantizer_identity(RTNConfig(name="kv", kv={"bits": 8}))["kv"]["bits"] == 8
+def test_a_quantizer_is_keyed_by_its_pipeline_not_its_name_or_shorthand():
+    """`method: smoothquant` and the same pipeline written out share one identity (one key);
+    the KV cache and the schema version are part of it."""
+    shorthand = QuantizerConfig.model_validate(
+        {"name": "a", "method": "smoothquant", "alpha": 0.7, "weights": {"bits": 8}}
+    )
+    explicit = QuantizerConfig.model_validate(
+        {"name": "b", "transforms": [{"transform": "smoothquant", "alpha": 0.7}],
+         "rounding": "rtn", "weights": {"bits": 8}}
+    )  # fmt: skip
+    assert _quantizer_identity(shorthand) == _quantizer_identity(explicit)
+    assert _quantizer_identity(shorthand)["schema"] == 2
+    with_kv = explicit.model_copy(update={"kv": KVQuant(bits=8)})
+    assert _quantizer_identity(with_kv)["kv"]["bits"] == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -48,3 +49,24 @@ def test_windows_are_non_overlapping_and_drop_the_tail():
     assert windows_of(ids, 3, 2).tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(QBenchError, match="fewer than seq_len 11"):
         windows_of(ids, 11, None)
+
+
+def test_window_sums_are_each_windows_own_loss_and_add_up_to_the_total(qwen2_dir):
+    """window_nll[i] is transformers' mean shifted loss of window i times its 63 targets."""
+    model = AutoModelForCausalLM.from_pretrained(qwen2_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_dir)
+    text = load_text("embedded", "valid")
+    result = perplexity(model, tokenizer, text, 64, 3, max_windows=5, progress=False)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        direct = [
+            63 * model(input_ids=w[None], labels=w[None]).loss.item()
+            for w in ids[: 5 * 64].view(5, 64)
+        ]
+    assert result.window_tokens == 63 and len(result.window_nll) == 5
+    assert result.window_nll == pytest.approx(direct, rel=1e-5)
+    assert sum(result.window_nll) / result.predicted_tokens == pytest.approx(result.mean_nll)
+    again = perplexity(model, tokenizer, text, 64, 5, max_windows=5, progress=False)
+    other = perplexity(model, tokenizer, text, 64, 5, max_windows=4, progress=False)
+    assert again.windows_sha == result.windows_sha != other.windows_sha
+    assert json.loads(json.dumps(result.as_dict()))["window_nll"] == result.window_nll

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from qbench.quant import quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.linear import QuantLinear
-from qbench.quant.rtn import RTNConfig
 from qbench.quant.spec import ActivationQuant, WeightQuant, fake_quant
 
 
@@ -104,8 +103,8 @@ def test_quant_linear_quantizes_weight_once_and_input_each_call():
     torch.testing.assert_close(layer(x), expected)
 
 
-def _rtn(**kw) -> RTNConfig:
-    return RTNConfig.model_validate({"name": "q", "method": "rtn", **kw})
+def _rtn(**kw) -> QuantizerConfig:
+    return QuantizerConfig.model_validate({"name": "q", "method": "rtn", **kw})
 
 
 def test_rtn_quantizes_every_linear_but_lm_head_and_embeddings(llama_dir):

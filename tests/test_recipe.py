@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
+from conftest import refusals, write_recipe
 
 from qbench.cli import main
 from qbench.plan import plan
@@ -120,17 +120,22 @@ def test_schema_errors_name_the_field(tmp_path, llama_dir, old, new, expected):
     )
 
 
-def test_group_that_does_not_divide_a_layer_names_the_layer(tmp_path, llama_dir):
-    message = _error(tmp_path, VALID.replace("group: 4", "group: 32"), llama_dir)
-    assert "quantizers[1].weights.group: group 32 does not divide the input width 172" in message
+def _refusals(tmp_path, text: str, llama_dir) -> dict[str, str]:
+    return refusals(write_recipe(tmp_path / "r.yaml", text.replace("LLAMA", str(llama_dir))))
+
+
+def test_group_that_does_not_divide_a_layer_refuses_that_cell_naming_the_layer(tmp_path, llama_dir):
+    (message,) = _refusals(tmp_path, VALID.replace("group: 4", "group: 32"), llama_dir).values()
+    assert "quantizers[1] 'w4g4'.weights.group: group 32 does not divide the input width 172" in (
+        message
+    )
     assert "model.layers.0.mlp.down_proj" in message and "checkpoint 'local'" in message
 
 
 def test_activation_group_is_checked_too(tmp_path, llama_dir):
     text = VALID.replace("symmetric: false}", "group: 64}")
-    assert "quantizers[2].activations.group: group 64 does not divide" in _error(
-        tmp_path, text, llama_dir
-    )
+    (message,) = _refusals(tmp_path, text, llama_dir).values()
+    assert "activations.group: group 64 does not divide" in message
 
 
 def test_window_longer_than_the_model_context(tmp_path, llama_dir):
@@ -153,7 +158,7 @@ def test_directory_without_config(tmp_path):
 
 def test_unreachable_hub_checkpoint_suggests_a_local_path(tmp_path):
     message = _error(tmp_path, VALID.replace("path: LLAMA", "hf: nobody/no-such-model"))
-    assert "checkpoints[0].hf: cannot load 'nobody/no-such-model'" in message
+    assert "checkpoints[0].hf: cannot resolve revision 'main' of 'nobody/no-such-model'" in message
     assert "use path:" in message
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_SHAPE, randomize
 
 from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
-from qbench.quant import quantize_
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.hadamard import (
     HadamardTransform,
     fwht,
@@ -18,7 +18,7 @@ from qbench.quant.hadamard import (
 )
 from qbench.quant.kvcache import KVTransform
 from qbench.quant.linear import QuantLinear
-from qbench.quant.rotation import HadamardInput, RotationConfig, rotate
+from qbench.quant.rotation import HadamardInput, rotate
 
 EVERY_KIND = ["llama", "qwen2", "qwen3", "mistral", "qk-norm", *VARIANTS]
 # every width the tests and the shipped recipes rotate (stories260K: 64, 172, head_dim 8; the
@@ -161,7 +161,7 @@ def test_tied_embeddings_are_untied_and_logits_kept(tiny_model):
 
 def test_rotation_then_rtn_quantizes_inside_the_online_hadamard(tiny_model):
     model = tiny_model("llama")
-    config = RotationConfig.model_validate(
+    config = QuantizerConfig.model_validate(
         {
             "name": "r",
             "method": "rotation",

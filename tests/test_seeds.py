@@ -10,6 +10,7 @@ from conftest import write_recipe
 
 from qbench.plan import plan
 from qbench.recipe import load_recipe
+from qbench.record import Record, ResultsTable
 from qbench.report.seeds import checkpoint_groups, group_values, seed_section, spread
 
 RECIPE = """
@@ -39,15 +40,17 @@ PERPLEXITY = {
 def planned(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", RECIPE))
     cells = plan(recipe, tmp_path / "r.yaml")
-    results = {}
+    records = {}
     for cell in cells:
         value = PERPLEXITY.get((cell.checkpoint.name, cell.quantizer_name))
-        results[cell.key] = {"metrics": {"perplexity": {"embedded": value}}} if value else None
-    return recipe, cells, results
+        if value is not None:
+            metrics = {"perplexity": {"embedded": value}}
+            records[cell.key] = Record.ok(cell, recipe, 0.0, metrics=metrics)
+    return recipe, ResultsTable(cells, records)
 
 
 def test_groups_follow_seeds(planned):
-    recipe, _, _ = planned
+    recipe, _ = planned
     groups = checkpoint_groups(recipe)
     assert {k: [c.name for c in v] for k, v in groups.items()} == {
         "base": ["base@0", "base@1", "base@2"],
@@ -56,11 +59,11 @@ def test_groups_follow_seeds(planned):
 
 
 def test_values_and_deltas_come_from_each_members_own_cells(planned):
-    recipe, cells, results = planned
+    recipe, table = planned
     members = checkpoint_groups(recipe)["base"]
-    fp = group_values(members, "fp", cells, results, "perplexity", "embedded")
-    w4a4 = group_values(members, "w4a4", cells, results, "perplexity", "embedded")
-    deltas = group_values(members, "w4a4", cells, results, "perplexity", "embedded", operator.sub)
+    fp = group_values(members, "fp", table, "perplexity.embedded")
+    w4a4 = group_values(members, "w4a4", table, "perplexity.embedded")
+    deltas = group_values(members, "w4a4", table, "perplexity.embedded", operator.sub)
     assert fp == [10.0, 11.0, 13.0]
     assert w4a4 == [12.0, 14.0, None]
     assert deltas == [2.0, 3.0, None]
@@ -82,10 +85,10 @@ def _rows(lines: list[str]) -> dict[tuple[str, str], list[str]]:
 
 
 def test_seed_table_shows_counts_and_missing(planned):
-    recipe, cells, results = planned
-    rows = _rows(seed_section(recipe, cells, results))
+    recipe, table = planned
+    rows = _rows(seed_section(recipe, table))
     assert rows[("base", "fp")] == ["3/3", "11.333 ± 1.528", "", ""]
     assert rows[("base", "w4a4")] == ["2/3", "13.000 ± 1.414", "+2.500 ± 0.707", "1.2364 ± 0.0514"]
     assert rows[("solo", "w4a4")] == ["1/1", "21.000", "+1.000", "1.0500"]
-    empty = _rows(seed_section(recipe, cells, {key: None for key in results}))
+    empty = _rows(seed_section(recipe, ResultsTable(table.cells, {})))
     assert empty[("base", "w4a4")] == ["0/3", "missing", "missing", "missing"]

@@ -8,24 +8,27 @@ from transformers import AutoTokenizer
 
 from qbench.checkpoints.model import VARIANTS
 from qbench.data.calibration import CalibrationSpec, calibration_ids
-from qbench.quant import quantize_
-from qbench.quant.adapters import decoder_view
+from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.linear import QuantLinear
-from qbench.quant.smoothquant import SmoothQuantConfig, activation_absmax, smoothing_scales
+from qbench.quant.smoothquant import (
+    norm_output_absmax,
+    smoothable_groups,
+    smoothing_scales,
+)
 from qbench.quant.spec import fake_quant
 
 KINDS = ["llama", "qwen2", "qk-norm", *VARIANTS]
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32}
 
 
-def _config(**kw) -> SmoothQuantConfig:
+def _config(**kw) -> QuantizerConfig:
     base = {
         "name": "sq",
         "method": "smoothquant",
         "calibration": CALIBRATION,
         "weights": {"bits": 8},
     }
-    return SmoothQuantConfig.model_validate({**base, **kw})
+    return QuantizerConfig.model_validate({**base, **kw})
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -42,7 +45,7 @@ def test_smoothing_leaves_fp32_logits_unchanged(kind, tiny_model, tokenizer_dir)
     config.transform(model, AutoTokenizer.from_pretrained(tokenizer_dir))
     after = _logits(model)
     assert (after - before).abs().max() < 1e-4 * before.abs().max()
-    norm = decoder_view(model).layers[0].attn.norm.weight
+    norm = model.model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, tiny_model(kind).model.layers[0].input_layernorm.weight)
 
 
@@ -63,15 +66,18 @@ def test_scales_follow_the_formula_and_flatten_activation_outliers(tiny_model, t
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     ids = calibration_ids(tokenizer, CalibrationSpec.model_validate(CALIBRATION))
-    group = decoder_view(model).layers[1].mlp
-    (x_max,) = activation_absmax(model, [group], ids, batch_size=2)
-    w_max = torch.stack([r.weight.abs().amax(0) for r in group.readers]).amax(0)
-    torch.testing.assert_close(
-        smoothing_scales(x_max, group.readers, 0.5), x_max.sqrt() / w_max.sqrt()
-    )
+    group = smoothable_groups(model)[3]  # block 1's post_attention_layernorm -> gate, up
+    assert group.norm is model.model.layers[1].post_attention_layernorm
+    assert {r.name for r in group.readers} == {
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    }
+    (x_max,) = norm_output_absmax(model, [group], ids, batch_size=2)
+    w_max = torch.stack([r.module.weight.abs().amax(0) for r in group.readers]).amax(0)
+    torch.testing.assert_close(smoothing_scales(x_max, group, 0.5), x_max.sqrt() / w_max.sqrt())
     torch.manual_seed(0)
     _config(alpha=1.0).transform(model, tokenizer)
-    (smoothed,) = activation_absmax(model, [group], ids, batch_size=2)
+    (smoothed,) = norm_output_absmax(model, [group], ids, batch_size=2)
     # alpha 1 moves everything into the weights: every channel's max becomes 1
     torch.testing.assert_close(smoothed, torch.ones_like(smoothed), rtol=1e-4, atol=1e-4)
 

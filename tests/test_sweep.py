@@ -16,12 +16,12 @@ from conftest import REPO, write_recipe
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from qbench import runner, store
+from qbench.checkpoints.load import CheckpointIdentity
 from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError
 from qbench.executors import RayExecutor, _cells_at_once, _check_resources
-from qbench.quant import gptq, smoothquant
-from qbench.quant.rtn import RTNConfig
+from qbench.quant import QuantizerConfig, gptq, smoothquant
 from qbench.recipe import RecipeError, load_recipe
 from qbench.sweep import Job, plan_recipes, sweep
 
@@ -69,14 +69,14 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     text = FAULTS.replace("GOOD", str(llama_dir)).replace("BROKEN", str(nan_llama_dir))
     path = write_recipe(tmp_path / "faults.yaml", text)
     results = ["--results", str(tmp_path)]
-    real_quantize = RTNConfig.quantize
+    real_quantize = QuantizerConfig.quantize
 
-    def quantize(self, model, tokenizer):
+    def quantize(self, model, tokenizer, before=None):
         if self.name == "boom":
             raise RuntimeError("boom: a simulated failure")
-        return real_quantize(self, model, tokenizer)
+        return real_quantize(self, model, tokenizer, before)
 
-    monkeypatch.setattr(RTNConfig, "quantize", quantize)
+    monkeypatch.setattr(QuantizerConfig, "quantize", quantize)
     assert main(["run", str(path), *results, "--no-progress"]) == 1  # every cell ran
     records = _records(tmp_path, "faults")
     assert len(records) == 6
@@ -107,7 +107,7 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     assert "failed cell: broken/fp: NonFiniteMetricError" in gate
     assert "FAILED: 1 of 4 checks passed; 4 cells failed" in gate
 
-    monkeypatch.setattr(RTNConfig, "quantize", real_quantize)  # the cause of boom is fixed
+    monkeypatch.setattr(QuantizerConfig, "quantize", real_quantize)  # the cause of boom is fixed
     real_run_cell, ran = runner.run_cell, []
 
     def counting_run_cell(cell, *args, **kwargs):
@@ -136,8 +136,8 @@ def test_sweep_of_two_recipes_loads_their_shared_checkpoint_once(
         )
         for name in quantizers
     ]
-    real_load, loads = runner.load_checkpoint, []
-    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: loads.append(1) or real_load(*a))
+    real_load, loads = runner.load_identified, []
+    monkeypatch.setattr(runner, "load_identified", lambda *a: loads.append(1) or real_load(*a))
     assert main(["sweep", *map(str, paths), "--results", str(tmp_path), "--no-progress"]) == 0
     assert len(loads) == 1
     for name in quantizers:
@@ -168,7 +168,7 @@ quantizers:
     calls = {"windows": 0, "absmax": 0, "hessians": 0}
     for module, name, counter in (
         (calibration, "_sample_windows", "windows"),
-        (smoothquant, "activation_absmax", "absmax"),
+        (smoothquant, "norm_output_absmax", "absmax"),
         (gptq, "input_hessians", "hessians"),
     ):
         real = getattr(module, name)
@@ -186,7 +186,7 @@ quantizers:
     swept = _records(tmp_path / "swept", "shared")
     for cell in planned.cells[1:]:
         alone = runner.Worker(progress=False).execute(cell, planned.recipe, tmp_path / "alone")
-        shared = swept["llama", cell.quantizer_name]
+        alone, shared = alone.to_json(), swept["llama", cell.quantizer_name]
         assert alone["metrics"] == shared["metrics"] and alone["stages"] == shared["stages"]
 
 
@@ -303,10 +303,14 @@ def test_ci_gpu_recipe_loads_and_plans(monkeypatch):
 
     real = planner.checkpoint_config
 
-    def config(spec):  # the hub is unreachable here: Qwen3-0.6B's config, by hand
-        return Qwen3Config(**QWEN3_0_6B) if spec.hf == "Qwen/Qwen3-0.6B" else real(spec)
+    def config(spec, commit=None):  # the hub is unreachable here: Qwen3-0.6B's config, by hand
+        return Qwen3Config(**QWEN3_0_6B) if spec.hf == "Qwen/Qwen3-0.6B" else real(spec, commit)
+
+    def identity(spec):  # and its commit
+        return CheckpointIdentity(hf=spec.hf, revision="main", commit="0" * 40)
 
     monkeypatch.setattr(planner, "checkpoint_config", config)
+    monkeypatch.setattr(planner, "checkpoint_identity", identity)
     monkeypatch.chdir(REPO)
     recipe = load_recipe("recipes/ci-gpu.yaml")
     assert recipe.gate.cadence == "nightly" and recipe.resources.gpus_per_cell == 1

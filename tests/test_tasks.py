@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -18,13 +19,21 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qbench.checkpoints.load import CheckpointIdentity
 from qbench.cli import main
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval import task_data
-from qbench.eval.tasks import TASK_DEFS, evaluate_tasks, request_cache_files, zero_shot_average
+from qbench.eval.tasks import (
+    TASK_DEFS,
+    document_scores,
+    evaluate_tasks,
+    request_cache_files,
+    zero_shot_average,
+)
 from qbench.plan import Cell, plan
 from qbench.recipe import RecipeError, load_recipe
+from qbench.record import Record, ResultsTable
 from qbench.report.tasks_table import MISSING, summary, tasks_section
 
 UPSTREAM = Path(lm_eval.__file__).parent / "tasks"
@@ -179,6 +188,10 @@ def test_local_definition_matches_lm_evals_task_on_the_same_rows(task, tiny_lm, 
     got = _jsonl(tmp_path / "s" / f"{task}.jsonl")
     assert [_comparable(s) for s in got] == [_comparable(s) for s in expected]
     assert run.metric == ("acc_norm" if task in ("piqa", "arc_easy", "arc_challenge") else "acc")
+    # Per-document scores, as lm-eval's own per-sample records give them, average to the value.
+    by_doc = sorted(expected, key=lambda sample: sample["doc_id"])
+    assert run.doc_scores == [sample[run.metric] for sample in by_doc]
+    assert sum(run.doc_scores) / LIMIT == pytest.approx(run.value)
 
 
 PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list")
@@ -351,25 +364,19 @@ def test_task_options_are_validated(tmp_path, llama_dir):
 # ---------------------------------------------------------------- aggregates
 
 
-def _fake_results(recipe, cells, values):
+def _fake_table(recipe, cells, values):
     """values: {(checkpoint, quantizer): {task: value} | None}."""
-    results = {}
+    records = {}
     for cell in cells:
         tasks = values.get((cell.checkpoint.name, cell.quantizer_name))
-        results[cell.key] = (
-            None
-            if tasks is None
-            else {
-                "metrics": {
-                    "perplexity": {"embedded": 10.0},
-                    "tasks": {
-                        t: {"metric": "acc", "value": v, "stderr": 0.01, "higher_is_better": True}
-                        for t, v in tasks.items()
-                    },
-                }
+        if tasks is not None:
+            scores = {
+                t: {"metric": "acc", "value": v, "stderr": 0.01, "higher_is_better": True}
+                for t, v in tasks.items()
             }
-        )
-    return results
+            metrics = {"perplexity": {"embedded": 10.0}, "tasks": scores}
+            records[cell.key] = Record.ok(cell, recipe, 0.0, metrics=metrics)
+    return ResultsTable(cells, records)
 
 
 def test_recovery_and_average_use_the_same_checkpoints_fp_and_missing_stays_missing(
@@ -389,8 +396,10 @@ eval:
 """,
     )
     recipe = load_recipe(source)
-    cells = [
-        Cell("agg", c, q, f"{c.name}-{q.name if q else 'fp'}")
+    cells = [  # planned by hand: piqa and boolq need their data files to plan
+        Cell(
+            "agg", c, q, hashlib.sha256(f"{c.name}-{q}".encode()).hexdigest(), CheckpointIdentity()
+        )
         for c in recipe.checkpoints
         for q in [None, *recipe.quantizers]
     ]
@@ -404,7 +413,7 @@ eval:
     }
     records = {
         (r["checkpoint"], r["quantizer"]): r
-        for r in summary(recipe, cells, _fake_results(recipe, cells, values))
+        for r in summary(recipe, _fake_table(recipe, cells, values))
     }
     assert records[("a", "fp")]["average"] == pytest.approx(0.5)
     assert records[("a", "w8a8")]["recovery"] == pytest.approx(0.8)
@@ -416,7 +425,7 @@ eval:
     assert records[("a", "w4a4")]["tasks"]["piqa"]["value"] == 0.5
     assert records[("a", "w4a4")]["tasks"]["boolq"]["value"] is None
 
-    text = "\n".join(tasks_section(recipe, cells, _fake_results(recipe, cells, values)))
+    text = "\n".join(tasks_section(recipe, _fake_table(recipe, cells, values)))
     rows = {line.split("|")[2].strip(): line for line in text.splitlines() if line.count("|") > 8}
     assert "80.0%" in rows["w8a8"] and "100.0%" in rows["w8a8"]  # a: 0.8, b: 1.0
     assert rows["w4a4"].count(MISSING) == 5  # a: avg, recovery; b (no result): those and ppl
@@ -426,10 +435,19 @@ eval:
     values[("b", "fp")] = None
     records = {
         (r["checkpoint"], r["quantizer"]): r
-        for r in summary(recipe, cells, _fake_results(recipe, cells, values))
+        for r in summary(recipe, _fake_table(recipe, cells, values))
     }
     assert records[("b", "w8a8")]["average"] == pytest.approx(0.8)
     assert records[("b", "w8a8")]["recovery"] is None
+
+
+def test_document_scores_only_where_the_value_is_their_mean():
+    samples = [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1.0}]
+    assert document_scores(samples, "acc", 2 / 3) == [0, 1, 1]
+    assert document_scores(samples, "acc", 0.5) is None  # not a mean of these scores
+    rolling = [{"doc_id": 0, "perplexity": [-3.0, 4]}]
+    assert document_scores(rolling, "perplexity", 2.1) is None
+    assert document_scores(None, "acc", 0.5) is None
 
 
 def test_average_is_missing_when_a_task_is():

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from accelerate.utils import check_device_map
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qbench.errors import QBenchError
 from qbench.registry import did_you_mean
@@ -48,33 +47,51 @@ def device_label(model: nn.Module) -> str:
     return str(input_device(model))
 
 
-def check_quantizable(model: nn.Module) -> None:
-    """Raise QBenchError when a quantizer would meet offloaded weights.
+# Why a quantized cell cannot run where modules are offloaded, after what is offloaded.
+CANNOT_QUANTIZE_OFFLOADED = (
+    "whose weights the quantizers cannot rewrite in place (an offloaded module's weight is a "
+    "meta placeholder its hook fills at each forward): evaluate it unquantized (fp) only, or "
+    "give a device_map that keeps every module on a GPU"
+)
 
-    The quantizers rewrite weights as resident tensors; an offloaded module's weight is a
-    meta placeholder filled by a hook at each forward, so they cannot quantize it (yet).
-    """
+
+def check_quantizable(model: nn.Module) -> None:
+    """Raise QBenchError when a quantizer would meet offloaded weights (what a device_map
+    strategy such as `auto` offloaded shows only once the model is loaded)."""
     offloaded = offloaded_modules(model)
     if offloaded:
         raise QBenchError(
             f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
-            f"{offloaded[0]}), whose weights the quantizers cannot rewrite yet: evaluate it "
-            "unquantized (fp) only, or give a device_map that keeps every module on a GPU"
+            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED}"
         )
 
 
-def check_module_map(
-    device_map: dict[str, Any], config: PretrainedConfig, trust_remote_code: bool = False
-) -> None:
-    """Every key of `device_map` names a module of the model `config` builds, and the keys
-    cover every parameter (accelerate's own check); built on the meta device, no weights."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
+    """'offloads N modules to ... (e.g. name), ...' when a device_map mapping itself offloads
+    modules: to "disk", or to "cpu" beside a GPU (accelerate's dispatch_model executes on the
+    first GPU of the map and offloads its "cpu" modules then); None for no map, a strategy
+    name (what it offloads depends on the memory found at load) or a map without offload."""
+    if not isinstance(device_map, dict):
+        return None
+    gpu = any(where not in ("cpu", "disk") for where in device_map.values())
+    offloaded = [m for m, to in device_map.items() if to == "disk" or (gpu and to == "cpu")]
+    if not offloaded:
+        return None
+    devices = "/".join(sorted({str(device_map[m]) for m in offloaded}))
+    return (
+        f"offloads {len(offloaded)} modules to {devices} (e.g. {offloaded[0] or 'the model'}), "
+        f"{CANNOT_QUANTIZE_OFFLOADED}"
+    )
+
+
+def check_module_map(device_map: dict[str, Any], skeleton: nn.Module) -> None:
+    """Every key of `device_map` names a module of `skeleton` (the model on the meta device),
+    and the keys cover every parameter (accelerate's own check). Raises QBenchError."""
     modules = [name for name, _ in skeleton.named_modules()]
     for key in device_map:
         if key not in modules:
             raise QBenchError(
-                f"'{key}' is no module of this {config.model_type} model"
+                f"'{key}' is no module of this {skeleton.config.model_type} model"
                 f"{did_you_mean(key, modules)}; use module names such as model.layers.0"
             )
     try:

@@ -36,7 +36,7 @@ from transformers.models.auto.modeling_auto import (
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
 from qbench.checkpoints.train import build_once, cache_dir, train_tokenizer
-from qbench.config import StrictModel
+from qbench.config import Seed, StrictModel
 from qbench.data.sources import embedded_rows, load_text, text_fingerprint
 from qbench.errors import QBenchError
 from qbench.registry import did_you_mean
@@ -65,7 +65,7 @@ class RandomSpec(BaseModel):
 
     config: str | None = None  # a config.json, relative to the working directory
     model_type: str | None = None  # default: the config file's
-    seed: int = 0
+    seed: Seed = 0
     massive_channel: MassiveChannel | None = None
 
     @property

@@ -172,7 +172,7 @@ def tokenized_corpus(config: TrainConfig) -> tuple[PreTrainedTokenizerFast, torc
     key = [config.corpus_fingerprint, config.hyper.vocab_size, config.versions]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     target = build_once(cache_dir() / "corpora" / digest, lambda out: _tokenize(config, out))
-    tokens = torch.load(target / "tokens.pt").long()
+    tokens = torch.load(target / "tokens.pt", weights_only=True).long()
     return PreTrainedTokenizerFast.from_pretrained(target), tokens
 
 

@@ -35,12 +35,24 @@ def text_files(folder: Path) -> list[Path]:
 
 def read_document(path: Path) -> str:
     """A file's text: UTF-8 (BOM dropped), else cp1252; LF newlines; Gutenberg boilerplate cut."""
+    return strip_gutenberg(decode_file(path, fallback="cp1252")).strip()
+
+
+def decode_file(path: Path, fallback: str | None = None) -> str:
+    """A file's text as UTF-8 (a BOM dropped), else in the `fallback` encoding, with LF
+    newlines. Without a fallback, bytes that are not UTF-8 are a QBenchError naming the file,
+    the byte and its offset."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252")
-    return strip_gutenberg(text.replace("\r\n", "\n")).strip()
+    except UnicodeDecodeError as error:
+        if fallback is None:
+            raise QBenchError(
+                f"'{path}' is not UTF-8 (byte 0x{raw[error.start]:02x} at offset "
+                f"{error.start}); convert it to UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+            ) from None
+        text = raw.decode(fallback)
+    return text.replace("\r\n", "\n")
 
 
 def strip_gutenberg(text: str) -> str:

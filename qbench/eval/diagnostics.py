@@ -25,28 +25,29 @@ Definitions (h is the residual stream after a decoder layer):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import input_device
 from qbench.config import StrictModel
-from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
+from qbench.quant.inventory import find_blocks, inventory, path_kind
 from qbench.quant.kvcache import eager_attention
-from qbench.quant.linear import QuantLinear
-from qbench.quant.method import QuantizerConfig, target_linears
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.spec import fake_quant
+from qbench.quant.steps import quantized_targets
 
 TOP = 3
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 class DiagnosticsSpec(StrictModel):
@@ -73,15 +74,12 @@ def probe_ids(tokenizer: PreTrainedTokenizerBase, text: str, spec: DiagnosticsSp
 
 @torch.no_grad()
 def diagnose(
-    model: PreTrainedModel,
-    ids: Tensor,
-    quantizer: QuantizerConfig | None = None,
-    fp_model: PreTrainedModel | None = None,
+    model: PreTrainedModel, ids: Tensor, sqnr: dict[str, float | None] | None = None
 ) -> Diagnostics:
-    """Outlier figures of `model` on `ids`; with `quantizer`, per-linear SQNR measured on
-    `fp_model` (the unquantized model; `model` itself when not given)."""
+    """Outlier figures of `model` on `ids`; `sqnr`: per-linear SQNR (`layer_sqnr`, measured on
+    the unquantized model before a cell quantizes it), recorded beside each linear."""
     ids = ids.to(input_device(model))
-    layers = decoder_layers(model)
+    blocks_path, layers = find_blocks(model)
     hidden: dict[int, dict[str, Any]] = {}
     spikes: dict[int, dict[str, Any]] = {}
     linears = _linears(model)
@@ -91,11 +89,14 @@ def diagnose(
         for i, layer in enumerate(layers)
     ]
     hooks += [(m, _store(inputs, name, lambda x, y: kurtosis(x))) for name, m in linears.items()]
-    hooks += [(m, _store(spikes, _layer_of(name), _spike)) for name, m in _down_projs(linears)]
+    width = model.get_input_embeddings().weight.shape[1]
+    hooks += [
+        (m, _store(spikes, index, _spike)) for index, m in _mlp_outputs(linears, blocks_path, width)
+    ]
     with _eager_attention(model), _hooked(hooks):
         attentions = model(input_ids=ids, output_attentions=True).attentions
     sinks = [sink_mass(a, ids.shape[1]) for a in attentions or ()]
-    sqnr = layer_sqnr(fp_model or model, ids, quantizer) if quantizer else {}
+    sqnr = sqnr or {}
     per_layer = [
         {"layer": i, **hidden[i], **(sinks[i] if sinks else {}), "down_proj": spikes.get(i)}
         for i in range(len(layers))
@@ -161,26 +162,31 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float | None:
 def layer_sqnr(
     model: PreTrainedModel, ids: Tensor, quantizer: QuantizerConfig
 ) -> dict[str, float | None]:
-    """SQNR of every linear `quantizer` targets, on the inputs it sees in `model`."""
+    """SQNR of every linear `quantizer` targets, on the inputs it sees in `model` (which is not
+    changed: each linear's rounded output is computed beside it). Experts and routers are left
+    out (no per-linear figure for 3-D weights yet)."""
     results: dict[str, float | None] = {}
     hooks = []
-    for name, linear in target_linears(model, quantizer).items():
-        rounded = QuantLinear(linear, quantizer.weights, quantizer.activations)
-        hooks.append((linear, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x)))))
+    for name, target in quantized_targets(inventory(model), quantizer).items():
+        if isinstance(target.module, nn.Linear):
+            rounded = partial(_rounded_output, target.module, quantizer)
+            hooks.append(
+                (target.module, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x))))
+            )
     with _hooked(hooks):
         model(input_ids=ids.to(input_device(model)))
     return results
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers (`model.model.layers`), or a clear error for other layouts."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise QBenchError(
-            f"diagnostics need decoder layers at model.model.layers; {type(model).__name__} "
-            "has none (supported: the qbench family, Llama, Qwen2/3, Mistral and alike)"
-        )
-    return layers
+def _rounded_output(linear: nn.Linear, quantizer: QuantizerConfig, x: Tensor) -> Tensor:
+    """The linear's output with the quantizer's weight and activation formats (round to
+    nearest; None means float)."""
+    weight = linear.weight
+    if quantizer.weights is not None:
+        weight = fake_quant(weight, quantizer.weights)
+    if quantizer.activations is not None:
+        x = fake_quant(x, quantizer.activations)
+    return F.linear(x, weight, linear.bias)
 
 
 def _summary(
@@ -246,14 +252,18 @@ def _linears(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _down_projs(linears: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
-    return (
-        (n, m) for n, m in linears.items() if n.endswith("down_proj") and _LAYER_INDEX.search(n)
-    )
-
-
-def _layer_of(name: str) -> int:
-    return int(_LAYER_INDEX.search(name).group(1))
+def _mlp_outputs(
+    linears: dict[str, nn.Module], blocks_path: str, width: int
+) -> Iterator[tuple[int, nn.Module]]:
+    """(block index, linear) of each block's MLP output projection (down_proj, fc2, c_proj,
+    dense_4h_to_h, a shared expert's down_proj): an MLP linear from a wider input to the
+    residual width, where super weights sit (Yu et al. 2024)."""
+    prefix = f"{blocks_path}."
+    for name, module in linears.items():
+        if not name.startswith(prefix) or path_kind(name, blocks_path) != "mlp":
+            continue
+        if module.out_features == width and module.in_features != width:
+            yield int(name[len(prefix) :].split(".")[0]), module
 
 
 Hook = tuple[nn.Module, Callable[[nn.Module, tuple[Any, ...], Any], None]]

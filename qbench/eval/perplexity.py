@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -14,21 +16,31 @@ from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
 
 CONVENTION = (
-    "GPTQ-style token perplexity: the split's rows joined with a blank line, tokenized once, "
-    "cut into non-overlapping windows of seq_len tokens; exp(mean NLL of every next token "
-    "inside each window)"
+    "GPTQ-style token perplexity: the documents joined as stated, tokenized once, cut into "
+    "non-overlapping windows of seq_len tokens; exp(mean NLL of every next token inside each "
+    "window)"
 )
 
 
 @dataclass(frozen=True)
 class Perplexity:
+    """One text's perplexity, and per window what a paired bootstrap resamples.
+
+    window_nll[i]: the summed next-token NLL (nats) of window i, over `window_tokens`
+    (= seq_len - 1) predicted tokens; windows_sha: a hash of the windows' token ids, equal
+    for two cells exactly when they scored the same tokens.
+    """
+
     perplexity: float
     mean_nll: float
     windows: int
     predicted_tokens: int
     text_tokens: int
+    window_tokens: int
+    window_nll: list[float]
+    windows_sha: str
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -53,16 +65,26 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> Perplexity:
-    """Mean next-token NLL over every window, batched; the first token of a window has no target."""
+    """Mean next-token NLL over every window, batched; the first token of a window has no target.
+
+    The total is summed per batch (cross-entropy's own sum), the per-window sums beside it.
+    """
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     windows = windows_of(ids, seq_len, max_windows)
     device = input_device(model)
-    total = 0.0
+    total, window_nll = 0.0, []
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        log_probs = F.log_softmax(logits.flatten(0, 1), dim=-1)  # cross_entropy's own first step
+        targets = batch[:, 1:].flatten()
+        total += F.nll_loss(log_probs, targets, reduction="sum").item()
+        per_token = F.nll_loss(log_probs, targets, reduction="none").view(len(batch), -1)
+        window_nll += per_token.sum(dim=1).tolist()
     predicted = windows.shape[0] * (seq_len - 1)
     mean_nll = total / predicted
-    return Perplexity(math.exp(mean_nll), mean_nll, windows.shape[0], predicted, ids.numel())
+    sha = hashlib.sha256(windows.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+    return Perplexity(
+        math.exp(mean_nll), mean_nll, windows.shape[0], predicted, ids.numel(), seq_len - 1,
+        window_nll, sha,
+    )  # fmt: skip

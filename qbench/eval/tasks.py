@@ -14,8 +14,9 @@ Task names resolve in this order:
    reached: lm-eval's own definition, dataset from the hub. Offline (HF_HUB_OFFLINE or
    HF_DATASETS_OFFLINE set) a local name without its files is an error naming the files.
 
-A request cache (lm-eval's CachingLM, one sqlite file per cell) makes an interrupted task
-run resume without recomputing the requests it finished.
+A request cache (lm-eval's CachingLM storing JSON, one sqlite file per cell; see
+request_cache.py) makes an interrupted task run resume without recomputing the requests it
+finished.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from qbench.checkpoints.dispatch import input_device
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
+from qbench.files import write_text_atomic
 from qbench.registry import did_you_mean
 
 TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
@@ -216,6 +218,9 @@ class TaskRun:
     limit: int | None
     num_fewshot: int
     eval_s: float
+    # The headline metric of each document, in doc_id order, where the task's value is their
+    # mean (what a paired bootstrap resamples); None for other metrics (e.g. perplexity).
+    doc_scores: list[float] | None = None
 
     def computed(self, count: int) -> TaskRun:
         """This run, saying that `count` of its requests reached the model."""
@@ -305,19 +310,20 @@ def evaluate_tasks(
     lm-eval's `evaluator.evaluate` runs each task with the seeds and few-shot settings that
     `simple_evaluate` would give it (simple_evaluate itself also collects environment info
     through `pip freeze`, two seconds per call here). `cache` is the prefix of the cell's
-    sqlite request cache (None: no cache); `samples_dir` receives one <task>.jsonl of
+    sqlite request cache (JSON values; None: no cache); `samples_dir` receives one <task>.jsonl of
     lm-eval's per-document records when options.log_samples is on.
     """
-    from lm_eval.api.model import CachingLM
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from qbench.eval.request_cache import JsonCachingLM
 
     runs = []
     with _lm_eval_quiet(progress):
         hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
         hflm._device = input_device(model)  # HFLM takes model.device: meta if dispatched/offloaded
         computed = _count_computed(hflm)
-        lm = CachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
+        lm = JsonCachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
         try:
             for spec in tasks:
                 resolved = resolve_task(spec.name)
@@ -329,7 +335,7 @@ def evaluate_tasks(
                     task_dict=loaded,
                     limit=limit,
                     bootstrap_iters=options.bootstrap_iters,
-                    log_samples=options.log_samples,
+                    log_samples=True,  # per-document scores; files only with options.log_samples
                 )
                 elapsed = time.perf_counter() - start
                 run = _task_run(spec.name, resolved, loaded, output, limit, fewshot, elapsed)
@@ -337,7 +343,7 @@ def evaluate_tasks(
                 if options.log_samples and samples_dir is not None:
                     _write_samples(samples_dir, output)
         finally:
-            if isinstance(lm, CachingLM):
+            if isinstance(lm, JsonCachingLM):
                 lm.dbdict.close()
     return runs
 
@@ -395,13 +401,14 @@ def _task_run(
 ) -> TaskRun:
     metrics, stderrs = _parse(name, output)
     metric = headline_metric(name, metrics)
+    value = metrics.get(metric) if metric else None
     better = output.get("higher_is_better", {}).get(name, {})
     counts = [output.get("n-samples", {}).get(t, {}) for t in loaded["tasks"]]
     return TaskRun(
         name=name,
         source=resolved.source,
         metric=metric,
-        value=metrics.get(metric) if metric else None,
+        value=value,
         stderr=stderrs.get(metric) if metric else None,
         higher_is_better=bool(better.get(metric, True)) if metric else True,
         metrics={**metrics, **{f"{k}_stderr": v for k, v in stderrs.items()}},
@@ -412,16 +419,32 @@ def _task_run(
         limit=limit,
         num_fewshot=fewshot,
         eval_s=elapsed,
+        doc_scores=document_scores(output.get("samples", {}).get(name), metric, value),
     )
+
+
+def document_scores(
+    samples: list[dict[str, Any]] | None, metric: str | None, value: float | None
+) -> list[float] | None:
+    """Each document's `metric` from lm-eval's per-sample records, in doc_id order, when
+    their mean is the task's `value` (acc, acc_norm, exact_match ...); else None."""
+    if not samples or metric is None or value is None:
+        return None
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    scores = [_number(sample.get(metric)) for sample in ordered]
+    if any(score is None for score in scores) or not math.isclose(
+        math.fsum(scores) / len(scores), value, rel_tol=1e-9, abs_tol=1e-12
+    ):
+        return None
+    return [int(score) if score.is_integer() else score for score in scores]
 
 
 def _write_samples(folder: Path, output: dict[str, Any]) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    folder.mkdir(parents=True, exist_ok=True)
     for task, samples in output.get("samples", {}).items():
         lines = (json.dumps(s, default=handle_non_serializable) for s in samples)
-        (folder / f"{task}.jsonl").write_text("".join(f"{line}\n" for line in lines))
+        write_text_atomic(folder / f"{task}.jsonl", "".join(f"{line}\n" for line in lines))
 
 
 # ---------------------------------------------------------------- a cell's task section

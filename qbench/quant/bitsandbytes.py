@@ -18,15 +18,19 @@ for compute_dtype bfloat16, so float32 compute means float32 everywhere.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.quant.library import LibraryConfig
-from qbench.quant.method import METHODS, replace_module, target_linears
+from qbench.quant.inventory import replace_module
+from qbench.quant.library import LibraryRounding
+from qbench.quant.steps import Transform
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 FOUR_BIT_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 
@@ -41,8 +45,7 @@ _drop_messages("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be
 _drop_messages("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
 
 
-@METHODS.register("bitsandbytes")
-class BitsAndBytesConfig(LibraryConfig):
+class BitsAndBytes(LibraryRounding):
     """Every target linear becomes a bitsandbytes Linear8bitLt (int8) or Linear4bit."""
 
     PACKAGE: ClassVar[str] = "bitsandbytes"
@@ -56,7 +59,7 @@ class BitsAndBytesConfig(LibraryConfig):
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the model's
 
     @model_validator(mode="after")
-    def _fields_of_scheme(self) -> BitsAndBytesConfig:
+    def _fields_of_scheme(self) -> BitsAndBytes:
         given = self.model_fields_set
         if self.scheme == "int8" and (four_bit := [f for f in FOUR_BIT_FIELDS if f in given]):
             raise ValueError(f"{', '.join(four_bit)} applies to scheme nf4 / fp4, not int8: remove")
@@ -64,22 +67,31 @@ class BitsAndBytesConfig(LibraryConfig):
             raise ValueError(f"threshold is LLM.int8's (scheme int8), not {self.scheme}'s: remove")
         return self
 
-    def linear_bits(self) -> tuple[int, int]:
+    def linear_bits(self, quantizer: QuantizerConfig) -> tuple[int, int]:
         return (8, 8) if self.scheme == "int8" else (4, 16)
 
-    def linear_label(self) -> str:
+    def formats_label(self, quantizer: QuantizerConfig) -> str:
         if self.scheme == "int8":
             outliers = f" + fp16 cols over {self.threshold:g}" if self.threshold else ""
-            return f"bitsandbytes: int8 channel / int8 token{outliers}"
+            return f"int8 channel / int8 token{outliers}"
         extras = " double-quant" if self.double_quant else ""
         compute = f" ({self.compute_dtype})" if self.compute_dtype else ""
-        return f"bitsandbytes: {self.scheme} b{self.blocksize}{extras} / fp{compute}"
+        return f"{self.scheme} b{self.blocksize}{extras} / fp{compute}"
 
-    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        for name, linear in target_linears(model, self).items():
+    def round(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
+        label = self.formats_label(quantizer).split(" / ")
+        for name, linear in self.library_linears(model, quantizer).items():
             module = self._int8(linear) if self.scheme == "int8" else self._four_bit(linear)
             # The weight is quantized when it moves from the CPU to its device.
-            replace_module(model, name, module.to(linear.weight.device).train(linear.training))
+            module = module.to(linear.weight.device).train(linear.training)
+            module.qbench_rounding = (label[0], label[1] if self.scheme == "int8" else None)
+            replace_module(model, name, module)
 
     def _int8(self, linear: nn.Linear) -> nn.Module:
         import bitsandbytes as bnb

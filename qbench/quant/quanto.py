@@ -17,7 +17,7 @@ on the fly. qint4 / qint2 on CPU use quanto's C++ unpacking extension, compiled 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -26,15 +26,17 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.errors import QBenchError
-from qbench.quant.library import LibraryConfig
-from qbench.quant.method import METHODS, target_linears
+from qbench.quant.library import LibraryRounding
+from qbench.quant.steps import Transform
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 WEIGHT_BITS = {"qint2": 2, "qint4": 4, "qint8": 8}
 ACTIVATION_LABELS = {"qint8": "int8", "qfloat8_e4m3fn": "fp8_e4m3", "qfloat8_e5m2": "fp8_e5m2"}
 
 
-@METHODS.register("quanto")
-class QuantoConfig(LibraryConfig):
+class Quanto(LibraryRounding):
     """optimum.quanto's quantize -> (Calibration) -> freeze on the target linears."""
 
     PACKAGE: ClassVar[str] = "optimum-quanto"
@@ -54,24 +56,24 @@ class QuantoConfig(LibraryConfig):
         return data
 
     @model_validator(mode="after")
-    def _fields_apply(self) -> QuantoConfig:
+    def _fields_apply(self) -> Quanto:
         if self.group is not None and self.weight_qtype == "qint8":
             raise ValueError("group applies to qint4 / qint2 (qint8 is per channel): remove group")
         if self.activation_qtype is None and self.calibration is not None:
             raise ValueError("calibration sets activation scales: add activation_qtype or remove")
         return self
 
-    def linear_bits(self) -> tuple[int, int]:
+    def linear_bits(self, quantizer: QuantizerConfig) -> tuple[int, int]:
         return WEIGHT_BITS[self.weight_qtype], 16 if self.activation_qtype is None else 8
 
-    def linear_label(self) -> str:
+    def formats_label(self, quantizer: QuantizerConfig) -> str:
         weights = {"qint8": "int8 channel"}.get(
             self.weight_qtype, f"{self.weight_qtype[1:]} asym g{self.group or '(auto)'}"
         )
         activations = "fp"
         if self.activation_qtype is not None:
             activations = f"{ACTIVATION_LABELS[self.activation_qtype]} static tensor"
-        return f"quanto: {weights} / {activations}"
+        return f"{weights} / {activations}"
 
     def width_error(self, in_features: int) -> tuple[str, str, str] | None:
         if self.group is not None and in_features % self.group:
@@ -83,10 +85,16 @@ class QuantoConfig(LibraryConfig):
             )
         return None
 
-    def quantize_linears(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def round(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
         from optimum.quanto import Calibration, freeze, qtypes, quantize
 
-        names = list(target_linears(model, self))
+        names = list(self.library_linears(model, quantizer))
         activations = qtypes[self.activation_qtype] if self.activation_qtype else None
         quantize(model, weights=qtypes[self.weight_qtype], activations=activations, include=names)
         if self.group is not None:
@@ -101,3 +109,7 @@ class QuantoConfig(LibraryConfig):
                 for batch in ids.split(self.calibration.batch_size):
                     model(batch.to(device))
         freeze(model)
+        weights, activations = self.formats_label(quantizer).split(" / ")
+        for name in names:
+            held = (weights, None if activations == "fp" else activations)
+            model.get_submodule(name).qbench_rounding = held

@@ -1,43 +1,66 @@
 """QuaRot-style rotation, then RTN: outliers spread by orthogonal transforms, lossless in float.
 
-1. Fold every norm's weight into the linears reading it (the norm's weight becomes 1).
-2. Rotate the residual stream by a random Hadamard Q: embeddings E Q, readers W Q (q/k/v and
-   gate/context-scale linears, gate/up, lm_head, GatedNorm's gate_down), writers Q^T W
-   (o_proj, down_proj). RMS normalization commutes with Q. A norm with more than a weight
-   (PreAffine's pre_scale, GatedNorm's gate) takes Q through the architecture adapter's
-   `norm_rotation` hook and takes its channel-wise products in the original basis,
-   ((x Q^T) * v) Q, by two online Hadamard transforms; so the logits do not change.
-3. Online Hadamard before down_proj: x -> x H at run time, down_proj's weight W H.
-4. Per-head Hadamard H on the value path: v_proj rows and v_bias per head H^T, o_proj columns
-   per head H; skipped when an elementwise output gate multiplies the heads channel by channel.
-5. With a quantized KV cache (`rotate_qk`): per-head Hadamard of queries and keys after RoPE,
-   online (QK^T is unchanged), so the keys are rounded in the rotated basis; a learned key slot
-   (attn-bias) is rotated alike.
+Written once against the residual-stream structure that `qbench.quant.structure` reads off the
+model (which norm feeds which targets, what writes the stream), so every decoder it understands
+takes it: Llama-likes, Gemma's 1 + w norms and sandwich norms, OLMo 2's post-norms, LayerNorm
+models (OPT, GPT-2, Pythia, Phi-2, Falcon, StableLM, Starcoder2), parallel residuals, MoE blocks
+(experts, shared experts, routers) and MLA attention. Steps, as QuaRot (Ashkboos et al. 2024)
+and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 
-Online transforms use the fast Walsh-Hadamard transform for the power-of-two factor
-(qbench/quant/hadamard.py, which also says which matrix each width gets).
+1. Mean folding, for norms that subtract the mean (LayerNorm): make every vector of the residual
+   stream zero-mean by centering what writes it, each embedding row and each writer's output
+   (W <- W - 1 mean_out(W), b <- b - mean(b), SliceGPT's `bake_mean_into_linear`). A LayerNorm
+   then computes what an RMSNorm computes, and is replaced by one (`StreamRMSNorm`, the same
+   eps), which commutes with a rotation. Not possible when a post-norm writes the stream (its
+   output is not zero-mean): then rotation is refused.
+2. Fold every residual norm's scale (w, or Gemma's 1 + w) and bias into the targets reading it:
+   W <- W diag(scale), b_reader <- b_reader + W b_norm; the norm keeps scale 1 and no bias.
+3. Rotate the residual stream by a random Hadamard Q: embeddings E Q, readers W Q (linears,
+   routers, experts' gate/up slices, lm_head), writers Q^T W and their biases b Q. A norm with
+   more than a weight (the qbench family's PreAffine, GatedNorm) takes Q through its
+   `stream_rotation` attribute and applies its channel-wise products in the original basis. A
+   post-norm on a writer's output (Gemma 2/3, OLMo 2) keeps the original basis inside, and its
+   output is rotated online (x -> x Q, `RotatedOutput`).
+4. Online Hadamard H before every linear whose output goes to the stream (o_proj, down_proj,
+   each expert's down slice): x -> x H at run time (fast Walsh-Hadamard transform), W <- W H.
+   QuaRot's per-head value rotation plus its online head mixing equal this H for power-of-two
+   widths; here it is one online transform, so fused and MLA attention need nothing special.
+5. With a quantized KV cache (`rotate_qk`): per-head Hadamard of queries and keys after RoPE,
+   online, in the KV step (QK^T unchanged); a learned key slot (attn-bias) is rotated alike.
+
+`rotate` checks its own result: the logits of a few tokens before and after must agree within
+`LOSSLESS_TOLERANCE` (relative L2), else it raises QBenchError naming the difference.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qbench.errors import QBenchError
-from qbench.quant.adapters import DecoderView, NormGroup, decoder_view
+from qbench.quant.experts import set_input_step
 from qbench.quant.hadamard import HadamardTransform
-from qbench.quant.kvcache import kv_transforms
-from qbench.quant.method import METHODS, replace_module
-from qbench.quant.rtn import RTNConfig
+from qbench.quant.inventory import Target, replace_module
+from qbench.quant.kvcache import kv_sites
+from qbench.quant.rtn import untie_word_embeddings
+from qbench.quant.steps import Transform
+from qbench.quant.structure import NormGroup, Structure, probe_ids, trace_structure
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
+
+# Relative L2 difference of the logits allowed between the model and its rotation, per dtype.
+LOSSLESS_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_TOLERANCE = 2e-2  # bfloat16 / float16 weights round the rotated values
 
 
 class HadamardInput(nn.Module):
     """Rotates its input by `hadamard`, then applies `linear` (whose weight is rotated to match)."""
 
-    def __init__(self, linear: nn.Linear, hadamard: HadamardTransform) -> None:
+    def __init__(self, linear: nn.Module, hadamard: HadamardTransform) -> None:
         super().__init__()
         self.linear = linear
         self.hadamard = hadamard
@@ -46,14 +69,48 @@ class HadamardInput(nn.Module):
         return self.linear(self.hadamard(x))
 
 
-@METHODS.register("rotation")
-class RotationConfig(RTNConfig):
-    """QuaRot's rotations (random Hadamard, online Hadamard before down_proj), then RTN."""
+class RotatedOutput(nn.Module):
+    """A post-norm computed in the original basis, its output rotated: norm(x) Q."""
 
-    method: Literal["rotation"] = "rotation"
+    def __init__(self, norm: nn.Module, rotation: HadamardTransform) -> None:
+        super().__init__()
+        self.norm = norm
+        self.rotation = rotation
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        rotate(model, rotate_qk=self.kv is not None)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation(self.norm(x))
+
+
+class StreamRMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last dimension, in float32: what a LayerNorm
+    computes on the mean-free residual stream, once its weight and bias are folded away."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class Rotation(Transform):
+    """QuaRot's rotations (random Hadamard, online Hadamard before the writers); with a
+    quantized KV cache, queries and keys too."""
+
+    transform: Literal["rotation"] = "rotation"
+
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
+        rotate(model, rotate_qk=quantizer.kv is not None)
 
 
 @torch.no_grad()
@@ -61,89 +118,180 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     """Apply QuaRot's float-equivalent rotations to `model` in place (torch's global RNG).
 
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
+    Raises QBenchError where the structure cannot be rotated losslessly, or where the rotated
+    model's logits differ from the original's beyond LOSSLESS_TOLERANCE.
     """
-    view = decoder_view(model)
-    _untie_lm_head(model)
-    for group in view.norms:
-        _fold_norm(group)
-    stream = HadamardTransform(view.embed.weight.shape[1], random_signs=True)
-    stream.to(view.embed.weight.device)
-    _rotate_norms(model, view, stream)
+    ids = probe_ids(model)
+    before = model(input_ids=ids).logits.double()
+    structure = trace_structure(model, ids)
+    _check_rotatable(model, structure)
+    untie_word_embeddings(model)  # lm_head takes the final norm's scale, the embedding does not
+    if any(g.spec.centers for g in structure.residual_norms):
+        _center_stream(structure)
+    for group in structure.residual_norms:
+        _fold_norm(model, group)
+    hidden = structure.embeddings[0][1].weight.shape[1]
+    device = structure.embeddings[0][1].weight.device
+    stream = HadamardTransform(hidden, random_signs=True).to(device)
     q = stream.matrix()
-    _right(view.embed.weight, q)
-    for group in view.norms:
-        for reader in [*group.readers, *group.inner_readers]:
-            _right(reader.weight, q)
-    for layer in view.layers:
-        for writer in (layer.attn_out, layer.mlp_out):
-            _left(writer.weight, q.T)
-            if writer.bias is not None:
-                _right(writer.bias, q)
-        online = HadamardTransform(layer.mlp_out.in_features).to(layer.mlp_out.weight.device)
-        _right(layer.mlp_out.weight, online.matrix())
-        replace_module(model, layer.mlp_out_path, HadamardInput(layer.mlp_out, online))
-        if layer.value_rotatable:
-            _rotate_value_heads(layer.value, layer.value_bias, layer.attn_out, view.head_dim)
+    for _, table in structure.embeddings:
+        _set(table.weight, table.weight.double() @ q.to(device))
+    for group in structure.residual_norms:
+        if group.spec.extra:
+            group.norm.stream_rotation = stream
+        for target in [*group.readers, *group.inner]:
+            _rotate_input(target, q)
+    for target in structure.head_readers:
+        _rotate_input(target, q)
+    for block in structure.blocks:
+        for target in block.direct_readers:
+            _rotate_input(target, q)
+        for target in block.writers:
+            _rotate_output(target, q.T)
+        for name, norm in block.writer_norms:
+            replace_module(model, name, RotatedOutput(norm, stream))
+        for target in [*block.writers, *block.post_normed]:
+            _online_hadamard(model, target)
     if rotate_qk:
-        for layer, kv in zip(view.layers, kv_transforms(model), strict=True):
-            kv.qk_rotation = HadamardTransform(view.head_dim).to(layer.value.weight.device)
-            if layer.key_bias is not None:  # a learned key slot meets the rotated queries
-                _right(layer.key_bias, kv.qk_rotation.matrix())
+        _rotate_queries_and_keys(model)
+    _check_lossless(model, ids, before)
 
 
-def _rotate_norms(model: nn.Module, view: DecoderView, stream: HadamardTransform) -> None:
-    """Hand the stream's rotation to norms with more than a weight, through the adapter."""
-    hook = view.architecture.norm_rotation
-    for group in view.norms:
-        extra = sorted(n for n, _ in group.norm.named_parameters() if n != "weight")
-        if extra and hook is None:
-            raise QBenchError(
-                f"rotation is not lossless for {model.config.model_type} norms with "
-                f"{', '.join(extra)}: its architecture adapter has no norm_rotation hook; "
-                "use smoothquant, gptq or rtn for this checkpoint"
-            )
-        if extra:
-            setattr(group.norm, hook, stream)
+def _check_rotatable(model: nn.Module, structure: Structure) -> None:
+    kind = model.config.model_type
+    problems = list(structure.problems)
+    norms = structure.residual_norms
+    if any(g.spec and g.spec.extra and not hasattr(g.norm, "stream_rotation") for g in norms):
+        problems.append("a norm has parameters beyond a weight and bias and no stream_rotation")
+    if any(g.spec and g.spec.centers for g in norms) and any(
+        b.writer_norms for b in structure.blocks
+    ):
+        problems.append("LayerNorms subtract the mean while post-norms write the residual stream")
+    for group in norms:
+        if group.spec and group.spec.bias and any(not _can_take_bias(t) for t in group.readers):
+            problems.append(f"{group.name} has a bias its readers have no bias to take")
+    if problems:
+        raise QBenchError(f"rotation is not lossless on {kind}: {'; '.join(problems)}")
 
 
-def _untie_lm_head(model: nn.Module) -> None:
-    """lm_head gets its own weight: it takes the final norm's scale, the embeddings do not."""
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
+def _can_take_bias(target: Target) -> bool:
+    """Whether the target adds a bias after its input product (a Linear can be given one)."""
+    if target.experts is not None:
+        return all(hasattr(target.module, f"{p}_bias") for p in target.experts.readers)
+    return isinstance(target.module, nn.Linear) or isinstance(
+        getattr(target.module, "bias", None), nn.Parameter
+    )
 
 
-def _fold_norm(group: NormGroup) -> None:
-    scale = group.norm.weight.double()
-    for reader in [*group.readers, *group.inner_readers]:
-        _set_tensor(reader.weight, reader.weight.double() * scale.to(reader.weight.device))
-    _set_tensor(group.norm.weight, torch.ones_like(scale))
+def _center_stream(structure: Structure) -> None:
+    """Make every residual-stream vector zero-mean: center embedding rows and writer outputs."""
+    for _, table in structure.embeddings:
+        weight = table.weight.double()
+        _set(table.weight, weight - weight.mean(dim=1, keepdim=True))
+    for block in structure.blocks:
+        for target in block.writers:
+            for _, matrix in target.output_matrices():  # [out, in]: center over out
+                _set(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
+            for bias in _output_biases(target):
+                _set(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
 
 
-def _rotate_value_heads(
-    value: nn.Linear, value_bias: nn.Parameter | None, out: nn.Linear, head_dim: int
-) -> None:
-    """v_proj rows per head H^T (so v -> v H), value biases alike, o_proj columns per head H."""
-    h = HadamardTransform(head_dim).matrix().to(value.weight.device)
-    rows = value.weight.double().reshape(-1, head_dim, value.in_features)
-    _set_tensor(value.weight, (h.T @ rows).reshape(value.weight.shape))
-    for bias in (value.bias, value_bias):
-        if bias is not None:
-            _set_tensor(bias, (bias.double().reshape(-1, head_dim) @ h).reshape(bias.shape))
-    columns = out.weight.double().reshape(out.out_features, -1, head_dim)
-    _set_tensor(out.weight, (columns @ h.to(out.weight.device)).reshape(out.weight.shape))
+def _fold_norm(model: nn.Module, group: NormGroup) -> None:
+    """Move the norm's scale and bias into its readers; the norm keeps scale 1, no bias."""
+    spec, norm = group.spec, group.norm
+    scale = spec.effective_scale(norm)
+    for target in [*group.readers, *group.inner]:
+        matrices = target.input_matrices()
+        if spec.bias:  # b_reader + W b_norm, with the reader's weight before the scale
+            shift = norm.bias.detach().double()
+            for (_, matrix), bias in zip(matrices, _input_biases(target), strict=True):
+                _set(bias, bias.double() + matrix.double() @ shift.to(matrix.device))
+        for _, matrix in matrices if scale is not None else ():
+            _set(matrix, matrix.double() * scale.to(matrix.device))
+    if spec.scale is not None:
+        norm.weight.fill_(1 if spec.scale == "weight" else 0)
+    if spec.bias:
+        norm.bias.zero_()
+    if spec.centers:
+        replace_module(model, group.name, StreamRMSNorm(spec.eps))
 
 
-def _right(target: torch.Tensor, m: torch.Tensor) -> None:
-    """target <- target @ m, in float64 on target's device."""
-    _set_tensor(target, target.double() @ m.to(target.device))
+def _input_biases(target: Target) -> list[torch.Tensor]:
+    """The bias added to each input matrix's product (created as zeros where missing)."""
+    if target.experts is None:
+        module = target.module
+        if getattr(module, "bias", None) is None:
+            weight = module.weight
+            module.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
+        return [module.bias]
+    return [
+        getattr(target.module, f"{p}_bias")[e]
+        for p in target.experts.readers
+        for e in range(getattr(target.module, p).shape[0])
+    ]
 
 
-def _left(target: torch.Tensor, m: torch.Tensor) -> None:
-    """target <- m @ target, in float64 on target's device."""
-    _set_tensor(target, m.to(target.device) @ target.double())
+def _output_biases(target: Target) -> list[torch.Tensor]:
+    if target.experts is None:
+        bias = getattr(target.module, "bias", None)
+        return [bias] if bias is not None else []
+    return [
+        getattr(target.module, f"{p}_bias")
+        for p in target.experts.writers
+        if getattr(target.module, f"{p}_bias", None) is not None
+    ]
 
 
-def _set_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
+def _rotate_input(target: Target, q: torch.Tensor) -> None:
+    for _, matrix in target.input_matrices():
+        _set(matrix, matrix.double() @ q.to(matrix.device))
+
+
+def _rotate_output(target: Target, q_t: torch.Tensor) -> None:
+    """y -> y Q: W <- Q^T W, b <- b Q (q_t = Q^T)."""
+    for _, matrix in target.output_matrices():
+        _set(matrix, q_t.to(matrix.device) @ matrix.double())
+    for bias in _output_biases(target):
+        _set(bias, bias.double() @ q_t.T.to(bias.device))
+
+
+def _online_hadamard(model: nn.Module, target: Target) -> None:
+    """x -> x H before the target's output matrices, W <- W H (H orthogonal, H^-1 = H^T)."""
+    matrices = target.output_matrices()
+    width = matrices[0][1].shape[1]
+    device = matrices[0][1].device
+    hadamard = HadamardTransform(width).to(device)
+    h = hadamard.matrix().to(device)
+    for _, matrix in matrices:
+        _set(matrix, matrix.double() @ h)
+    if target.experts is None:
+        replace_module(model, target.name, HadamardInput(target.module, hadamard))
+        return
+    for parameter in target.experts.writers:
+        set_input_step(target.module, parameter, "rotate", lambda x, _e, t=hadamard: t(x))
+
+
+def _rotate_queries_and_keys(model: nn.Module) -> None:
+    for site in kv_sites(model):
+        rotation = HadamardTransform(site.head_dim).to(site.device)
+        site.transform.qk_rotation = rotation
+        key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
+        if isinstance(key_slot, nn.Parameter):
+            _set(key_slot, key_slot.double() @ rotation.matrix().to(key_slot.device))
+
+
+def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:
+    after = model(input_ids=ids).logits.double()
+    error = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    dtype = next(model.parameters()).dtype
+    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    if not error <= tolerance:
+        raise QBenchError(
+            f"rotation changed the logits of {model.config.model_type} by {error:.2e} "
+            f"(relative L2; allowed {tolerance:g} in {dtype}): qbench's structure trace "
+            "misread this model; use smoothquant, gptq or rtn for it"
+        )
+
+
+def _set(target: torch.Tensor, value: torch.Tensor) -> None:
     target.copy_(value.to(target.dtype))

@@ -1,14 +1,20 @@
 """SmoothQuant: migrate activation outliers into the weights, then round as RTN does.
 
-s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j of the linears reading a
-norm; the norm's weight is divided by s and the readers' input columns multiplied by s.
-A GatedNorm gate reads the scaled norm output, so its input columns are multiplied by s
-too and the gate is unchanged. Lossless in float; calibrated on `calibration` text.
+s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j of the targets reading a
+residual norm (Xiao et al. 2023), X the norm's output over the calibration text and W the
+readers' weights being rounded (routers, which stay in float, take the scaling but do not
+set it). The norm's scale is divided by s (w / s, or Gemma's 1 + w -> (1 + w) / s, and a
+LayerNorm's bias b / s) and the readers' input columns multiplied by s: lossless in float.
+A GatedNorm gate reads the scaled norm output, so its input columns are multiplied by s too
+and the gate is unchanged. The norms and their readers come from the model's own structure
+(qbench.quant.structure), so every decoder it reads takes it. Targets reading the residual
+stream without a norm (OLMo 2) have no norm to take 1/s: they are not smoothed, and the cell's
+notes say how many; a model with no norm to smooth at all is refused.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -17,61 +23,116 @@ from transformers import PreTrainedTokenizerBase
 
 from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
-from qbench.quant.adapters import NormGroup, decoder_view
-from qbench.quant.calibrate import observe_inputs
-from qbench.quant.method import METHODS
-from qbench.quant.rtn import RTNConfig
+from qbench.quant.calibrate import forward_batches
+from qbench.quant.notes import note
+from qbench.quant.steps import Transform, transforms_key
+from qbench.quant.structure import NormGroup, probe_ids, trace_structure
+
+if TYPE_CHECKING:
+    from qbench.quant.quantizer import QuantizerConfig
 
 
-@METHODS.register("smoothquant")
-class SmoothQuantConfig(RTNConfig):
-    """SmoothQuant on the attention and MLP inputs, then RTN in any format."""
+class SmoothQuant(Transform):
+    """SmoothQuant on the inputs of every residual norm's readers."""
 
-    method: Literal["smoothquant"] = "smoothquant"
+    transform: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(default=0.5, ge=0, le=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        quantizer: QuantizerConfig,
+        before: tuple[Transform, ...],
+    ) -> None:
         if tokenizer is None:
             raise QBenchError("smoothquant calibrates on text: pass the checkpoint's tokenizer")
-        groups = [g for layer in decoder_view(model).layers for g in (layer.attn, layer.mlp)]
+        groups = smoothable_groups(model)
         ids = calibration_ids(tokenizer, self.calibration)
-        absmax = shared_statistic(  # of the fp model: shared by the checkpoint's smoothquant cells
-            ("smoothquant.absmax", self.calibration.model_dump_json(), torch.initial_seed()),
-            lambda: activation_absmax(model, groups, ids, self.calibration.batch_size),
+        key = ("smoothquant.absmax", self.calibration.model_dump_json(), transforms_key(before))
+        absmax = shared_statistic(  # of the model as `before` left it: shared by cells alike
+            (*key, torch.initial_seed()),
+            lambda: norm_output_absmax(model, groups, ids, self.calibration.batch_size),
         )
         for group, x_max in zip(groups, absmax, strict=True):
             smooth(group, x_max, self.alpha)
 
 
-def activation_absmax(
-    model: nn.Module, groups: list[NormGroup], ids: torch.Tensor, batch_size: int
-) -> list[torch.Tensor]:
-    """Per-channel max|x| of each group's input (its first reader's input) over `ids`."""
-    watched = {str(i): g.readers[0] for i, g in enumerate(groups)}
-    absmax: dict[str, torch.Tensor] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        batch_max = x.detach().abs().amax(dim=0).float()
-        absmax[name] = torch.maximum(absmax[name], batch_max) if name in absmax else batch_max
-
-    observe_inputs(model, watched, ids, batch_size, observe)
-    return [absmax[str(i)] for i in range(len(groups))]
+def smoothable_groups(model: nn.Module) -> list[NormGroup]:
+    """The residual norms inside the decoder blocks that can take 1/s, with their readers."""
+    structure = trace_structure(model, probe_ids(model))
+    groups = [g for block in structure.blocks for g in block.norms]
+    usable = [g for g in groups if g.spec is not None and g.spec.scale is not None and g.readers]
+    unsmoothed = sum(len(b.direct_readers) for b in structure.blocks)
+    unsmoothed += sum(len(g.readers) for g in groups if g not in usable)
+    if not usable:
+        raise QBenchError(
+            f"smoothquant: no norm with a per-channel scale feeds the linears of "
+            f"{model.config.model_type} (post-norm only, or norms without a weight): nothing to "
+            "smooth; use rtn, gptq or rotation"
+        )
+    if unsmoothed:
+        note(f"smoothquant: {unsmoothed} targets read the residual stream without a norm to "
+             "take the scales: not smoothed")  # fmt: skip
+    return usable
 
 
 @torch.no_grad()
-def smoothing_scales(x_max: torch.Tensor, readers: list[nn.Linear], alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); 1 where a channel never fires."""
-    w_max = torch.stack([r.weight.abs().amax(dim=0).float() for r in readers]).amax(dim=0)
-    scales = x_max.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+def norm_output_absmax(
+    model: nn.Module, groups: list[NormGroup], ids: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
+    """Per-channel max|x| of each group's norm output over `ids` (float32)."""
+    absmax: dict[int, torch.Tensor] = {}
+
+    def observer(i: int):
+        def hook(_: nn.Module, __: tuple, output: torch.Tensor) -> None:
+            x = output[0] if isinstance(output, tuple) else output
+            batch_max = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            absmax[i] = torch.maximum(absmax[i], batch_max) if i in absmax else batch_max
+
+        return hook
+
+    handles = [g.norm.register_forward_hook(observer(i)) for i, g in enumerate(groups)]
+    try:
+        forward_batches(model, ids, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [absmax[i] for i in range(len(groups))]
+
+
+@torch.no_grad()
+def smoothing_scales(x_max: torch.Tensor, group: NormGroup, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) over the rounded readers; 1 where a channel
+    never fires."""
+    columns = [
+        matrix.abs().amax(dim=0).float()
+        for reader in group.readers
+        if reader.kind != "router"
+        for _, matrix in reader.input_matrices()
+    ]
+    w_max = torch.stack(columns).amax(dim=0) if columns else torch.ones_like(x_max)
+    scales = x_max.pow(alpha) / w_max.to(x_max.device).clamp(min=1e-5).pow(1 - alpha)
     return torch.where(x_max > 0, scales.clamp(min=1e-5), torch.ones_like(scales))
 
 
 @torch.no_grad()
 def smooth(group: NormGroup, x_max: torch.Tensor, alpha: float) -> None:
-    """Fold the smoothing scales into the group's norm weight and its readers' columns."""
-    scales = smoothing_scales(x_max, group.readers, alpha)
-    weight = group.norm.weight
-    weight.copy_((weight.float() / scales).to(weight.dtype))
-    for linear in [*group.readers, *group.inner_readers]:
-        linear.weight.copy_((linear.weight.float() * scales).to(linear.weight.dtype))
+    """Fold the smoothing scales into the group's norm and its readers' columns."""
+    scales = smoothing_scales(x_max, group, alpha).double()
+    norm, spec = group.norm, group.spec
+    s = scales.to(norm.weight.device)
+    if spec.scale == "one_plus_weight":
+        _set(norm.weight, (1 + norm.weight.double()) / s - 1)
+    else:
+        _set(norm.weight, norm.weight.double() / s)
+    if spec.bias:
+        _set(norm.bias, norm.bias.double() / s)
+    for reader in [*group.readers, *group.inner]:
+        for _, matrix in reader.input_matrices():
+            _set(matrix, matrix.double() * scales.to(matrix.device))
+
+
+def _set(target: torch.Tensor, value: torch.Tensor) -> None:
+    target.copy_(value.to(target.dtype))

@@ -8,19 +8,22 @@ absolute expected values from a committed reference only warn.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pydantic import TypeAdapter
 from tabulate import tabulate
 
-from qbench.plan import Cell, plan
+from qbench.errors import QBenchError, describe
+from qbench.files import read_text_nofollow, write_json_atomic
 from qbench.recipe import Recipe
-from qbench.store import FAILED, error_line, is_failed, read_result
+from qbench.record import MISSING, ResultsTable
+from qbench.store import load_table, report_cells
 
-LOWER_IS_BETTER = {"perplexity"}
+REFERENCE_LIMIT = 16 << 20  # bytes
+# A reference file: {"<checkpoint>/<quantizer>": {"<metric path>": expected value}}.
+Reference = TypeAdapter(dict[str, dict[str, float]])
 
 
 @dataclass(frozen=True)
@@ -33,19 +36,15 @@ class Check:
     base: float | None
     quantized: float | None
     threshold: float
-    base_state: str = "missing"  # shown where a value is None: "missing" or "failed"
-    quantized_state: str = "missing"
-
-    lower_is_better: bool | None = None  # None: perplexity is, everything else is not
+    lower_is_better: bool
+    base_state: str = MISSING  # shown where a value is None: "missing" or "failed"
+    quantized_state: str = MISSING
 
     @property
     def recovery(self) -> float | None:
         if self.base is None or self.quantized is None:
             return None
-        lower = self.lower_is_better
-        if lower is None:
-            lower = self.metric.split(".")[0] in LOWER_IS_BETTER
-        if lower:
+        if self.lower_is_better:
             return self.base / self.quantized if self.quantized else None
         return self.quantized / self.base if self.base else None
 
@@ -55,38 +54,14 @@ class Check:
         return recovery is not None and math.isfinite(recovery) and recovery >= self.threshold
 
 
-def metric_value(result: dict[str, Any] | None, metric: str) -> float | None:
-    """metrics.<group>.<name> (a task's headline value for tasks.<name>) or metrics.<name> of
-    a result; None if absent (a missing or failed cell)."""
-    value = _metric_entry(result, metric)
-    if isinstance(value, dict):  # a task: {metric, value, stderr, higher_is_better}
-        value = value.get("value")
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _metric_entry(result: dict[str, Any] | None, metric: str) -> Any:
-    value: Any = (result or {}).get("metrics") or {}
-    for part in metric.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def _lower_is_better(metric: str, *results: dict[str, Any] | None) -> bool | None:
-    """What a task's entry says (lambada's perplexity: lower), else None (by metric name)."""
-    for result in results:
-        entry = _metric_entry(result, metric)
-        if isinstance(entry, dict) and "higher_is_better" in entry:
-            return not entry["higher_is_better"]
-    return None
-
-
-def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -> list[Check]:
+def checks(recipe: Recipe, table: ResultsTable) -> list[Check]:
+    """Every gated (quantized cell, metric) against its fp cell."""
     gate = recipe.gate
     found = []
-    for cell in cells:
+    for cell in table.cells:
         if cell.quantizer is None:
             continue
-        fp = next(c for c in cells if c.checkpoint == cell.checkpoint and c.quantizer is None)
+        fp = table.fp(cell)
         thresholds = gate.min_recovery | gate.quantizers.get(cell.quantizer.name, {})
         for metric, threshold in thresholds.items():
             found.append(
@@ -94,45 +69,48 @@ def checks(recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]) -
                     cell.checkpoint.name,
                     cell.quantizer.name,
                     metric,
-                    metric_value(results[fp.key], metric),
-                    metric_value(results[cell.key], metric),
+                    table.value(fp, metric),
+                    table.value(cell, metric),
                     threshold,
-                    _state(results[fp.key]),
-                    _state(results[cell.key]),
-                    _lower_is_better(metric, results[fp.key], results[cell.key]),
+                    table.lower_is_better(metric),
+                    table.state(fp) if fp is not None else MISSING,
+                    table.state(cell),
                 )
             )
     return found
 
 
-def _state(result: dict[str, Any] | None) -> str:
-    return FAILED if is_failed(result) else "missing"
-
-
-def reference_warnings(
-    recipe: Recipe, cells: list[Cell], results: dict[str, dict | None]
-) -> list[str]:
+def reference_warnings(recipe: Recipe, table: ResultsTable) -> list[str]:
     """Cells whose value moved more than `tolerance` (relative) from the committed reference."""
     gate = recipe.gate
-    if gate.reference is None or not Path(gate.reference).is_file():
-        return [] if gate.reference is None else [f"reference {gate.reference} not found"]
-    expected = json.loads(Path(gate.reference).read_text())
+    if gate.reference is None:
+        return []
+    path = Path(gate.reference)
+    try:
+        expected = Reference.validate_json(read_text_nofollow(path, REFERENCE_LIMIT))
+    except FileNotFoundError:
+        return [f"reference {gate.reference} not found"]
+    except ValueError as error:  # a ValidationError too
+        raise QBenchError(
+            f"{path}: gate.reference: not a reference file ({describe(error)}); rewrite it "
+            "with `qbench gate --write-reference`"
+        ) from None
     warnings = []
-    for cell in cells:
+    for cell in table.cells:
         name = f"{cell.checkpoint.name}/{cell.quantizer_name}"
         for metric, value in expected.get(name, {}).items():
-            actual = metric_value(results[cell.key], metric)
+            actual = table.value(cell, metric)
             if actual is None or abs(actual - value) > gate.tolerance * abs(value):
-                shown = _state(results[cell.key]) if actual is None else f"{actual:.6g}"
+                shown = table.state(cell) if actual is None else f"{actual:.6g}"
                 warnings.append(f"{name} {metric}: {shown} vs reference {value:.6g}")
     return warnings
 
 
 def run_gate(recipe: Recipe, source: Path, results_root: Path) -> tuple[bool, str]:
-    """(passed, report) for `recipe`'s results under `results_root`."""
-    cells = plan(recipe, source)
-    results = {c.key: read_result(results_root, c) for c in cells}
-    found = checks(recipe, cells, results)
+    """(passed, report) for `recipe`'s results under `results_root` (the cells of the last
+    run's plan.json, else of a fresh plan)."""
+    table = load_table(results_root, report_cells(results_root, recipe, source))
+    found = checks(recipe, table)
     rows = [
         [
             c.checkpoint,
@@ -147,16 +125,16 @@ def run_gate(recipe: Recipe, source: Path, results_root: Path) -> tuple[bool, st
         for c in found
     ]
     headers = ["Checkpoint", "Quantizer", "Metric", "Base", "Quantized", "Recovery", "Threshold"]
-    failed = [c for c in cells if is_failed(results[c.key])]
+    failed = table.failed_cells()
     lines = [
         f"gate {recipe.name} ({recipe.gate.cadence}):",
         tabulate(rows, [*headers, "Status"], tablefmt="github", disable_numparse=True),
     ]
     lines += [
-        f"failed cell: {c.checkpoint.name}/{c.quantizer_name}: {error_line(results[c.key])}"
+        f"failed cell: {c.checkpoint.name}/{c.quantizer_name}: {table.record(c).error_line()}"
         for c in failed
     ]
-    lines += [f"warning: {w}" for w in reference_warnings(recipe, cells, results)]
+    lines += [f"warning: {w}" for w in reference_warnings(recipe, table)]
     passed = all(c.passed for c in found) and not failed
     verdict = f"{'PASSED' if passed else 'FAILED'}: {sum(c.passed for c in found)} of "
     verdict += f"{len(found)} checks passed"
@@ -165,16 +143,15 @@ def run_gate(recipe: Recipe, source: Path, results_root: Path) -> tuple[bool, st
 
 
 def write_reference(recipe: Recipe, source: Path, results_root: Path, path: Path) -> None:
-    """Record the gated metrics of every cell as the expected values."""
-    cells = plan(recipe, source)
+    """Record the gated metrics of every finished cell as the expected values."""
+    table = load_table(results_root, report_cells(results_root, recipe, source))
     metrics = set(recipe.gate.min_recovery).union(*recipe.gate.quantizers.values())
     expected = {}
-    for cell in cells:
-        result = read_result(results_root, cell)
-        values = {m: v for m in sorted(metrics) if (v := metric_value(result, m)) is not None}
+    for cell in table.cells:
+        values = {m: v for m in sorted(metrics) if (v := table.value(cell, m)) is not None}
         if values:
             expected[f"{cell.checkpoint.name}/{cell.quantizer_name}"] = values
-    path.write_text(json.dumps(expected, indent=2) + "\n")
+    write_json_atomic(path, expected)
 
 
 def _number(value: float | None, otherwise: str) -> str:

@@ -4,110 +4,106 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
 
 from tabulate import tabulate
 
 from qbench.eval.perplexity import CONVENTION
-from qbench.plan import Cell, plan
+from qbench.files import write_text_atomic
+from qbench.plan import Cell
+from qbench.quant.coverage import coverage_label
 from qbench.recipe import Recipe
+from qbench.record import ResultsTable
+from qbench.report.bootstrap import BootstrapSpec
+from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
-from qbench.store import error_line, is_failed, is_finished, read_result, write_text_atomic
+from qbench.store import load_table, report_cells
 from qbench.versions import library_versions
 
 MISSING, FAILED = "missing", "failed"
 
 
-def write_leaderboard(recipe: Recipe, source: Path, results_root: Path) -> Path:
-    """Build the leaderboard of the cells `recipe` plans now, and write it."""
-    cells = plan(recipe, source)
-    results = {c.key: read_result(results_root, c) for c in cells}
+def write_leaderboard(
+    recipe: Recipe, source: Path, results_root: Path, cells: list[Cell] | None = None
+) -> Path:
+    """Build the leaderboard of `cells` (default: the last run's plan.json, else a fresh plan)
+    from the records under `results_root`, and write it with its plots and tasks.json."""
+    table = load_table(results_root, cells or report_cells(results_root, recipe, source))
     path = results_root / recipe.name / "LEADERBOARD.md"
-    write_text_atomic(path, leaderboard(recipe, source, cells, results))
-    finished = finished_only(results)
-    write_outlier_plots(recipe, cells, finished, path.parent / "plots")
-    write_task_outputs(recipe, cells, finished, path.parent)
+    write_text_atomic(path, leaderboard(recipe, source, table))
+    write_outlier_plots(recipe, table, path.parent / "plots")
+    write_task_outputs(recipe, table, path.parent)
+    write_intervals(recipe, table, path.parent)
     return path
 
 
-def finished_only(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
-    """Failed records as None: aggregates leave them out like missing cells."""
-    return {key: result if is_finished(result) else None for key, result in results.items()}
-
-
-def leaderboard(
-    recipe: Recipe, source: Path, cells: list[Cell], results: dict[str, dict[str, Any] | None]
-) -> str:
+def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp.
 
     A failed cell shows `failed` in place of its numbers and is listed with its error."""
-    failed = {c.key: results[c.key] for c in cells if is_failed(results[c.key])}
-    results = finished_only(results)
     columns = [spec.column for spec in recipe.eval.perplexity]
     staged = any(q.has_transform for q in recipe.quantizers)
     rows = []
     for checkpoint in recipe.checkpoints:
-        group = [c for c in cells if c.checkpoint.name == checkpoint.name]
-        fp = results[group[0].key]
-        best = {col: _best(group[1:], results, col) for col in columns}
+        group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
+        best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
-            result = results[cell.key]
-            row = [checkpoint.name, cell.quantizer_name, _precision(cell), _label(cell)]
+            record = table.finished(cell)
+            rounded = coverage_label(record.coverage) if record is not None else ""
+            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label, rounded]
             for col in columns:
                 if staged:
-                    row.append(_transformed_cell(result, col))
-                if cell.key in failed:
+                    row.append(_transformed_cell(table, cell, col))
+                if table.state(cell) == FAILED:
                     row += [FAILED, "", ""]
                     continue
-                row += _perplexity_cells(
-                    result, fp, col, bold=cell.quantizer is not None and cell.key == best[col]
-                )
+                bold = cell.quantizer is not None and cell.key == best[col]
+                row += _perplexity_cells(table, cell, col, bold, recipe.report.bootstrap)
             rows.append(row)
-    headers = ["checkpoint", "quantizer", "precision", "weights / activations"]
+    headers = ["checkpoint", "quantizer", "precision", "weights / activations", "rounded"]
     for col in columns:
         headers += [f"{col} transformed", f"{col} ppl", "Δ", "×fp"][0 if staged else 1 :]
     packages = library_versions()
     for quantizer in recipe.quantizers:  # a library backend adds its library
         packages |= quantizer.versions()
     versions = ", ".join(f"{k} {v}" for k, v in packages.items())
-    done = sum(r is not None for r in results.values())
+    failed = table.failed_cells()
     failures = f", {len(failed)} failed" if failed else ""
     return "\n".join(
         [
             f"# qbench leaderboard: {recipe.name}",
             "",
             f"Generated by `qbench report {source}` on {datetime.date.today().isoformat()}; "
-            f"{done} of {len(cells)} cells have results{failures}.",
+            f"{table.finished_count()} of {len(table.cells)} cells have results{failures}.",
             "",
-            *tasks_section(recipe, cells, results),  # zero-shot tasks, if any: tasks_table.py
+            *tasks_section(recipe, table),  # zero-shot tasks, if any: tasks_table.py
             tabulate(rows, headers, tablefmt="github", disable_numparse=True),
             "",
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
+            *_ROUNDED_NOTE,
+            *interval_note(recipe.report.bootstrap),
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
             "",
-            *_failure_section(cells, failed, source),
-            *seed_section(recipe, cells, results),
-            *outlier_section(recipe, cells, results),
+            *_failure_section(table, source),
+            *seed_section(recipe, table),
+            *comparison_section(recipe, table),
+            *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",
         ]
     )
 
 
-def _failure_section(cells: list[Cell], failed: dict[str, Any], source: Path) -> list[str]:
+def _failure_section(table: ResultsTable, source: Path) -> list[str]:
     """The failed cells and their errors (the records hold the traceback)."""
+    failed = table.failed_cells()
     if not failed:
         return []
-    rows = [
-        [c.checkpoint.name, c.quantizer_name, error_line(failed[c.key])]
-        for c in cells
-        if c.key in failed
-    ]
+    rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error_line()] for c in failed]
     return [
         "## Failed cells",
         "",
@@ -123,19 +119,17 @@ def _column_notes(recipe: Recipe) -> list[str]:
     for spec in recipe.eval.perplexity:
         limit = f", first {spec.max_windows} windows" if spec.max_windows else ""
         notes.append(
-            f"- `{spec.column} ppl`: {spec.data} {spec.split} split, seq_len "
-            f"{spec.seq_len}{limit}. {CONVENTION}."
+            f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
+            f"{CONVENTION}."
         )
     return notes
 
 
-def _precision(cell: Cell) -> str:
-    return cell.quantizer.precision() if cell.quantizer else cell.checkpoint.dtype
-
-
-def _label(cell: Cell) -> str:
-    return cell.quantizer.label() if cell.quantizer else "unquantized"
-
+_ROUNDED_NOTE = [
+    "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
+    "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
+    "counted from its modules; what stays in float and why follows `float:`.",
+]
 
 _STAGE_NOTE = [
     "`transformed`: the float model after the method's transform (smoothing, rotation), before",
@@ -143,27 +137,28 @@ _STAGE_NOTE = [
 ]
 
 
-def _transformed_cell(result: dict[str, Any] | None, column: str) -> str:
-    stage = (result or {}).get("stages", {}).get("transformed")
-    return f"{stage['perplexity'][column]:.3f}" if stage else ""
+def _transformed_cell(table: ResultsTable, cell: Cell, column: str) -> str:
+    record = table.finished(cell)
+    stage = (record.stages or {}).get("transformed") if record is not None else None
+    value = (stage or {}).get("perplexity", {}).get(column)
+    return "" if value is None else f"{value:.3f}"
 
 
-def _value(result: dict[str, Any] | None, column: str) -> float | None:
-    return result["metrics"]["perplexity"].get(column) if result else None
-
-
-def _best(cells: list[Cell], results: dict[str, dict[str, Any] | None], column: str) -> str | None:
-    scored = [(v, c.key) for c in cells if (v := _value(results[c.key], column)) is not None]
+def _best(cells: list[Cell], table: ResultsTable, column: str) -> str | None:
+    metric = f"perplexity.{column}"
+    scored = [(v, c.key) for c in cells if (v := table.value(c, metric)) is not None]
     return min(scored)[1] if scored else None
 
 
 def _perplexity_cells(
-    result: dict[str, Any] | None, fp: dict[str, Any] | None, column: str, bold: bool
+    table: ResultsTable, cell: Cell, column: str, bold: bool, bootstrap: BootstrapSpec
 ) -> list[str]:
-    value, base = _value(result, column), _value(fp, column)
+    metric = f"perplexity.{column}"
+    value, base = table.value(cell, metric), table.value(table.fp(cell), metric)
     if value is None:
         return [MISSING, "", ""]
     shown = f"**{value:.3f}**" if bold else f"{value:.3f}"
-    if base is None or result is fp:
+    if base is None or cell.quantizer is None:
         return [shown, "", ""]
-    return [shown, f"{value - base:+.3f}", f"{value / base:.3f}"]
+    fp = table.finished(table.fp(cell))
+    return [shown, *delta_cells(table.finished(cell), fp, column, bootstrap)]

@@ -7,9 +7,11 @@ from typing import Any
 
 from tabulate import tabulate
 
+from qbench.files import save_figure
 from qbench.plan import Cell
 from qbench.recipe import Recipe
-from qbench.report.seeds import MISSING, Result, checkpoint_groups, metric
+from qbench.record import MISSING, ResultsTable
+from qbench.report.seeds import checkpoint_groups
 
 # (key in metrics.diagnostics, header, format) of the unquantized model's figures.
 SUMMARY_COLUMNS = [
@@ -28,22 +30,22 @@ LAYER_PLOTS = [
 ]
 
 
-def outlier_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+def outlier_section(recipe: Recipe, table: ResultsTable) -> list[str]:
     """Markdown: the fp cell's outlier figures and each quantizer's worst-layer SQNR."""
     if recipe.eval.diagnostics is None:
         return []
-    fp = {c.checkpoint.name: results[c.key] for c in cells if c.quantizer is None}
+    fp = {c.checkpoint.name: c for c in table.cells if c.quantizer is None}
     columns = [
         column
         for column in SUMMARY_COLUMNS
-        if any(metric(r, "diagnostics", column[0]) is not None for r in fp.values())
+        if any(table.value(c, f"diagnostics.{column[0]}") is not None for c in fp.values())
     ] or SUMMARY_COLUMNS[:1]
     rows = []
     for checkpoint in recipe.checkpoints:
-        own = [c for c in cells if c.checkpoint.name == checkpoint.name]
+        own = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
         row = [checkpoint.name]
-        row += [_shown(fp[checkpoint.name], key, pattern) for key, _, pattern in columns]
-        row += [_shown(results[c.key], "min_sqnr_db", "{:.1f}") for c in own[1:]]
+        row += [_shown(table, fp[checkpoint.name], key, pattern) for key, _, pattern in columns]
+        row += [_shown(table, c, "min_sqnr_db", "{:.1f}") for c in own[1:]]
         rows.append(row)
     headers = ["checkpoint", *(header for _, header, _ in columns)]
     headers += [f"min SQNR dB {q.name}" for q in recipe.quantizers]
@@ -64,16 +66,14 @@ def outlier_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result
     ]
 
 
-def write_outlier_plots(
-    recipe: Recipe, cells: list[Cell], results: dict[str, Result], folder: Path
-) -> Path | None:
+def write_outlier_plots(recipe: Recipe, table: ResultsTable, folder: Path) -> Path | None:
     """plots/outliers.png: per-layer max |h| and first-token mass, one line per group (the
     mean over its members, shaded between their min and max); None without diagnostics."""
     if recipe.eval.diagnostics is None:
         return None
     from matplotlib.figure import Figure
 
-    layers = {c.checkpoint.name: _layers(results[c.key]) for c in cells if c.quantizer is None}
+    layers = {c.checkpoint.name: _layers(table, c) for c in table.cells if c.quantizer is None}
     figure = Figure(figsize=(6 * len(LAYER_PLOTS), 4), layout="constrained")
     panels = zip(figure.subplots(1, len(LAYER_PLOTS)), LAYER_PLOTS, strict=True)
     for axes, (key, label, log) in panels:
@@ -94,14 +94,13 @@ def write_outlier_plots(
         axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.suptitle(f"{recipe.name}: unquantized, per layer (first group in black)")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "outliers.png"
-    figure.savefig(path, dpi=100)
-    return path
+    return save_figure(figure, folder / "outliers.png")
 
 
-def _layers(result: Result) -> list[dict[str, Any]]:
-    return (((result or {}).get("details") or {}).get("diagnostics") or {}).get("layers", [])
+def _layers(table: ResultsTable, cell: Cell) -> list[dict[str, Any]]:
+    record = table.finished(cell)
+    details = record.details if record is not None else None
+    return ((details.diagnostics if details is not None else None) or {}).get("layers", [])
 
 
 def _curve(layers: list[dict[str, Any]], key: str) -> list[float]:
@@ -112,9 +111,9 @@ def _curve(layers: list[dict[str, Any]], key: str) -> list[float]:
     return [sum(v) / len(v) if isinstance(v, list) else v for v in values]
 
 
-def _shown(result: Result, key: str, pattern: str) -> str:
+def _shown(table: ResultsTable, cell: Cell, key: str, pattern: str) -> str:
     """The value; 'missing' without a result, '–' where the model has no such figure."""
-    if result is None:
+    if table.finished(cell) is None:
         return MISSING
-    value = metric(result, "diagnostics", key)
+    value = table.value(cell, f"diagnostics.{key}")
     return "–" if value is None else pattern.format(value)

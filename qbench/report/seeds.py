@@ -12,24 +12,19 @@ import operator
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from tabulate import tabulate
 
-from qbench.plan import Cell
 from qbench.recipe import CheckpointSpec, Recipe
+from qbench.record import MISSING, ResultsTable
 
-MISSING = "missing"
-
-Result = dict[str, Any] | None
-
-# (metric group, key, header, format) of the diagnostics columns of the seed table.
+# (metric path, header, format) of the diagnostics columns of the seed table.
 DIAGNOSTIC_COLUMNS = [
-    ("diagnostics", "max_activation", "max \\|h\\|", "{:.2f}"),
-    ("diagnostics", "max_median_ratio", "max/median", "{:.1f}"),
-    ("diagnostics", "first_token_mass", "first-token mass", "{:.3f}"),
-    ("diagnostics", "max_input_kurtosis", "max kurtosis (inputs)", "{:.1f}"),
-    ("diagnostics", "min_sqnr_db", "min SQNR dB", "{:.1f}"),
+    ("diagnostics.max_activation", "max \\|h\\|", "{:.2f}"),
+    ("diagnostics.max_median_ratio", "max/median", "{:.1f}"),
+    ("diagnostics.first_token_mass", "first-token mass", "{:.3f}"),
+    ("diagnostics.max_input_kurtosis", "max kurtosis (inputs)", "{:.1f}"),
+    ("diagnostics.min_sqnr_db", "min SQNR dB", "{:.1f}"),
 ]
 
 
@@ -63,11 +58,6 @@ def spread(values: list[float | None]) -> Spread | None:
     return Spread(statistics.fmean(present), std, min(present), max(present), len(present))
 
 
-def metric(result: Result, group: str, key: str) -> float | None:
-    """result['metrics'][group][key], or None where the cell or the metric is missing."""
-    return ((result or {}).get("metrics", {}).get(group) or {}).get(key)
-
-
 def checkpoint_groups(recipe: Recipe) -> dict[str, list[CheckpointSpec]]:
     """Checkpoints by group, in recipe order; a checkpoint without a group is its own."""
     groups: dict[str, list[CheckpointSpec]] = {}
@@ -79,59 +69,56 @@ def checkpoint_groups(recipe: Recipe) -> dict[str, list[CheckpointSpec]]:
 def group_values(
     members: list[CheckpointSpec],
     quantizer: str,
-    cells: list[Cell],
-    results: dict[str, Result],
-    group: str,
-    key: str,
+    table: ResultsTable,
+    metric: str,
     against_fp: Callable[[float, float], float] | None = None,
 ) -> list[float | None]:
-    """One value per member for `quantizer`; with `against_fp` (e.g. operator.sub), that
-    function of the value and the same member's fp value."""
+    """One value per member for `quantizer` at a metric path; with `against_fp` (e.g.
+    operator.sub), that function of the value and the same member's fp value."""
     values = []
     for member in members:
-        own = {c.quantizer_name: results[c.key] for c in cells if c.checkpoint.name == member.name}
-        value = metric(own.get(quantizer), group, key)
-        base = metric(own.get("fp"), group, key)
+        cell = table.find(member.name, quantizer)
+        value = table.value(cell, metric)
         if against_fp is not None:
+            base = table.value(table.find(member.name, "fp"), metric)
             value = None if value is None or base is None else against_fp(value, base)
         values.append(value)
     return values
 
 
-def seed_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+def seed_section(recipe: Recipe, table: ResultsTable) -> list[str]:
     """Markdown: mean ± std over each group's members, per quantizer (only if groups exist)."""
     groups = checkpoint_groups(recipe)
     if all(len(members) == 1 for members in groups.values()):
         return []
     quantizers = ["fp", *(q.name for q in recipe.quantizers)]
-    columns = [("perplexity", spec.column) for spec in recipe.eval.perplexity]
+    columns = [spec.column for spec in recipe.eval.perplexity]
     diagnostics = DIAGNOSTIC_COLUMNS if recipe.eval.diagnostics else []
     rows = []
     for name, members in groups.items():
         for quantizer in quantizers:
             row = [name, quantizer]
             counts = []
-            for group, key in columns:
-                values = group_values(members, quantizer, cells, results, group, key)
+            for column in columns:
+                metric = f"perplexity.{column}"
+                values = group_values(members, quantizer, table, metric)
                 counts.append(sum(v is not None for v in values))
                 row.append(_shown(spread(values), "{:.3f}"))
                 for against_fp, pattern, signed in COMPARISONS:
                     if quantizer == "fp":
                         row.append("")
                         continue
-                    versus = group_values(
-                        members, quantizer, cells, results, group, key, against_fp
-                    )
+                    versus = group_values(members, quantizer, table, metric, against_fp)
                     row.append(_shown(spread(versus), pattern, signed))
-            for group, key, _, pattern in diagnostics:
-                values = group_values(members, quantizer, cells, results, group, key)
-                unquantized = quantizer == "fp" and key == "min_sqnr_db"  # no error to measure
+            for metric, _, pattern in diagnostics:
+                values = group_values(members, quantizer, table, metric)
+                unquantized = quantizer == "fp" and metric.endswith("min_sqnr_db")  # no error
                 row.append("" if unquantized else _shown(spread(values), pattern))
             rows.append([*row[:2], f"{min(counts)}/{len(members)}", *row[2:]])
     headers = ["group", "quantizer", "n"]
-    for _, key in columns:
-        headers += [f"{key} ppl", "Δ vs fp", "×fp"]
-    headers += [header for _, _, header, _ in diagnostics]
+    for column in columns:
+        headers += [f"{column} ppl", "Δ vs fp", "×fp"]
+    headers += [header for _, header, _ in diagnostics]
     return [
         "## Over seeds",
         "",

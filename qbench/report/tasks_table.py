@@ -18,13 +18,12 @@ from typing import Any
 from tabulate import tabulate
 
 from qbench.eval.tasks import zero_shot_average
+from qbench.files import save_figure, write_json_atomic
 from qbench.plan import Cell
 from qbench.recipe import Recipe
-from qbench.store import write_json_atomic
-
-Result = dict[str, Any] | None
-MISSING = "missing"
-
+from qbench.record import MISSING, Record, ResultsTable, TaskScore
+from qbench.report.bootstrap import Interval
+from qbench.report.intervals import NO_INTERVAL, task_intervals
 
 # ---------------------------------------------------------------- aggregates
 
@@ -33,25 +32,18 @@ def task_names(recipe: Recipe) -> list[str]:
     return [t.name for t in recipe.eval.tasks]
 
 
-def task_entry(result: Result, task: str) -> dict[str, Any] | None:
-    """{metric, value, stderr, higher_is_better} of one task in one result, or None."""
-    entry = ((result or {}).get("metrics") or {}).get("tasks", {}).get(task)
-    return entry if entry and entry.get("value") is not None else None
+def task_entry(record: Record | None, task: str) -> TaskScore | None:
+    """The headline {metric, value, stderr, higher_is_better} of one task, or None."""
+    entry = record.metric_entry(f"tasks.{task}") if record is not None else None
+    return entry if isinstance(entry, TaskScore) and entry.value is not None else None
 
 
-def cell_average(result: Result, tasks: list[str]) -> float | None:
-    """The average over `tasks`, recomputed from the result; None if any task is missing."""
-    if result is None:
+def cell_average(record: Record | None, tasks: list[str]) -> float | None:
+    """The average over `tasks`, recomputed from the record; None if any task is missing."""
+    if record is None or record.metrics is None:
         return None
-    return zero_shot_average((result.get("metrics") or {}).get("tasks", {}), tasks)
-
-
-def fp_cell(cells: list[Cell], cell: Cell) -> Cell | None:
-    """The unquantized cell of `cell`'s checkpoint."""
-    return next(
-        (c for c in cells if c.quantizer is None and c.checkpoint.name == cell.checkpoint.name),
-        None,
-    )
+    headlines = {n: s.model_dump() for n, s in (record.metrics.tasks or {}).items()}
+    return zero_shot_average(headlines, tasks)
 
 
 def delta(value: float | None, base: float | None) -> float | None:
@@ -62,47 +54,53 @@ def recovery(value: float | None, base: float | None) -> float | None:
     return None if value is None or base is None or base == 0 else value / base
 
 
-def perplexity_of(result: Result, column: str) -> float | None:
-    return ((result or {}).get("metrics") or {}).get("perplexity", {}).get(column)
-
-
-def summary(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[dict[str, Any]]:
-    """One record per cell: task values, average, delta and recovery against its own fp."""
+def summary(recipe: Recipe, table: ResultsTable) -> list[dict[str, Any]]:
+    """One entry per cell: task values, average, delta and recovery against its own fp."""
     tasks = task_names(recipe)
-    records = []
-    for cell in cells:
-        result = results.get(cell.key)
-        fp = fp_cell(cells, cell)
-        fp_result = results.get(fp.key) if fp is not None else None
-        average, base = cell_average(result, tasks), cell_average(fp_result, tasks)
-        records.append(
+    entries = []
+    for cell in table.cells:
+        record = table.finished(cell)
+        fp = table.fp(cell)
+        fp_record = table.finished(fp) if fp is not None else None
+        average, base = cell_average(record, tasks), cell_average(fp_record, tasks)
+        intervals = (
+            task_intervals(record, fp_record, tasks, recipe.report.bootstrap)
+            if cell.quantizer and record and fp_record
+            else {}
+        )
+        entries.append(
             {
                 "checkpoint": cell.checkpoint.name,
                 "quantizer": cell.quantizer_name,
                 "precision": _precision(cell),
                 "key": cell.key,
-                "has_result": result is not None,
+                "has_result": record is not None,
                 "tasks": {
-                    t: _task_record(task_entry(result, t), task_entry(fp_result, t)) for t in tasks
+                    t: _task_record(task_entry(record, t), task_entry(fp_record, t))
+                    | {"delta_interval": _as_dict(intervals.get(t))}
+                    for t in tasks
                 },
                 "average": average,
                 "fp_average": base,
                 "delta": delta(average, base) if cell.quantizer else None,
+                "delta_interval": _as_dict(intervals.get("average")),
                 "recovery": recovery(average, base) if cell.quantizer else None,
                 "perplexity": {
-                    s.column: perplexity_of(result, s.column) for s in recipe.eval.perplexity
+                    s.column: table.value(cell, f"perplexity.{s.column}")
+                    for s in recipe.eval.perplexity
                 },
             }
         )
-    return records
+    return entries
 
 
-def _task_record(entry: dict[str, Any] | None, fp: dict[str, Any] | None) -> dict[str, Any]:
-    value, base = (entry or {}).get("value"), (fp or {}).get("value")
+def _task_record(entry: TaskScore | None, fp: TaskScore | None) -> dict[str, Any]:
+    value = entry.value if entry is not None else None
+    base = fp.value if fp is not None else None
     return {
-        "metric": (entry or fp or {}).get("metric"),
+        "metric": (entry or fp).metric if (entry or fp) is not None else None,
         "value": value,
-        "stderr": (entry or {}).get("stderr"),
+        "stderr": entry.stderr if entry is not None else None,
         "delta": delta(value, base),
         "recovery": recovery(value, base),
     }
@@ -152,11 +150,11 @@ def _best(values: dict[str, float | None], higher: bool) -> str | None:
     return max(scored)[1] if len(scored) >= 2 else None
 
 
-def tasks_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+def tasks_section(recipe: Recipe, table: ResultsTable) -> list[str]:
     """Markdown lines: blocks by precision, then per-task tables; [] without tasks."""
     if not recipe.eval.tasks:
         return []
-    records = {(r["checkpoint"], r["quantizer"]): r for r in summary(recipe, cells, results)}
+    records = {(r["checkpoint"], r["quantizer"]): r for r in summary(recipe, table)}
     columns = [s.column for s in recipe.eval.perplexity]
     methods = {q.name: f"{q.method}" for q in recipe.quantizers} | {"fp": "unquantized"}
     headers = ["precision", "quantizer", "method"]
@@ -195,7 +193,7 @@ def tasks_section(recipe: Recipe, cells: list[Cell], results: dict[str, Result])
         "",
         tabulate(rows, headers, tablefmt="github", disable_numparse=True),
         "",
-        *_notes(recipe, cells, results),
+        *_notes(recipe, table),
         "",
     ]
     for checkpoint in recipe.checkpoints:
@@ -232,7 +230,7 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
             if name == "fp":
                 row += ["", ""]
             else:
-                row.append(_show(None if r["delta"] is None else f"{100 * r['delta']:+.1f}"))
+                row.append(_show(_delta_text(r["delta"], r["delta_interval"])))
                 row.append(_show(None if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"))
             rows.append(row)
     return [
@@ -243,12 +241,26 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
     ]
 
 
-def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> list[str]:
+def _as_dict(interval: Interval | None) -> dict[str, float] | None:
+    return interval.as_dict() if interval else None
+
+
+def _delta_text(value: float | None, interval: dict[str, float] | None) -> str | None:
+    """Points, with the paired bootstrap interval of the average's Δ where there is one."""
+    if value is None:
+        return None
+    if interval is None:
+        return f"{100 * value:+.1f} {NO_INTERVAL}"
+    return Interval(**interval | {"estimate": value}).format("{:.1f}", signed=True, scale=100)
+
+
+def _notes(recipe: Recipe, table: ResultsTable) -> list[str]:
     options = recipe.eval.task_options
     sources: dict[str, str] = {}
-    for cell in cells:
-        details = ((results.get(cell.key) or {}).get("details") or {}).get("tasks", {})
-        for name, run in details.items():
+    for cell in table.cells:
+        record = table.finished(cell)
+        details = record.details if record is not None else None
+        for name, run in ((details.tasks if details is not None else None) or {}).items():
             sources.setdefault(name, run.get("source", "?"))
     described = []
     for spec in recipe.eval.tasks:
@@ -265,7 +277,11 @@ def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> lis
         "over the recipe's tasks; recovery = quantized avg / fp avg and Δ = quantized − fp "
         "(points), both against the same checkpoint unquantized. The best value of each "
         "precision block is in bold. `missing` = no result (never counted as 0); an average "
-        "with a missing task is missing.",
+        "with a missing task is missing. Δ avg [brackets]: the "
+        f"{recipe.report.bootstrap.confidence:.0%} interval of a paired bootstrap over "
+        "documents, each task's documents drawn within it, both cells scored on the same "
+        f"draws ({recipe.report.bootstrap.iterations} resamples); `{NO_INTERVAL}`: a record "
+        "has no per-document scores (written before qbench kept them).",
         "",
         "Tasks: " + "; ".join(described) + ". Sources: local = lm-eval's prompts and metrics "
         "on the release files in QBENCH_DATA_DIR; lm-eval = lm-eval's own task and dataset; "
@@ -276,13 +292,11 @@ def _notes(recipe: Recipe, cells: list[Cell], results: dict[str, Result]) -> lis
 # ---------------------------------------------------------------- files
 
 
-def write_task_outputs(
-    recipe: Recipe, cells: list[Cell], results: dict[str, Result], folder: Path
-) -> list[Path]:
+def write_task_outputs(recipe: Recipe, table: ResultsTable, folder: Path) -> list[Path]:
     """results/<recipe>/tasks.json and plots/recovery.png; nothing without tasks."""
     if not recipe.eval.tasks:
         return []
-    records = summary(recipe, cells, results)
+    records = summary(recipe, table)
     path = folder / "tasks.json"
     write_json_atomic(path, {"recipe": recipe.name, "cells": records})
     return [path, write_recovery_plot(recipe, records, folder / "plots")]
@@ -323,7 +337,4 @@ def write_recovery_plot(recipe: Recipe, records: list[dict[str, Any]], folder: P
     if quantizers:
         axes.legend(fontsize="small")
     axes.grid(axis="y", alpha=0.3)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recovery.png"
-    figure.savefig(path, dpi=100)
-    return path
+    return save_figure(figure, folder / "recovery.png")

@@ -1,0 +1,110 @@
+"""AWQ: the scale search against a direct implementation of the reference's loop on one block,
+scaling is lossless, the clip search against a brute-force search, and AWQ + RTN beats RTN."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import family_model
+from torch import nn
+
+from qbench.quant.awq import awq, search_clip
+from qbench.quant.inventory import linear_conv1d
+from qbench.quant.spec import WeightQuant, fake_quant
+
+W4G16 = WeightQuant(bits=4, group=16)
+IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.double()
+
+
+def _direct_mlp_scales(model: nn.Module, grid: int = 20) -> torch.Tensor:
+    """The reference's auto_scale for block 0's post_attention_layernorm -> gate, up, written
+    out on Llama's modules: x the norm's output, the MLP's output the inspected error."""
+    block = model.model.layers[0]
+    seen = []
+    handle = block.post_attention_layernorm.register_forward_hook(lambda m, a, y: seen.append(y))
+    with torch.no_grad():
+        model(input_ids=IDS)
+    handle.remove()
+    x = seen[0]
+    mlp = block.mlp
+    with torch.no_grad():
+        reference = mlp(x)
+        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+        originals = [mlp.gate_proj.weight.clone(), mlp.up_proj.weight.clone()]
+        best, best_error = None, float("inf")
+        for step in range(grid):
+            scales = x_mean.pow(step / grid).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            for linear, w in zip((mlp.gate_proj, mlp.up_proj), originals, strict=True):
+                linear.weight.copy_(fake_quant(w * scales, W4G16) / scales)
+            error = (mlp(x) - reference).pow(2).mean().item()
+            if error < best_error:
+                best, best_error = scales, error
+        for linear, w in zip((mlp.gate_proj, mlp.up_proj), originals, strict=True):
+            linear.weight.copy_(w)
+    return best
+
+
+def test_mlp_scales_equal_the_reference_loop_on_one_block():
+    model = family_model("llama")
+    expected = _direct_mlp_scales(copy.deepcopy(model))
+    norm = model.model.layers[0].post_attention_layernorm.weight.detach().clone()
+    awq(model, IDS, batch_size=4, weights=W4G16, clip=False)
+    found = norm / model.model.layers[0].post_attention_layernorm.weight.detach()
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe", "gemma2", "opt", "gpt2", "phi"])
+def test_scaling_without_clip_is_lossless(family):
+    model = family_model(family)
+    linear_conv1d(model)
+    before = _logits(model)
+    awq(model, IDS, batch_size=2, weights=W4G16, clip=False)
+    after = _logits(model)
+    assert float((after - before).norm() / before.norm()) < 1e-5
+
+
+def test_clip_search_equals_a_brute_force_search():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 32, generator=generator)
+    weight[0, 3] = 8.0  # an outlier worth clipping
+    x = torch.randn(40, 32, generator=generator)
+    found = search_clip(weight, x, W4G16, grid=20, max_shrink=0.5)
+    for row in range(6):
+        for group in range(2):
+            w, xs = weight[row, group * 16 : (group + 1) * 16], x[:, group * 16 : (group + 1) * 16]
+            top = w.abs().max()
+            errors = []
+            for step in range(10):
+                kept = top * (1 - step / 20)
+                q = fake_quant(w.clamp(-kept, kept)[None], W4G16)[0]
+                errors.append(((xs @ q - xs @ w) ** 2).mean().item())
+            best = top * (1 - min(range(10), key=errors.__getitem__) / 20)
+            assert found[row, group, 0] == pytest.approx(float(best), rel=1e-6)
+
+
+def test_awq_then_rtn_loses_less_than_rtn_at_w3():
+    """On a model with a planted massive channel, AWQ's scaling and clipping before RTN W3 g16
+    keep the logits closer to fp than RTN alone."""
+    fp = _logits(family_model("llama"))
+    w3 = WeightQuant(bits=3, group=16)
+
+    def rounded(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and name != "lm_head":
+                    module.weight.copy_(fake_quant(module.weight, w3))
+        return _logits(model)
+
+    rtn = rounded(family_model("llama"))
+    scaled = family_model("llama")
+    awq(scaled, IDS, batch_size=4, weights=w3)
+    error = {name: float((x - fp).norm()) for name, x in (("rtn", rtn), ("awq", rounded(scaled)))}
+    assert error["awq"] < 0.9 * error["rtn"], error
