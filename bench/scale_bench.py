@@ -1,10 +1,12 @@
 """Scaling benchmarks, measured in one run (figures, not assertions):
 
 1. depth: GPTQ and SmoothQuant calibration time on random Llamas of 4, 8 and 16 decoder
-   blocks (same width, same calibration text), with the number of decoder-block forwards
-   each method runs (counted by hooks: one per block and calibration batch) and the ratios
-   16 / 4 of both. Linear in depth gives 4; GPTQ, which calibrates block i by running blocks
-   0..i from the embeddings, gives 16*17 / (4*5) = 13.6 block forwards.
+   blocks (same width, same calibration text), with the number of decoder-block forward calls
+   each method makes (counted by hooks: one per block and calibration batch, the capture pass
+   that stops at the last block included) and the ratios 16 / 4 of both. Linear in depth
+   gives 4: both calibrate block by block on cached inputs (qbench.quant.blockwise); GPTQ
+   calibrating block i by running blocks 0..i from the embeddings would give 16*17 / (4*5) =
+   13.6 block forwards.
 2. block: time of each method on one 7B-shaped decoder block (Llama-2-7B: hidden 4096, MLP
    11008, 32 heads) on this machine, and an estimate for a 32-block model: 32 x its time on
    one block (its own calibration forwards and hooks, rounding, transforms) + the forwards it
@@ -35,7 +37,7 @@ from qbench.checkpoints.load import device
 from qbench.checkpoints.train import PRESETS, train_tokenizer
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.data.sources import embedded_rows
-from qbench.quant import METHODS, quantize_
+from qbench.quant import quantize_, quantizer
 
 REPEATS, REPEAT_BUDGET_S = 3, 30.0
 
@@ -55,6 +57,11 @@ def methods(calibration: dict) -> dict[str, dict]:
             "calibration": calibration,
             "weights": {"bits": 8},
             "activations": {"bits": 8},
+        },
+        "awq w4a16 g128": {
+            "method": "awq",
+            "calibration": calibration,
+            "weights": {"bits": 4, "group": 128},
         },
         "rotation w4a4": {"method": "rotation", **w4a4},
         "gptq w4a16": {"method": "gptq", "calibration": calibration, "weights": {"bits": 4}},
@@ -120,7 +127,7 @@ def quantize(
     """(seconds, block forwards) of quantizing a copy of `model` with `config`: the fastest of
     up to REPEATS runs, repeated while they took less than REPEAT_BUDGET_S together (short
     runs are the ones that load from other processes distorts)."""
-    spec = METHODS.get(config["method"]).model_validate({"name": name.replace(" ", "-"), **config})
+    spec = quantizer(name=name.replace(" ", "-").replace("+", "and"), **config)
     runs: list[tuple[float, Forwards]] = []
     while len(runs) < REPEATS and sum(t for t, _ in runs) < REPEAT_BUDGET_S:
         work = copy.deepcopy(model)

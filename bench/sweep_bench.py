@@ -3,8 +3,9 @@
 1. Peak memory of a local sweep of N = 1, 4, 8 quantizers of one checkpoint against the fp
    model's size: each sweep runs in a fresh process and reports its peak RSS above the RSS
    it had before the sweep (imports done), and the CUDA peak when a GPU is there. N = 0 (the
-   fp cell alone: loading and evaluating) shows what loading itself costs. With one pristine
-   copy and one working copy per cell, the peak should not grow with N.
+   fp cell alone: loading and evaluating) shows what loading itself costs. Cells quantize the
+   loaded model in place and the worker restores it from a file (qbench.quant.restore), so the
+   peak should stay near one model whatever N (the goal: 1.3x the fp model).
 2. Wall time of one sweep of 8 cells with the local executor and with the Ray executor on a
    local Ray instance (all CPUs here), with Ray's start-up time shown apart.
 3. With --recipe: the peak memory of that recipe's sweep (run in a fresh process into
@@ -158,7 +159,7 @@ def adapted(recipe: Path, out: Path, scale_down: bool) -> Path:
     data = yaml.safe_load(recipe.read_text())
     kept = []
     for quantizer in data.get("quantizers", []):
-        missing = missing_library(quantizer["method"])
+        missing = missing_library(quantizer)
         if missing:
             print(f"skipped quantizer {quantizer['name']}: {missing} is not installed")
         else:
@@ -172,13 +173,14 @@ def adapted(recipe: Path, out: Path, scale_down: bool) -> Path:
     return target
 
 
-def missing_library(method: str) -> str | None:
-    """The distribution a library-backed method needs, when it is not installed."""
+def missing_library(quantizer: dict) -> str | None:
+    """The distribution a library-backed quantizer (recipe fields) needs, when it is not
+    installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from qbench.quant import METHODS
+    from qbench.quant import quantizer as validated
 
-    package = getattr(METHODS.get(method), "PACKAGE", None)  # LibraryConfig's
+    package = getattr(validated(**quantizer).rounding, "PACKAGE", None)  # LibraryStep's
     if package is None:
         return None
     try:

@@ -29,6 +29,8 @@ METHODS = """
      kv: {bits: 4}}
   - {name: gptq-w4, method: gptq, weights: {bits: 4}, calibration: {data: embedded, sequences: 8,
      seq_len: 128}}
+  - {name: awq-w4, method: awq, weights: {bits: 4, group: 32}, calibration: {data: embedded,
+     sequences: 8, seq_len: 128}}
   - {name: kv4, method: rtn, kv: {bits: 4}}
   - {name: bnb-int8, method: bitsandbytes, scheme: int8}
   - {name: bnb-nf4, method: bitsandbytes, scheme: nf4}
@@ -58,7 +60,7 @@ def test_every_method_runs_on_cuda_as_on_the_cpu(tmp_path, monkeypatch):
     cuda = _perplexities(tmp_path, "cuda", checkpoint, METHODS)
     monkeypatch.setattr(load, "device", lambda: torch.device("cpu"))
     cpu = _perplexities(tmp_path, "cpu", checkpoint, METHODS)
-    assert set(cuda) == set(cpu) and len(cuda) == 9
+    assert set(cuda) == set(cpu) and len(cuda) == 10
     for name, record in cuda.items():
         assert record["device"].startswith("cuda") and cpu[name]["device"] == "cpu"
         on_gpu, on_cpu = (r["metrics"]["perplexity"]["embedded"] for r in (record, cpu[name]))

@@ -31,7 +31,7 @@ def test_gpu_check_recipe_covers_every_method_on_the_qwen3_shape(in_repo):
     recipe = load_recipe(GPU_CHECK)
     cells = plan(recipe, GPU_CHECK)
     assert {q.method for q in recipe.quantizers} == {
-        "rtn", "smoothquant", "rotation", "gptq", "bitsandbytes", "quanto"
+        "rtn", "smoothquant", "awq", "rotation", "gptq", "bitsandbytes", "quanto"
     }  # fmt: skip
     assert any(q.kv is not None and not q.quantizes_linears for q in recipe.quantizers)
     assert recipe.eval.tasks and recipe.eval.perplexity[0].data == "wikitext2"
@@ -54,7 +54,9 @@ def test_the_scaled_down_copy_plans_at_cpu_size(in_repo, tmp_path):
 
 def test_a_missing_library_drops_its_quantizers_with_a_line(in_repo, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
-        sweep_bench, "missing_library", lambda m: "bitsandbytes" if m == "bitsandbytes" else None
+        sweep_bench,
+        "missing_library",
+        lambda q: "bitsandbytes" if q["method"] == "bitsandbytes" else None,
     )
     recipe = load_recipe(sweep_bench.adapted(GPU_CHECK, tmp_path, scale_down=False))
     assert "bitsandbytes" not in {q.method for q in recipe.quantizers}
