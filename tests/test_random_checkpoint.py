@@ -46,6 +46,10 @@ def test_built_once_and_keyed_by_seed(monkeypatch):
     assert checkpoint_identity(spec(massive_channel={"dim": 1, "scale": 2})) != checkpoint_identity(
         spec()
     )
+    before = checkpoint_identity(spec())
+    assert before.random is not None and before.model_dump() == {"random": before.random}
+    monkeypatch.setattr(random_source, "library_versions", lambda: {"transformers": "0.0"})
+    assert checkpoint_identity(spec()) != before
 
 
 def test_massive_channel_scales_one_embedding_column_and_shows_as_the_top_dim():
