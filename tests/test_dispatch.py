@@ -16,7 +16,9 @@ from qbench.checkpoints.dispatch import (
     offloaded_modules,
 )
 from qbench.checkpoints.load import load_checkpoint
+from qbench.eval.diagnostics import layer_sqnr
 from qbench.plan import plan
+from qbench.quant import quantizer
 from qbench.recipe import RecipeError, load_recipe
 from qbench.record import FAILED, OK
 from qbench.runner import Worker
@@ -50,6 +52,7 @@ def _recipe(tmp_path, device_map: str, quantizers: str = "[]"):
         "eval:\n  perplexity: [{data: embedded, seq_len: 128, max_windows: 6}]\n"
         "  tasks: [{name: embedded_mc, limit: 12}]\n"
         "  task_options: {batch_size: 4, bootstrap_iters: 0}\n"
+        "  diagnostics: {samples: 2, seq_len: 64}\n"
     )
     path = write_recipe(tmp_path / "d.yaml", text)
     return load_recipe(path), plan(load_recipe(path), path)
@@ -73,6 +76,11 @@ def test_half_the_blocks_on_disk_give_the_whole_models_numbers(tmp_path):
     for metric in ("acc", "acc_norm"):
         assert tasks_dispatched["metrics"][metric] == tasks["metrics"][metric]
     assert whole.device == "cpu" and dispatched.device == "device_map: cpu, disk"
+    figures = whole.metrics.diagnostics  # offloaded weights' kurtosis read through their hooks
+    assert figures["max_weight_kurtosis"] is not None
+    for name, value in dispatched.metrics.diagnostics.items():
+        expected = figures[name]
+        assert value == (pytest.approx(expected, rel=RELATIVE_TOLERANCE) if expected else expected)
 
 
 def test_offloaded_modules_hold_no_weights_and_inputs_go_to_the_execution_device(tmp_path):
@@ -84,6 +92,18 @@ def test_offloaded_modules_hold_no_weights_and_inputs_go_to_the_execution_device
     assert model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "cpu"
     assert model.device.type == "meta" and input_device(model) == torch.device("cpu")
+
+
+def test_sqnr_of_offloaded_linears_equals_the_whole_models(tmp_path):
+    """qbench probe --quantizer on a dispatched checkpoint: each offloaded linear's weight is
+    loaded by its hook while its rounded output is computed."""
+    _, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK))
+    (whole, _), (dispatched, _) = (load_checkpoint(c.checkpoint, progress=False) for c in cells)
+    w4a8 = quantizer(name="w4a8", method="rtn", weights={"bits": 4}, activations={"bits": 8})
+    ids = torch.randint(0, 600, (2, 32), generator=torch.Generator().manual_seed(0))
+    expected, found = (layer_sqnr(m, ids, w4a8) for m in (whole, dispatched))
+    assert len(found) == 7 * LAYERS and "model.layers.3.mlp.down_proj" in found
+    assert found == pytest.approx(expected, rel=RELATIVE_TOLERANCE)
 
 
 def test_a_quantized_cell_on_an_offloading_map_is_refused_at_plan_time(tmp_path):

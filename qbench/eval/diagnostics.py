@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -104,7 +105,7 @@ def diagnose(
     per_linear = {
         name: {
             "input_kurtosis": inputs.get(name),
-            "weight_kurtosis": kurtosis(m.weight),
+            "weight_kurtosis": _weight_kurtosis(m),
             "sqnr_db": sqnr.get(name),
         }
         for name, m in linears.items()
@@ -180,13 +181,14 @@ def layer_sqnr(
 
 def _rounded_output(linear: nn.Linear, quantizer: QuantizerConfig, x: Tensor) -> Tensor:
     """The linear's output with the quantizer's weight and activation formats (round to
-    nearest; None means float)."""
-    weight = linear.weight
-    if quantizer.weights is not None:
-        weight = fake_quant(weight, quantizer.weights)
+    nearest; None means float); an offloaded linear's weight loaded by its hook meanwhile."""
     if quantizer.activations is not None:
         x = fake_quant(x, quantizer.activations)
-    return F.linear(x, weight, linear.bias)
+    with align_module_device(linear):
+        weight = linear.weight
+        if quantizer.weights is not None:
+            weight = fake_quant(weight, quantizer.weights)
+        return F.linear(x, weight, linear.bias)
 
 
 def _summary(
@@ -236,6 +238,13 @@ def _spike(x: Tensor, y: Tensor) -> dict[str, Any]:
         "output": outputs[:, row].max().item(),
         "position": int(inputs[:, column].argmax()) % x.shape[-2],
     }
+
+
+def _weight_kurtosis(linear: nn.Module) -> float:
+    """The kurtosis of the linear's weight; an offloaded one (accelerate's cpu / disk offload,
+    a meta placeholder between forwards) is loaded by its hook meanwhile."""
+    with align_module_device(linear):
+        return kurtosis(linear.weight)
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
