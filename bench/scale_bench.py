@@ -16,7 +16,7 @@
 Each time is the fastest of up to 3 runs, repeated while they took under 30 s together.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/scale_bench.py [--only depth|block]
-        [--width 256] [--sequences 16 --seq-len 128]
+        [--width 256] [--sequences 16 --seq-len 128] [--methods "gptq w4a16" ...]
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks
     rows = []
     for name, config in methods(calibration).items():
+        if args.methods and name not in args.methods:
+            continue
         elapsed, forwards = quantize(model, name, config, tokenizer)
         passes_32 = quantize(narrow, name, config, tokenizer)[1].count
         extra = passes_32 - 32 * forwards.count  # forwards through the blocks before block i
@@ -200,6 +202,9 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["depth", "block"], help="one of the two parts")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(methods({})), help="block: only these methods"
+    )
     parser.add_argument("--width", type=int, default=256, help="hidden size of the depth models")
     parser.add_argument("--sequences", type=int, default=16, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
