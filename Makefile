@@ -4,7 +4,7 @@ VENV ?= .venv
 RECIPE ?= recipes/default.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install bench report smoke test lint clean
+.PHONY: install bench report smoke test lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -30,9 +30,15 @@ test: install
 	$(BIN)/ruff format --check qbench tests bench
 	$(BIN)/pytest
 
+# The GPU check (bench/gpu_check.sh): tests on CUDA, fast-path comparisons, bench/gpu_suite.sh;
+# on a machine without CUDA, the CPU parts and one "skipped" line per CUDA-only part.
+GPU_OUT ?= .gpu-check
+gpu-check: install
+	PYTHON=$(BIN)/python bench/gpu_check.sh $(GPU_OUT)
+
 lint: install
 	$(BIN)/ruff check qbench tests bench
 	$(BIN)/ruff format --check qbench tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .gpu-check

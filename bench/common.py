@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.load import device, load_checkpoint
+from qbench.checkpoints.load import DTYPES, device, load_checkpoint
+from qbench.checkpoints.train import PRESETS, train_tokenizer
+from qbench.data.sources import embedded_rows
 from qbench.quant.fused import MODE_VARIABLE
 from qbench.recipe import CheckpointSpec
 
@@ -26,13 +28,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "with the tiny preset's tokenizer, e.g. 512 (about 27M parameters with 8 layers)",
     )
     parser.add_argument("--layers", type=int, default=8, help="layers of --random-width")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype")
 
 
 def load_model(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model the arguments name, in eval mode on the default device (CUDA if any)."""
-    spec = {"path": args.path} if args.path else {"train": {"preset": "tiny"}}
-    model, tokenizer = load_checkpoint(CheckpointSpec(name="bench", **spec), progress=False)
     if args.random_width:
+        # the tiny preset's tokenizer (the same training run), without training the model
+        tokenizer = train_tokenizer(embedded_rows("train"), PRESETS.get("tiny").vocab_size)
         width = args.random_width
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -44,8 +47,11 @@ def load_model(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTok
             max_position_embeddings=2048,
         )
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device()).eval()
-    return model, tokenizer
+        model = LlamaForCausalLM(config).to(device(), DTYPES[args.dtype]).eval()
+        return model, tokenizer
+    spec = {"path": args.path} if args.path else {"train": {"preset": "tiny"}}
+    checkpoint = CheckpointSpec(name="bench", dtype=args.dtype, **spec)
+    return load_checkpoint(checkpoint, progress=False)
 
 
 def describe(model: PreTrainedModel) -> str:

@@ -11,6 +11,7 @@ Prints:
    x alone, eager vs compiled (the fused kernel), and the whole layer vs its fp matmul.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/quant_bench.py [--random-width 512] [--repeats 5]
+        [--dtype bfloat16] [--only quantization forward layer] [--formats int4 nvfp4 ...]
 
 Without a GPU everything runs on the CPU; with one, on CUDA (same script).
 """
@@ -54,6 +55,9 @@ FORMATS = {
     "mxfp4": {"format": "mxfp4"},
     "nvfp4": {"format": "nvfp4"},
 }
+
+
+TABLES = ["quantization", "forward", "layer"]
 
 
 def methods(sequences: int) -> dict[str, dict]:
@@ -118,10 +122,15 @@ def quantized(model: nn.Module, config: dict, tokenizer: object) -> tuple[nn.Mod
 
 
 def quantization_table(model: nn.Module, tokenizer: object, sequences: int, size: int) -> None:
+    """A method that raises gets its error in its row; the others are still measured."""
     rows = []
     for name, config in methods(sequences).items():
-        with PeakMemory() as memory:
-            _, elapsed = quantized(model, config, tokenizer)
+        try:
+            with PeakMemory() as memory:
+                _, elapsed = quantized(model, config, tokenizer)
+        except Exception as error:  # a benchmark reports a broken method, it does not stop
+            rows.append([name, f"FAILED: {type(error).__name__}: {str(error)[:120]}", "-", "-"])
+            continue
         rows.append(
             [name, f"{elapsed:.2f}", f"{memory.extra / 2**20:.1f}", f"{memory.extra / size:.2f}"]
         )
@@ -130,10 +139,11 @@ def quantization_table(model: nn.Module, tokenizer: object, sequences: int, size
 
 
 @torch.no_grad()
-def forward_table(model: nn.Module, ids: torch.Tensor, repeats: int) -> None:
+def forward_table(model: nn.Module, ids: torch.Tensor, repeats: int, formats: list[str]) -> None:
     """Per format: fp, reference and fast forward times, measured round by round."""
     rows = []
-    for name, fmt in FORMATS.items():
+    for name in formats:
+        fmt = FORMATS[name]
         fake, _ = quantized(model, {"method": "rtn", "weights": fmt, "activations": fmt}, None)
         graphs = counters["stats"]["unique_graphs"]
         with fast_quant("1"):
@@ -171,15 +181,22 @@ def forward_table(model: nn.Module, ids: torch.Tensor, repeats: int) -> None:
 
 
 @torch.no_grad()
-def layer_table(config: object, tokens: int, repeats: int, device: torch.device) -> None:
+def layer_table(
+    config: object,
+    tokens: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    formats: list[str],
+) -> None:
     """One linear layer: fake-quant of its input alone and the whole layer, per format."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, config.hidden_size, generator=generator).to(device)
+    x = torch.randn(tokens, config.hidden_size, generator=generator).to(device, dtype)
     weight = torch.randn(config.intermediate_size, config.hidden_size, generator=generator)
-    weight = weight.to(device) / config.hidden_size**0.5
+    weight = (weight / config.hidden_size**0.5).to(device, dtype)
     rows = []
-    for name, fmt in FORMATS.items():
-        spec = ActivationQuant.model_validate(fmt)
+    for name in formats:
+        spec = ActivationQuant.model_validate(FORMATS[name])
         kernel = torch.compile(functools.partial(fake_quant, spec=spec), dynamic=False)
         kernel(x)  # compiles
         fused.quantized_linear(x, weight, None, spec)  # compiles
@@ -222,16 +239,23 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per format")
     parser.add_argument("--batch", type=int, nargs=2, default=[8, 128], metavar=("N", "LEN"))
+    parser.add_argument(
+        "--only", nargs="+", choices=TABLES, default=TABLES, help="the tables to measure"
+    )
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     args = parser.parse_args()
     model, tokenizer = load_model(args)
     size = model_bytes(model)
     print(f"{describe(model)}; {size / 2**20:.1f} MiB fp")
-    quantization_table(model, tokenizer, args.sequences, size)
+    if "quantization" in args.only:
+        quantization_table(model, tokenizer, args.sequences, size)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, args.batch, generator=generator)
     device = next(model.parameters()).device
-    forward_table(model, ids.to(device), args.repeats)
-    layer_table(model.config, ids.numel(), args.repeats, device)
+    if "forward" in args.only:
+        forward_table(model, ids.to(device), args.repeats, args.formats)
+    if "layer" in args.only:
+        layer_table(model.config, ids.numel(), args.repeats, device, model.dtype, args.formats)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qbench.registry import did_you_mean
+
+# torch.manual_seed's range: a seed outside it fails at load, not in every cell.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class StrictModel(BaseModel):

@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from qbench.checkpoints.load import CheckpointIdentity, checkpoint_config, checkpoint_identity
+from qbench.checkpoints.dispatch import check_module_map, offload_refusal
+from qbench.checkpoints.load import (
+    CheckpointIdentity,
+    checkpoint_config,
+    checkpoint_dtype,
+    checkpoint_identity,
+)
 from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
@@ -70,7 +77,14 @@ class Cell:
         """What the loaded model depends on: cells with equal load keys share one load."""
         spec = self.checkpoint
         return json.dumps(
-            [self.identity.model_dump(), spec.dtype, spec.trust_remote_code], sort_keys=True
+            [
+                self.identity.model_dump(),
+                spec.dtype,
+                spec.trust_remote_code,
+                spec.device_map,
+                spec.offload_folder,
+            ],
+            sort_keys=True,
         )
 
     @property
@@ -106,8 +120,11 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         identity = _at(source, where, lambda c=checkpoint: checkpoint_identity(c))
         commit = identity.commit
         config = _at(source, where, lambda c=checkpoint, h=commit: checkpoint_config(c, h))
+        skeleton = _skeleton(source, where, checkpoint, config)
+        checkpoint = _resolved(source, i, checkpoint, config, skeleton)
         _check_context(recipe, source, checkpoint, config)
-        found = inventory(_skeleton(source, where, checkpoint, config))
+        found = inventory(skeleton)
+        offloaded = offload_refusal(checkpoint.device_map)
         fp_key = None
         for index, quantizer in enumerate([None, *recipe.quantizers]):
             determinants = {
@@ -118,6 +135,8 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
                 "seed": recipe.seed,
                 "versions": versions | (quantizer.versions() if quantizer else {}),
             }
+            if checkpoint.device_map is not None:  # undispatched checkpoints keep their keys
+                determinants["device_map"] = checkpoint.device_map
             if tasks:  # recipes without tasks keep their keys
                 determinants["tasks"] = tasks
             if recipe.eval.diagnostics is not None:
@@ -125,11 +144,29 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             blob = json.dumps(determinants, sort_keys=True).encode()
             key = hashlib.sha256(blob).hexdigest()
             fp_key = fp_key or key
-            refusal = quantizer and refusal_of(quantizer, index - 1, checkpoint, config, found)
+            refusal = quantizer and (
+                _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
+                or refusal_of(quantizer, index - 1, checkpoint, config, found)
+            )
             cells.append(
                 Cell(recipe.name, checkpoint, quantizer, key, identity, refusal or None, fp_key)
             )
     return cells
+
+
+def _resolved(
+    source: Path, i: int, checkpoint: CheckpointSpec, config: PretrainedConfig, skeleton: nn.Module
+) -> CheckpointSpec:
+    """The checkpoint with `dtype: auto` resolved from its config (so cells, keys and labels
+    name the dtype it loads in), its module device_map checked against the model's modules."""
+    if isinstance(checkpoint.device_map, dict):
+        _at(
+            source,
+            f"checkpoints[{i}].device_map",
+            lambda: check_module_map(checkpoint.device_map, skeleton),
+        )
+    dtype = _at(source, f"checkpoints[{i}].dtype", lambda: checkpoint_dtype(checkpoint, config))
+    return checkpoint.model_copy(update={"dtype": dtype})
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -191,6 +228,23 @@ def _skeleton(
         ) from None
     linear_conv1d(skeleton)
     return skeleton
+
+
+def _offload_refusal(
+    quantizer: QuantizerConfig,
+    index: int,
+    i: int,
+    checkpoint: CheckpointSpec,
+    offloaded: str | None,
+) -> str | None:
+    """The refusal of `quantizer` (recipe entry `index`) on checkpoint `i`, whose device_map
+    offloads modules (`offloaded`: dispatch.offload_refusal's reason), else None."""
+    if offloaded is None:
+        return None
+    return (
+        f"quantizers[{index}] '{quantizer.name}' on checkpoint '{checkpoint.name}': "
+        f"checkpoints[{i}].device_map {offloaded}"
+    )
 
 
 def refusal_of(

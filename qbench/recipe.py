@@ -29,8 +29,9 @@ from pydantic import (
 )
 
 from qbench.checkpoints.model import variant_options
+from qbench.checkpoints.random import RandomSpec
 from qbench.checkpoints.train import PRESETS
-from qbench.config import StrictModel
+from qbench.config import Seed, StrictModel
 from qbench.data.external import resolve_path
 from qbench.data.sources import (
     TEXT_SOURCES,
@@ -61,8 +62,6 @@ MAX_NODES = 20_000
 MAX_ALIASES = 256
 MAX_MERGE_KEYS = 256
 
-# torch.manual_seed's range: a seed outside it fails at load, not in every cell.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 # Counts (tokens, windows, documents, steps) fit the 32-bit sizes the libraries take.
 Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
@@ -121,12 +120,40 @@ class TrainSpec(StrictModel):
         return corpus
 
 
-class CheckpointSpec(StrictModel):
-    """One model: a hub id, a local HF directory, or trained here (exactly one).
+SOURCES = ("hf", "path", "train", "random")
 
-    `seeds: [0, 1, 2]` (train: only) stands for one checkpoint per training seed, named
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: Any) -> Any:
+    """A strategy name, or module name -> GPU index, "cuda[:i]", "cpu" or "disk"."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        hint = did_you_mean(device_map, list(DEVICE_MAP_STRATEGIES))
+        raise ValueError(
+            f"'{device_map}' is no device_map strategy{hint}; use "
+            f"{', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of module names to devices"
+        )
+    for module, where in device_map.items() if isinstance(device_map, dict) else ():
+        gpu = isinstance(where, int) and not isinstance(where, bool) and where >= 0
+        named = isinstance(where, str) and re.fullmatch(r"cpu|disk|cuda(:\d+)?", where)
+        if not (gpu or named):
+            raise ValueError(
+                f"'{module}': {where!r} is not a device; use a GPU index (0, 1, ...), "
+                "cuda:<i>, cpu or disk"
+            )
+    return device_map
+
+
+class CheckpointSpec(StrictModel):
+    """One model: a hub id, a local HF directory, trained here, or random (exactly one).
+
+    `seeds: [0, 1, 2]` (train: and random: only) stands for one checkpoint per seed, named
     `<name>@<seed>` and grouped under `<name>`; leaderboards aggregate a group over its
     members. `group:` puts checkpoints given one by one into a group.
+    `dtype: auto` is the checkpoint's own (config.json's dtype / torch_dtype), resolved at plan
+    time. `device_map` (accelerate, through transformers) spreads the model over GPUs and
+    offloads to "cpu" / "disk" (`offload_folder`); inputs go to the first module's device.
     """
 
     name: str
@@ -134,7 +161,12 @@ class CheckpointSpec(StrictModel):
     revision: str | None = None
     path: str | None = None
     train: TrainSpec | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    random: RandomSpec | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device_map: Annotated[str | dict[str, int | str] | None, BeforeValidator(_check_device_map)] = (
+        None
+    )
+    offload_folder: str | None = None
     trust_remote_code: StrictBool = False  # only a YAML true runs a checkpoint's own code
     group: str | None = None
     seeds: list[Seed] | None = Field(default=None, min_length=1)
@@ -150,23 +182,41 @@ class CheckpointSpec(StrictModel):
 
     @property
     def source_field(self) -> str:
-        """Which of hf / path / train this checkpoint comes from."""
-        return next(k for k in ("hf", "path", "train") if getattr(self, k) is not None)
+        """Which of hf / path / train / random this checkpoint comes from."""
+        return next(k for k in SOURCES if getattr(self, k) is not None)
+
+    @property
+    def seeded(self) -> TrainSpec | RandomSpec | None:
+        """The part of the spec that takes a seed (train: or random:), if any."""
+        return self.train if self.train is not None else self.random
 
     @model_validator(mode="after")
     def _one_source(self) -> CheckpointSpec:
-        given = [k for k in ("hf", "path", "train") if getattr(self, k) is not None]
+        given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of hf:, path:, train: (got {given or 'none'})")
+            raise ValueError(
+                f"give exactly one of hf:, path:, train:, random: (got {given or 'none'})"
+            )
         if self.revision is not None and self.hf is None:
             raise ValueError("revision: applies to hf: checkpoints only")
         if self.seeds is not None:
-            if self.train is None:
-                raise ValueError("seeds: applies to train: checkpoints; group others with group:")
-            if "seed" in self.train.model_fields_set:
-                raise ValueError("give seeds: or train.seed, not both")
+            if self.seeded is None:
+                raise ValueError(
+                    "seeds: applies to train: and random: checkpoints; group others with group:"
+                )
+            if "seed" in self.seeded.model_fields_set:
+                raise ValueError(f"give seeds: or {self.source_field}.seed, not both")
             if len(set(self.seeds)) < len(self.seeds):
                 raise ValueError(f"seeds: {self.seeds} lists a seed twice")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_folder(self) -> CheckpointSpec:
+        to_disk = isinstance(self.device_map, dict) and "disk" in self.device_map.values()
+        if to_disk and self.offload_folder is None:
+            raise ValueError("device_map offloads to disk: give offload_folder: <directory>")
+        if self.offload_folder is not None and self.device_map is None:
+            raise ValueError("offload_folder: applies with a device_map only")
         return self
 
     def expand(self) -> list[CheckpointSpec]:
@@ -179,7 +229,7 @@ class CheckpointSpec(StrictModel):
                     "name": f"{self.name}@{seed}",
                     "group": self.group or self.name,
                     "seeds": None,
-                    "train": self.train.model_copy(update={"seed": seed}),
+                    self.source_field: self.seeded.model_copy(update={"seed": seed}),
                 }
             )
             for seed in self.seeds

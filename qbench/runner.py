@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import check_quantizable, device_label
 from qbench.checkpoints.load import load_identified
 from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
@@ -117,6 +118,8 @@ class Worker:
         try:
             context = self.context(cell)
             fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
+            if cell.quantizer:  # what a string device_map offloaded shows only once loaded
+                check_quantizable(context.model)
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
                 with sharing_statistics(context.shared):
@@ -228,7 +231,7 @@ def run_cell(
         stages=stages,
         coverage=coverage,
         notes=notes,
-        device=str(next(model.parameters()).device),
+        device=device_label(model),
         fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         quantize_s=quantize_s,
     )

@@ -41,7 +41,7 @@ from qbench.files import (
     write_json_atomic,
 )
 from qbench.plan import Cell, plan, recipe_digest
-from qbench.recipe import Recipe
+from qbench.recipe import CheckpointSpec, Recipe
 from qbench.record import Key, Record, ResultsTable
 
 RECORD_LIMIT = 64 << 20  # bytes; a record above this is not one qbench wrote
@@ -110,6 +110,7 @@ class PlannedCell(BaseModel):
     key: Key
     file: str
     identity: CheckpointIdentity
+    dtype: str | None = None  # the dtype it loads in (a checkpoint's `dtype: auto` resolved)
 
 
 class PlanFile(BaseModel):
@@ -146,6 +147,7 @@ def write_plan(results_root: Path, recipe: Recipe, source: Path, cells: list[Cel
                 key=c.key,
                 file=c.filename,
                 identity=c.identity,
+                dtype=c.checkpoint.dtype,
             )
             for c in cells
         ],
@@ -169,11 +171,22 @@ def read_plan(results_root: Path, recipe: Recipe) -> list[Cell] | None:
     checkpoints = {c.name: c for c in recipe.checkpoints}
     quantizers = {q.name: q for q in recipe.quantizers}
     cells = [
-        Cell(recipe.name, checkpoints[c.checkpoint], quantizers.get(c.quantizer), c.key, c.identity)
+        Cell(
+            recipe.name,
+            _planned_dtype(checkpoints[c.checkpoint], c.dtype),
+            quantizers.get(c.quantizer),
+            c.key,
+            c.identity,
+        )
         for c in planned.cells
         if c.checkpoint in checkpoints and (c.quantizer == "fp" or c.quantizer in quantizers)
     ]
     return cells if len(cells) == len(recipe.checkpoints) * (1 + len(recipe.quantizers)) else None
+
+
+def _planned_dtype(checkpoint: CheckpointSpec, dtype: str | None) -> CheckpointSpec:
+    """The checkpoint as planned: in the dtype plan.json names (older plans name none)."""
+    return checkpoint if dtype is None else checkpoint.model_copy(update={"dtype": dtype})
 
 
 def report_cells(results_root: Path, recipe: Recipe, source: Path) -> list[Cell]:

@@ -133,7 +133,7 @@ def test_an_empty_folder_corpus_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        ("{name: h, seeds: [0, 1], path: somewhere}", "seeds: applies to train: checkpoints"),
+        ("{name: h, seeds: [0, 1], path: somewhere}", "seeds: applies to train: and random:"),
         ("{name: h, seeds: [0, 1], train: {seed: 3}}", "give seeds: or train.seed, not both"),
         ("{name: h, seeds: [1, 1], train: {}}", "lists a seed twice"),
     ],

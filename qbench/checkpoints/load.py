@@ -1,4 +1,5 @@
-"""Checkpoints from the hub, a local HF directory, or trained here, and their identity.
+"""Checkpoints from the hub, a local HF directory, trained here, or random from a config,
+and their identity.
 
 Errors say what is wrong with the checkpoint's source; the planner prefixes the
 file and the field (e.g. `checkpoints[1].path`).
@@ -24,6 +25,8 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
+from qbench.checkpoints.dispatch import offloaded_modules
+from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
 from qbench.checkpoints.train import (
     TrainConfig,
     cache_dir,
@@ -106,6 +109,8 @@ def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> Pretra
     """
     if spec.train is not None:
         return model_config(spec_train_config(spec))
+    if spec.random is not None:
+        return random_config(spec.random)
     source = local_dir(spec) if spec.path else spec.hf
     try:
         config = AutoConfig.from_pretrained(
@@ -141,14 +146,17 @@ _ABSENT_IF_NONE = Field(default=None, exclude_if=lambda value: value is None)
 class CheckpointIdentity(BaseModel):
     """What a checkpoint's result key holds of its content; stored in every record.
 
-    train: the training-config digest (`train:`); hf / revision / commit: the hub id, the
-    revision the recipe names and the commit it resolved to (`hf:`); files: the sha256 of
-    each file that determines the model or its tokenizer (`path:`; see IDENTITY_FILES).
+    train: the training-config digest (`train:`); random: the digest of a random checkpoint's
+    resolved config, seed, planted channel, tokenizer corpus and library versions (`random:`);
+    hf / revision / commit: the hub id, the revision the recipe names and the commit it
+    resolved to (`hf:`); files: the sha256 of each file that determines the model or its
+    tokenizer (`path:`; see IDENTITY_FILES).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     train: str | None = _ABSENT_IF_NONE
+    random: str | None = _ABSENT_IF_NONE
     hf: str | None = _ABSENT_IF_NONE
     revision: str | None = _ABSENT_IF_NONE
     commit: str | None = _ABSENT_IF_NONE
@@ -163,6 +171,8 @@ def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:
     """
     if spec.train is not None:
         return CheckpointIdentity(train=spec_train_config(spec).digest())
+    if spec.random is not None:
+        return CheckpointIdentity(random=random_digest(spec.random, random_config(spec.random)))
     if spec.hf is not None:
         revision = spec.revision or "main"
         return CheckpointIdentity(
@@ -293,28 +303,63 @@ def cached_commit(repo: str, revision: str) -> str | None:
     return commit if COMMIT.fullmatch(commit) and (folder / "snapshots" / commit).is_dir() else None
 
 
+def checkpoint_dtype(spec: CheckpointSpec, config: PretrainedConfig) -> str:
+    """The dtype the checkpoint loads in: `spec.dtype`, or for `auto` the config's own.
+
+    A trained checkpoint is float32 (the trainer's). Raises QBenchError when `auto` finds no
+    dtype in config.json or one qbench does not evaluate in.
+    """
+    if spec.dtype != "auto":
+        return spec.dtype
+    if spec.train is not None:
+        return "float32"
+    dtype = config.dtype
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name not in DTYPES:
+        found = f"names {name}" if name else "names no dtype (torch_dtype / dtype)"
+        raise QBenchError(
+            f"dtype auto: the checkpoint's config {found}; give dtype: {' | '.join(DTYPES)}"
+        )
+    return name
+
+
 def load_checkpoint(
     spec: CheckpointSpec, progress: bool = True, commit: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model (eval mode, on the default device) and tokenizer; train first if needed.
+    """Load model (eval mode) and tokenizer; train or build a random one first if needed.
 
-    `commit`: the hub commit to load for an `hf:` checkpoint (its planned identity), instead
-    of whatever `spec.revision` names now.
+    Without a device_map the model goes to the default device (CUDA if any); with one,
+    accelerate places (and offloads) its modules and the model is not moved. `commit`: the hub
+    commit to load for an `hf:` checkpoint (its planned identity), instead of whatever
+    `spec.revision` names now.
     """
     revision = commit or spec.revision
     if spec.train is not None:
         source = str(trained_checkpoint(spec_train_config(spec), progress))
+    elif spec.random is not None:
+        source = str(random_checkpoint(spec.random, progress))
     else:
         source = str(local_dir(spec)) if spec.path else spec.hf
+    dtype = spec.dtype
+    if dtype == "auto":  # planned cells name the resolved dtype; a direct call resolves it here
+        dtype = checkpoint_dtype(spec, checkpoint_config(spec, commit))
     hub = {"revision": revision, "local_files_only": offline()}  # offline: the hub cache only
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **hub
+        source,
+        dtype=DTYPES[dtype],
+        trust_remote_code=spec.trust_remote_code,
+        device_map=spec.device_map,
+        offload_folder=spec.offload_folder,
+        **hub,
     )
     tokenizer = AutoTokenizer.from_pretrained(
         source, trust_remote_code=spec.trust_remote_code, **hub
     )
-    linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
-    return model.to(device()).eval(), tokenizer
+    if not offloaded_modules(model):  # an offloaded Conv1D's hook holds its [in, out] weight
+        linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
+    if spec.device_map is None:
+        model.to(device())
+    return model.eval(), tokenizer
 
 
 def load_identified(

@@ -127,10 +127,10 @@ def cache_dir() -> Path:
 def trained_checkpoint(config: TrainConfig, progress: bool = True) -> Path:
     """The directory of the checkpoint `config` describes, training it first if needed."""
     target = cache_dir() / "checkpoints" / f"{config.preset}-{config.variant}-{config.digest()}"
-    return _build_once(target, lambda out: train(config, out, progress))
+    return build_once(target, lambda out: train(config, out, progress))
 
 
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """`target`, built first if absent: into a staging folder, then renamed into place, so
     an interrupted build leaves nothing behind (and a concurrent one loses harmlessly)."""
     if target.is_dir():
@@ -171,7 +171,7 @@ def tokenized_corpus(config: TrainConfig) -> tuple[PreTrainedTokenizerFast, torc
     """
     key = [config.corpus_fingerprint, config.hyper.vocab_size, config.versions]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    target = _build_once(cache_dir() / "corpora" / digest, lambda out: _tokenize(config, out))
+    target = build_once(cache_dir() / "corpora" / digest, lambda out: _tokenize(config, out))
     tokens = torch.load(target / "tokens.pt", weights_only=True).long()
     return PreTrainedTokenizerFast.from_pretrained(target), tokens
 

@@ -32,11 +32,13 @@ from functools import partial
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.config import StrictModel
 from qbench.eval.perplexity import windows_of
 from qbench.quant.inventory import find_blocks, inventory, path_kind
@@ -77,7 +79,7 @@ def diagnose(
 ) -> Diagnostics:
     """Outlier figures of `model` on `ids`; `sqnr`: per-linear SQNR (`layer_sqnr`, measured on
     the unquantized model before a cell quantizes it), recorded beside each linear."""
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(input_device(model))
     blocks_path, layers = find_blocks(model)
     hidden: dict[int, dict[str, Any]] = {}
     spikes: dict[int, dict[str, Any]] = {}
@@ -103,7 +105,7 @@ def diagnose(
     per_linear = {
         name: {
             "input_kurtosis": inputs.get(name),
-            "weight_kurtosis": kurtosis(m.weight),
+            "weight_kurtosis": _weight_kurtosis(m),
             "sqnr_db": sqnr.get(name),
         }
         for name, m in linears.items()
@@ -173,19 +175,20 @@ def layer_sqnr(
                 (target.module, _store(results, name, lambda x, y, q=rounded: sqnr_db(y, q(x))))
             )
     with _hooked(hooks):
-        model(input_ids=ids.to(next(model.parameters()).device))
+        model(input_ids=ids.to(input_device(model)))
     return results
 
 
 def _rounded_output(linear: nn.Linear, quantizer: QuantizerConfig, x: Tensor) -> Tensor:
     """The linear's output with the quantizer's weight and activation formats (round to
-    nearest; None means float)."""
-    weight = linear.weight
-    if quantizer.weights is not None:
-        weight = fake_quant(weight, quantizer.weights)
+    nearest; None means float); an offloaded linear's weight loaded by its hook meanwhile."""
     if quantizer.activations is not None:
         x = fake_quant(x, quantizer.activations)
-    return F.linear(x, weight, linear.bias)
+    with align_module_device(linear):
+        weight = linear.weight
+        if quantizer.weights is not None:
+            weight = fake_quant(weight, quantizer.weights)
+        return F.linear(x, weight, linear.bias)
 
 
 def _summary(
@@ -235,6 +238,13 @@ def _spike(x: Tensor, y: Tensor) -> dict[str, Any]:
         "output": outputs[:, row].max().item(),
         "position": int(inputs[:, column].argmax()) % x.shape[-2],
     }
+
+
+def _weight_kurtosis(linear: nn.Module) -> float:
+    """The kurtosis of the linear's weight; an offloaded one (accelerate's cpu / disk offload,
+    a meta placeholder between forwards) is loaded by its hook meanwhile."""
+    with align_module_device(linear):
+        return kurtosis(linear.weight)
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:

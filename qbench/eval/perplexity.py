@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
 
 CONVENTION = (
@@ -72,7 +73,7 @@ def perplexity(
     """
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     windows = windows_of(ids, seq_len, max_windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     token_nll, window_nll = [], []
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)

@@ -42,6 +42,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from qbench.checkpoints.dispatch import input_device
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
@@ -336,6 +337,7 @@ def evaluate_tasks(
     )
     with _lm_eval_quiet(progress):
         hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch[0])
+        hflm._device = input_device(model)  # HFLM takes model.device: meta if dispatched/offloaded
         computed = _count_computed(hflm)
         lm = JsonCachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
         try:
