@@ -41,9 +41,10 @@ from qbench.errors import QBenchError
 from qbench.quant.blockwise import BlockInputs, observe
 from qbench.quant.inventory import Target, inventory
 from qbench.quant.rotation import HALF_TOLERANCE, LOSSLESS_TOLERANCE
+from qbench.quant.smoothquant import scale_norm_group, set_weight
 from qbench.quant.spec import WeightQuant, fake_quant
 from qbench.quant.steps import Transform
-from qbench.quant.structure import BlockStructure, NormGroup, probe_ids, trace_structure
+from qbench.quant.structure import BlockStructure, probe_ids, trace_structure
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -218,29 +219,13 @@ def _block_error(inputs: BlockInputs, reference: list[torch.Tensor]) -> float:
     return total / count
 
 
-def scale_norm_group(group: NormGroup, scales: torch.Tensor) -> None:
-    """The norm takes 1/s (w / s; Gemma's 1 + w -> (1 + w) / s - 1; a bias b / s), every
-    reader's (and inner reader's) input columns s."""
-    norm, spec = group.norm, group.spec
-    s = scales.double().to(norm.weight.device)
-    if spec.scale == "one_plus_weight":
-        _set(norm.weight, (1 + norm.weight.double()) / s - 1)
-    else:
-        _set(norm.weight, norm.weight.double() / s)
-    if spec.bias:
-        _set(norm.bias, norm.bias.double() / s)
-    for reader in [*group.readers, *group.inner]:
-        for _, matrix in reader.input_matrices():
-            _set(matrix, matrix.double() * s.to(matrix.device))
-
-
 def scale_pair(up: Target, down: Target, scales: torch.Tensor) -> None:
     """up's output rows (and bias) / s, down's input columns * s (a gated MLP)."""
     s = scales.double()
-    _set(up.module.weight, up.module.weight.double() / s.to(up.module.weight.device)[:, None])
+    set_weight(up.module.weight, up.module.weight.double() / s.to(up.module.weight.device)[:, None])
     if up.module.bias is not None:
-        _set(up.module.bias, up.module.bias.double() / s.to(up.module.bias.device))
-    _set(down.module.weight, down.module.weight.double() * s.to(down.module.weight.device))
+        set_weight(up.module.bias, up.module.bias.double() / s.to(up.module.bias.device))
+    set_weight(down.module.weight, down.module.weight.double() * s.to(down.module.weight.device))
 
 
 def clip_block(
@@ -252,7 +237,7 @@ def clip_block(
     for name, linear in linears.items():
         maxima = search_clip(linear.weight.detach(), samples[name], weights, grid, max_shrink)
         rows = linear.weight.detach().reshape(*maxima.shape[:2], -1)
-        _set(linear.weight, torch.clamp(rows, -maxima, maxima).reshape(linear.weight.shape))
+        set_weight(linear.weight, torch.clamp(rows, -maxima, maxima).reshape(linear.weight.shape))
 
 
 def _block_linears(block: BlockStructure) -> list[Target]:
@@ -309,7 +294,3 @@ def _clip_rows(
         best_error = torch.where(better, error[..., None], best_error)
         best = torch.where(better, maxima, best)
     return best.squeeze(1)
-
-
-def _set(target: torch.Tensor, value: torch.Tensor) -> None:
-    target.copy_(value.to(target.dtype))

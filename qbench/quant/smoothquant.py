@@ -118,19 +118,27 @@ def smoothing_scales(x_max: torch.Tensor, group: NormGroup, alpha: float) -> tor
 @torch.no_grad()
 def smooth(group: NormGroup, x_max: torch.Tensor, alpha: float) -> None:
     """Fold the smoothing scales into the group's norm and its readers' columns."""
-    scales = smoothing_scales(x_max, group, alpha).double()
+    scale_norm_group(group, smoothing_scales(x_max, group, alpha))
+
+
+@torch.no_grad()
+def scale_norm_group(group: NormGroup, scales: torch.Tensor) -> None:
+    """The norm takes 1/s (w / s; Gemma's 1 + w -> (1 + w) / s - 1; a bias b / s), every
+    reader's (and inner reader's) input columns s: a float-lossless change (SmoothQuant's and
+    AWQ's scaling). scales: [hidden]."""
     norm, spec = group.norm, group.spec
-    s = scales.to(norm.weight.device)
+    s = scales.double().to(norm.weight.device)
     if spec.scale == "one_plus_weight":
-        _set(norm.weight, (1 + norm.weight.double()) / s - 1)
+        set_weight(norm.weight, (1 + norm.weight.double()) / s - 1)
     else:
-        _set(norm.weight, norm.weight.double() / s)
+        set_weight(norm.weight, norm.weight.double() / s)
     if spec.bias:
-        _set(norm.bias, norm.bias.double() / s)
+        set_weight(norm.bias, norm.bias.double() / s)
     for reader in [*group.readers, *group.inner]:
         for _, matrix in reader.input_matrices():
-            _set(matrix, matrix.double() * scales.to(matrix.device))
+            set_weight(matrix, matrix.double() * s.to(matrix.device))
 
 
-def _set(target: torch.Tensor, value: torch.Tensor) -> None:
+def set_weight(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy `value` (any float dtype) into the tensor in place, in the tensor's dtype."""
     target.copy_(value.to(target.dtype))
