@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "results", None) is not None:
             _check_results_root(args.results)
         return args.command(args)
-    except QBenchError as error:
-        print(f"qbench: error: {error}", file=sys.stderr)
+    except QBenchError as error:  # a recipe with several problems: one line each
+        for line in str(error).splitlines():
+            print(f"qbench: error: {line}", file=sys.stderr)
         return 2
     except OSError as error:  # a file qbench could not read or write, not caught nearer
         print(f"qbench: error: {describe(error)}", file=sys.stderr)

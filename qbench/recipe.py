@@ -715,4 +715,8 @@ def _describe(error: dict[str, Any], data: Any = None) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         message = "required field is missing"
+    elif error["type"] == "union_tag_not_found":  # a step without its name field
+        key = error["ctx"]["discriminator"].strip("'")
+        names = ", ".join(TRANSFORMS if key == "transform" else ROUNDINGS)
+        message = f"give the step's name as {key}: (one of {names})"
     return f"{where}: {message}" if where else message  # top-level messages name their field

@@ -251,3 +251,22 @@ def test_diagnostics_read_every_family(family):
     layers = result.details["layers"]
     assert len(layers) == 2 and all(layer["max"] > 0 for layer in layers)
     assert result.summary["max_input_kurtosis"] is not None and result.summary["min_sqnr_db"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_causal_and_an_encoder_is_refused(family):
+    """The load-time causality probe passes every decoder family; BERT loaded as a causal LM
+    without is_decoder (bidirectional attention) is refused."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    from qbench.checkpoints.load import check_causal
+
+    check_causal(_model(family))
+    if family == "llama":
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+        encoder = BertLMHeadModel(config)
+        with pytest.raises(QBenchError, match="not a causal language model"):
+            check_causal(encoder.eval())

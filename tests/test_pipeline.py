@@ -203,3 +203,23 @@ def test_the_readmes_quantizer_examples_load(block, tmp_path, llama_dir):
     )
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", text))
     assert recipe.quantizers
+
+
+def test_a_quantizer_that_would_round_nothing_is_refused(tmp_path, llama_dir):
+    """Channel scaling with nothing rounded is a load-time error; a model without any target
+    of the quantizer's kinds (no decoder block) is refused at plan time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.quant.inventory import inventory
+
+    with pytest.raises(ValidationError, match="smoothquant scales channels for rounded"):
+        QuantizerConfig.model_validate(
+            {"name": "q", "transforms": ["smoothquant"], "rounding": "rtn", "kv": {"bits": 4}}
+        )
+    rotation_kv = {"name": "q", "transforms": ["rotation"], "rounding": "rtn", "kv": {"bits": 4}}
+    assert QuantizerConfig.model_validate(rotation_kv).transforms  # Q/K rotation for the KV cache
+    empty = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=0, num_attention_heads=2)
+    )
+    w4 = QuantizerConfig.model_validate({"name": "q", "method": "rtn", "weights": {"bits": 4}})
+    assert "nothing to quantize" in w4.refusal(inventory(empty))

@@ -111,6 +111,12 @@ def test_seeds_expand_random_checkpoints():
         ),
         ("{model_type: llama, massive_channel: {dim: 9999, scale: 2}}", r"massive_channel\.dim"),
         ("{model_type: llama, massive_channel: {dim: 1, scal: 2}}", r"did you mean 'scale'"),
+        (
+            "{model_type: opt, hidden_size: 64, num_attention_heads: 4, word_embed_proj_dim: 32,"
+            " massive_channel: {dim: 40, scale: 50}}",
+            r"massive_channel\.dim: 40 is not a channel of the input embedding \(width 32\)",
+        ),
+        ("{model_type: glm, vocab_size: 512}", r"set pad_token_id: null"),
         ("{model_type: llama, vocab_size: 100}", r"vocab_size: 100 is below 257"),
         ("{hidden_size: 64}", r"give model_type: or a config: file"),
         (

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
-from qbench.checkpoints.dispatch import offloaded_modules
+from qbench.checkpoints.dispatch import input_device, offloaded_modules
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
 from qbench.checkpoints.train import (
     TrainConfig,
@@ -359,7 +359,34 @@ def load_checkpoint(
         linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     if spec.device_map is None:
         model.to(device())
-    return model.eval(), tokenizer
+    check_causal(model.eval())
+    return model, tokenizer
+
+
+CAUSAL_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # half precision: 1e-3
+
+
+@torch.no_grad()
+def check_causal(model: PreTrainedModel) -> None:
+    """QBenchError when a token's logits depend on later tokens: an encoder loaded as a causal
+    LM (BERT without is_decoder), whose perplexity would read the future. Two forward passes of
+    16 fixed tokens whose last 8 differ: the first 8 positions' logits must agree within
+    CAUSAL_TOLERANCE of the model's dtype (relative to their largest magnitude)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, 8:] = (ids[0, 8:] + 1) % vocab
+    device = input_device(model)
+    before = model(input_ids=ids.to(device)).logits[:, :8].double()
+    after = model(input_ids=changed.to(device)).logits[:, :8].double()
+    moved = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+    dtype = next(model.parameters()).dtype
+    if not moved <= CAUSAL_TOLERANCE.get(dtype, 1e-3):
+        raise QBenchError(
+            f"{model.config.model_type}: the logits of earlier tokens change with later tokens "
+            f"(by {moved:.1e} relative): not a causal language model, so its perplexity would "
+            "read the future; qbench measures decoders (for BERT-like models: is_decoder: true)"
+        )
 
 
 def load_identified(

@@ -152,9 +152,12 @@ def _check_buildable(config: PretrainedConfig, spec: RandomSpec) -> None:
     """The config builds a model (on the meta device: no memory) that the spec fits."""
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises ValueError, AssertionError, ...
-        raise QBenchError(f"the config builds no model: {type(error).__name__}: {error}") from None
+        hint = "; set pad_token_id: null or below vocab_size" if "Padding_idx" in str(error) else ""
+        raise QBenchError(
+            f"the config builds no model: {type(error).__name__}: {error}{hint}"
+        ) from None
     saved_dtype(config)
     if config.vocab_size < MIN_VOCAB:
         raise QBenchError(
@@ -162,10 +165,11 @@ def _check_buildable(config: PretrainedConfig, spec: RandomSpec) -> None:
             "alphabet and EOS; use a larger vocab_size"
         )
     channel = spec.massive_channel
-    if channel is not None and channel.dim >= config.hidden_size:
+    width = skeleton.get_input_embeddings().weight.shape[1]  # OPT's word_embed_proj_dim, ...
+    if channel is not None and channel.dim >= width:
         raise QBenchError(
-            f"massive_channel.dim: {channel.dim} is not a channel of hidden_size "
-            f"{config.hidden_size}; use 0..{config.hidden_size - 1}"
+            f"massive_channel.dim: {channel.dim} is not a channel of the input embedding "
+            f"(width {width}); use 0..{width - 1}"
         )
 
 

@@ -38,7 +38,7 @@ from qbench.quant.rotation import Rotation
 from qbench.quant.rtn import RTN, round_embeddings, untie_word_embeddings
 from qbench.quant.smoothquant import SmoothQuant
 from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
-from qbench.quant.steps import ROUNDINGS, TRANSFORMS
+from qbench.quant.steps import ROUNDINGS, TRANSFORMS, quantized_targets
 from qbench.registry import Registry, did_you_mean
 
 for _step in (SmoothQuant, AWQ, Rotation):
@@ -236,6 +236,9 @@ class QuantizerConfig(StrictModel):
             return (
                 f"{len(found.unsupported)} modules hold weights qbench cannot round ({name}: {why})"
             )
+        if self.quantizes_linears and not quantized_targets(found, self):
+            kinds = ", ".join(sorted(self.targeted_kinds()))
+            return f"the model has no weights of the kinds it rounds ({kinds}): nothing to quantize"
         if (
             self.activations is not None
             and self.activations.granularity == "tensor"
@@ -322,4 +325,9 @@ def pipeline_problem(quantizer: QuantizerConfig) -> str | None:
     for step in [*quantizer.transforms, rounding]:
         if problem := step.problem_with(quantizer):
             return problem
+    if scaling and not quantizer.quantizes_linears:
+        return (
+            f"transforms: {scaling[0]} scales channels for rounded weights and activations, and "
+            "this quantizer rounds neither: add weights: / activations:, or drop it"
+        )
     return None
