@@ -136,21 +136,20 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     hidden = structure.embeddings[0][1].weight.shape[1]
     device = structure.embeddings[0][1].weight.device
     stream = HadamardTransform(hidden, random_signs=True).to(device)
-    q = stream.matrix()
     for _, table in structure.embeddings:
-        _set(table.weight, table.weight.double() @ q.to(device))
+        _set(table.weight, stream(table.weight.double()))  # E Q
     for group in structure.residual_norms:
         if group.spec.extra:
             group.norm.stream_rotation = stream
         for target in [*group.readers, *group.inner]:
-            _rotate_input(target, q)
+            _rotate_input(target, stream)
     for target in structure.head_readers:
-        _rotate_input(target, q)
+        _rotate_input(target, stream)
     for block in structure.blocks:
         for target in block.direct_readers:
-            _rotate_input(target, q)
+            _rotate_input(target, stream)
         for target in block.writers:
-            _rotate_output(target, q.T)
+            _rotate_output(target, stream)
         for name, norm in block.writer_norms:
             replace_module(model, name, RotatedOutput(norm, stream))
         for target in [*block.writers, *block.post_normed]:
@@ -245,17 +244,18 @@ def _output_biases(target: Target) -> list[torch.Tensor]:
     ]
 
 
-def _rotate_input(target: Target, q: torch.Tensor) -> None:
+def _rotate_input(target: Target, rotation: HadamardTransform) -> None:
+    """x -> x Q before the target: W <- W Q (W [..., out, in]; fast transform along in)."""
     for _, matrix in target.input_matrices():
-        _set(matrix, matrix.double() @ q.to(matrix.device))
+        _set(matrix, rotation(matrix.double()))
 
 
-def _rotate_output(target: Target, q_t: torch.Tensor) -> None:
-    """y -> y Q: W <- Q^T W, b <- b Q (q_t = Q^T)."""
+def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
+    """y -> y Q: W <- Q^T W = (W^T Q)^T, b <- b Q."""
     for _, matrix in target.output_matrices():
-        _set(matrix, q_t.to(matrix.device) @ matrix.double())
+        _set(matrix, rotation(matrix.double().transpose(-1, -2)).transpose(-1, -2))
     for bias in _output_biases(target):
-        _set(bias, bias.double() @ q_t.T.to(bias.device))
+        _set(bias, rotation(bias.double()))
 
 
 def _online_hadamard(model: nn.Module, target: Target) -> None:
@@ -264,9 +264,8 @@ def _online_hadamard(model: nn.Module, target: Target) -> None:
     width = matrices[0][1].shape[1]
     device = matrices[0][1].device
     hadamard = HadamardTransform(width).to(device)
-    h = hadamard.matrix().to(device)
     for _, matrix in matrices:
-        _set(matrix, matrix.double() @ h)
+        _set(matrix, hadamard(matrix.double()))  # W H
     if target.experts is None:
         replace_module(model, target.name, HadamardInput(target.module, hadamard))
         return
@@ -280,7 +279,7 @@ def _rotate_queries_and_keys(model: nn.Module) -> None:
         site.transform.qk_rotation = rotation
         key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
-            _set(key_slot, key_slot.double() @ rotation.matrix().to(key_slot.device))
+            _set(key_slot, rotation(key_slot.double()))
 
 
 def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:
