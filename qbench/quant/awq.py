@@ -39,9 +39,9 @@ from transformers import PreTrainedTokenizerBase
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.errors import QBenchError
 from qbench.quant.blockwise import BlockInputs, observe
-from qbench.quant.inventory import Target, inventory
-from qbench.quant.rotation import HALF_TOLERANCE, LOSSLESS_TOLERANCE
-from qbench.quant.smoothquant import scale_norm_group, set_weight
+from qbench.quant.inventory import Target, inventory, set_weight
+from qbench.quant.rotation import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
+from qbench.quant.smoothquant import scale_norm_group
 from qbench.quant.spec import WeightQuant, fake_quant
 from qbench.quant.steps import Transform
 from qbench.quant.structure import BlockStructure, probe_ids, trace_structure
@@ -131,7 +131,8 @@ def check_scaling(inputs: BlockInputs, reference: list[torch.Tensor]) -> None:
     """QBenchError when the scaled block's float output moved from `reference` (its output
     before scaling) beyond the rotation's LOSSLESS_TOLERANCE (relative L2): the scaling must be
     lossless, so a clipped AWQ cell's transformed stage still vouches for it."""
-    error = max(_relative_error(out, ref) for out, ref in zip(inputs.run(), reference, strict=True))
+    pairs = zip(inputs.run(), reference, strict=True)
+    error = max(relative_error(out, ref) for out, ref in pairs)
     dtype = reference[0].dtype
     tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
     if not error <= tolerance:
@@ -139,11 +140,6 @@ def check_scaling(inputs: BlockInputs, reference: list[torch.Tensor]) -> None:
             f"awq: scaling decoder block {inputs.index} changed its float output by {error:.2e} "
             f"(relative L2, allowed {tolerance:g} in {dtype}): the scaling is not lossless here"
         )
-
-
-def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    difference = (output.double() - reference.double()).norm()
-    return float(difference / reference.double().norm().clamp_min(1e-30))
 
 
 def _rounded(readers: list[Target]) -> list[Target]:

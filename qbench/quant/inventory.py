@@ -268,3 +268,8 @@ def _unsupported(module: nn.Module) -> str | None:
     if weight is not None and weight.dim() == 2:
         return f"{type(module).__name__} applies its own 2-D weight in a way qbench does not know"
     return None
+
+
+def set_weight(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy `value` (any float dtype) into the tensor in place, in the tensor's dtype."""
+    target.copy_(value.to(target.dtype))

@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from qbench.errors import QBenchError
 from qbench.quant.experts import set_input_step
 from qbench.quant.hadamard import HadamardTransform, hadamard_versions
-from qbench.quant.inventory import Target, replace_module
+from qbench.quant.inventory import Target, replace_module, set_weight
 from qbench.quant.kvcache import kv_sites
 from qbench.quant.rtn import untie_word_embeddings
 from qbench.quant.steps import Transform
@@ -137,7 +137,7 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
     device = structure.embeddings[0][1].weight.device
     stream = HadamardTransform(hidden, random_signs=True).to(device)
     for _, table in structure.embeddings:
-        _set(table.weight, stream(table.weight.double()))  # E Q
+        set_weight(table.weight, stream(table.weight.double()))  # E Q
     for group in structure.residual_norms:
         if group.spec.extra:
             group.norm.stream_rotation = stream
@@ -189,13 +189,13 @@ def _center_stream(structure: Structure) -> None:
     """Make every residual-stream vector zero-mean: center embedding rows and writer outputs."""
     for _, table in structure.embeddings:
         weight = table.weight.double()
-        _set(table.weight, weight - weight.mean(dim=1, keepdim=True))
+        set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
     for block in structure.blocks:
         for target in block.writers:
             for _, matrix in target.output_matrices():  # [out, in]: center over out
-                _set(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
+                set_weight(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
             for bias in _output_biases(target):
-                _set(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
+                set_weight(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
 
 
 def _fold_norm(model: nn.Module, group: NormGroup) -> None:
@@ -207,9 +207,9 @@ def _fold_norm(model: nn.Module, group: NormGroup) -> None:
         if spec.bias:  # b_reader + W b_norm, with the reader's weight before the scale
             shift = norm.bias.detach().double()
             for (_, matrix), bias in zip(matrices, _input_biases(target), strict=True):
-                _set(bias, bias.double() + matrix.double() @ shift.to(matrix.device))
+                set_weight(bias, bias.double() + matrix.double() @ shift.to(matrix.device))
         for _, matrix in matrices if scale is not None else ():
-            _set(matrix, matrix.double() * scale.to(matrix.device))
+            set_weight(matrix, matrix.double() * scale.to(matrix.device))
     if spec.scale is not None:
         norm.weight.fill_(1 if spec.scale == "weight" else 0)
     if spec.bias:
@@ -247,15 +247,15 @@ def _output_biases(target: Target) -> list[torch.Tensor]:
 def _rotate_input(target: Target, rotation: HadamardTransform) -> None:
     """x -> x Q before the target: W <- W Q (W [..., out, in]; fast transform along in)."""
     for _, matrix in target.input_matrices():
-        _set(matrix, rotation(matrix.double()))
+        set_weight(matrix, rotation(matrix.double()))
 
 
 def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
     """y -> y Q: W <- Q^T W = (W^T Q)^T, b <- b Q."""
     for _, matrix in target.output_matrices():
-        _set(matrix, rotation(matrix.double().transpose(-1, -2)).transpose(-1, -2))
+        set_weight(matrix, rotation(matrix.double().transpose(-1, -2)).transpose(-1, -2))
     for bias in _output_biases(target):
-        _set(bias, rotation(bias.double()))
+        set_weight(bias, rotation(bias.double()))
 
 
 def _online_hadamard(model: nn.Module, target: Target) -> None:
@@ -265,7 +265,7 @@ def _online_hadamard(model: nn.Module, target: Target) -> None:
     device = matrices[0][1].device
     hadamard = HadamardTransform(width).to(device)
     for _, matrix in matrices:
-        _set(matrix, hadamard(matrix.double()))  # W H
+        set_weight(matrix, hadamard(matrix.double()))  # W H
     if target.experts is None:
         replace_module(model, target.name, HadamardInput(target.module, hadamard))
         return
@@ -279,12 +279,18 @@ def _rotate_queries_and_keys(model: nn.Module) -> None:
         site.transform.qk_rotation = rotation
         key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
-            _set(key_slot, rotation(key_slot.double()))
+            set_weight(key_slot, rotation(key_slot.double()))
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference|| / ||reference|| (L2 over every element, float64)."""
+    difference = (output.double() - reference.double()).norm()
+    return float(difference / reference.double().norm().clamp_min(1e-30))
 
 
 def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:
     after = model(input_ids=ids).logits.double()
-    error = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    error = relative_error(after, before)
     dtype = next(model.parameters()).dtype
     tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
     if not error <= tolerance:
@@ -293,7 +299,3 @@ def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -
             f"(relative L2; allowed {tolerance:g} in {dtype}): qbench's structure trace "
             "misread this model; use smoothquant, gptq or rtn for it"
         )
-
-
-def _set(target: torch.Tensor, value: torch.Tensor) -> None:
-    target.copy_(value.to(target.dtype))

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
 from qbench.quant.calibrate import forward_batches
+from qbench.quant.inventory import set_weight
 from qbench.quant.notes import note
 from qbench.quant.steps import Transform, transforms_key
 from qbench.quant.structure import NormGroup, probe_ids, trace_structure
@@ -137,8 +138,3 @@ def scale_norm_group(group: NormGroup, scales: torch.Tensor) -> None:
     for reader in [*group.readers, *group.inner]:
         for _, matrix in reader.input_matrices():
             set_weight(matrix, matrix.double() * s.to(matrix.device))
-
-
-def set_weight(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy `value` (any float dtype) into the tensor in place, in the tensor's dtype."""
-    target.copy_(value.to(target.dtype))
