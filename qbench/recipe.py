@@ -55,6 +55,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX = 100  # characters; a result file name holds a checkpoint and a quantizer name
 TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._()-]*")
 REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+HUB_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 
 MAX_RECIPE_BYTES = 256 << 10
 MAX_DEPTH = 32
@@ -172,6 +173,21 @@ class CheckpointSpec(StrictModel):
     seeds: list[Seed] | None = Field(default=None, min_length=1)
 
     _name = field_validator("name", "group")(_check_name)
+
+    @field_validator("hf")
+    @classmethod
+    def _hub_id(cls, repo: str) -> str:
+        """A name the hub accepts (huggingface_hub's validate_repo_id): [namespace/]name, each
+        1-96 letters, digits, '_', '-', '.', not starting or ending with '-' or '.', without
+        '--' or '..'."""
+        parts = repo.split("/")
+        if len(parts) > 2 or not all(HUB_NAME.fullmatch(p) and "--" not in p and ".." not in p
+                                     for p in parts):  # fmt: skip
+            raise ValueError(
+                f"{repo!r} is not a hub model id ([namespace/]name: letters, digits, '_', '-', "
+                "'.'); for a local directory use path:"
+            )
+        return repo
 
     @field_validator("revision")
     @classmethod
@@ -416,6 +432,9 @@ class GateSpec(StrictModel):
     """Regression thresholds: minimum recovery per metric (e.g. perplexity.wikitext2: 0.95)."""
 
     cadence: str = "smoke"
+    # what must reach the threshold: the recovery's estimate, or its interval's lower bound
+    # (a drop must be ruled out) or upper bound (only a drop the data show fails)
+    bound: Literal["point", "lower", "upper"] = "point"
     min_recovery: dict[str, float] = Field(default_factory=dict)
     quantizers: dict[str, dict[str, float]] = Field(default_factory=dict)
     reference: str | None = None

@@ -6,8 +6,9 @@ quantized cell quantizes in place and `Pristine` (qbench.quant.restore) puts bac
 and a store of what the checkpoint's cells share: calibration token ids, the fp model's
 SmoothQuant activation absmax, GPTQ's block-0 Hessians (qbench.data.calibration's
 `shared_statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
-included), a non-finite perplexity, a transform that is not lossless or a quantizer the plan
-refused becomes a `status: failed` record.
+included), a non-finite perplexity or a transform that is not lossless becomes a
+`status: failed` record; a quantizer refused at plan time, or once the model is traced (a
+RefusedError), a `status: refused` one.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import check_quantizable, device_label
-from qbench.checkpoints.load import load_identified
+from qbench.checkpoints.load import Stamps, load_identified
 from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, describe, storage_problem
 from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
@@ -50,10 +51,6 @@ class NonFiniteMetricError(QBenchError):
     """A cell's model produced NaN or infinite perplexity."""
 
 
-class RefusedError(QBenchError):
-    """The quantizer cannot run on this checkpoint (decided at plan time)."""
-
-
 class TransformError(QBenchError):
     """A float transform changed the model's perplexity beyond its tolerance."""
 
@@ -66,6 +63,7 @@ class CheckpointContext:
     load_key: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    stamps: Stamps | None = None  # a path: checkpoint's files as loaded
     shared: dict[Any, Any] = field(default_factory=dict)
     pristine: Pristine | None = None
 
@@ -73,8 +71,16 @@ class CheckpointContext:
         """The pristine state, written now if this is the first quantized cell."""
         if self.pristine is None:
             folder = cache_dir() / "pristine"
-            folder.mkdir(parents=True, exist_ok=True)
-            self.pristine = Pristine(self.model, folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.pristine = Pristine(self.model, folder)
+            except Exception as error:
+                if not storage_problem(error):
+                    raise
+                raise QBenchError(
+                    f"{folder}: cannot write the pristine weights: {describe(error)}; free "
+                    "space there (QBENCH_CACHE_DIR)"
+                ) from None
         return self.pristine
 
     def close(self) -> None:
@@ -94,8 +100,8 @@ class Worker:
         """The loaded checkpoint of `cell` (loaded now unless the last cell's was the same)."""
         if self._context is None or self._context.load_key != cell.load_key:
             self.release()
-            model, tokenizer = load_identified(cell.checkpoint, cell.identity, self.progress)
-            self._context = CheckpointContext(cell.load_key, model, tokenizer)
+            loaded = load_identified(cell.checkpoint, cell.identity, self.progress)
+            self._context = CheckpointContext(cell.load_key, *loaded)
             self.loads += 1
         return self._context
 
@@ -111,10 +117,12 @@ class Worker:
 
         A quantized cell changes the loaded model in place; it is restored afterwards, whether
         the cell finished or failed (a failed restore drops the model: the next cell reloads).
+        A `path:` checkpoint whose files changed while the cell ran (weights may be memory
+        mapped) fails the cell and is dropped.
         """
         start = time.perf_counter()
         if cell.refusal is not None:
-            return Record.failed(cell, recipe, RefusedError(cell.refusal), 0.0)
+            return Record.refused(cell, recipe, cell.refusal)
         try:
             context = self.context(cell)
             fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
@@ -123,7 +131,7 @@ class Worker:
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
                 with sharing_statistics(context.shared):
-                    return run_cell(
+                    record = run_cell(
                         cell,
                         recipe,
                         context.model,
@@ -135,10 +143,22 @@ class Worker:
             finally:
                 if pristine is not None:
                     self._restore(pristine)
+            if context.stamps is not None:
+                context.stamps.check("while the cell ran")
+            return record
         except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
+            if self._context is not None and self._context.stamps is not None:
+                self._drop_if_changed(self._context.stamps)
             record = Record.failed(cell, recipe, error, time.perf_counter() - start)
         _free_memory()  # the error's traceback held tensors of the cell
         return record
+
+    def _drop_if_changed(self, stamps: Stamps) -> None:
+        """Drop the loaded checkpoint when its files changed since it loaded."""
+        try:
+            stamps.check("")
+        except QBenchError:
+            self.release()
 
     def _restore(self, pristine: Pristine) -> None:
         try:

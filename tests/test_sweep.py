@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, needs_wikitext, write_recipe
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from qbench import runner, store
@@ -298,6 +298,7 @@ QWEN3_0_6B = dict(  # Qwen/Qwen3-0.6B's published config.json (sizes that planni
 )
 
 
+@needs_wikitext
 def test_ci_gpu_recipe_loads_and_plans(monkeypatch):
     from qbench import plan as planner
 

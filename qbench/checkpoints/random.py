@@ -35,10 +35,12 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
+from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.train import build_once, cache_dir, train_tokenizer
 from qbench.config import Seed, StrictModel
 from qbench.data.sources import embedded_rows, load_text, text_fingerprint
 from qbench.errors import QBenchError
+from qbench.files import read_regular_file
 from qbench.registry import did_you_mean
 from qbench.versions import library_versions
 
@@ -103,13 +105,20 @@ def _config_class(model_type: str) -> type[PretrainedConfig]:
     return CONFIG_MAPPING[model_type]
 
 
+CONFIG_LIMIT = 16 << 20  # bytes of a config.json
+
+
 def _file_fields(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
+    if not file.exists():
+        raise QBenchError(f"config: no such file '{path}' (relative to {Path.cwd()})")
     try:
-        fields = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QBenchError(f"config: no such file '{path}' (relative to {Path.cwd()})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        data = read_regular_file(file, CONFIG_LIMIT)
+    except QBenchError as error:
+        raise QBenchError(f"config: {error}") from None
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise QBenchError(f"config: '{path}' is not a JSON config: {error}") from None
     if not isinstance(fields, dict):
         raise QBenchError(f"config: '{path}' holds no JSON object of config fields")
@@ -144,6 +153,7 @@ def random_config(spec: RandomSpec) -> PretrainedConfig:
             f"unknown config field(s) {unknown} for model_type {model_type}{hint}: "
             f"not a field of transformers' {config_class.__name__}"
         )
+    check_sizes(config)
     _check_buildable(config, spec)
     return config
 
@@ -205,11 +215,15 @@ def tokenizer_vocab(config: PretrainedConfig) -> int:
     return min(config.vocab_size, TOKENIZER_VOCAB)
 
 
+def random_checkpoint_dir(spec: RandomSpec, config: PretrainedConfig) -> Path:
+    """Where the checkpoint `spec` (with its resolved `config`) is built, in the cache."""
+    return cache_dir() / "checkpoints" / f"random-{config.model_type}-{random_digest(spec, config)}"
+
+
 def random_checkpoint(spec: RandomSpec, progress: bool = True) -> Path:
     """The directory of the checkpoint `spec` describes, built first if needed."""
     config = random_config(spec)
-    digest = random_digest(spec, config)
-    target = cache_dir() / "checkpoints" / f"random-{config.model_type}-{digest}"
+    target = random_checkpoint_dir(spec, config)
     return build_once(target, lambda out: build(spec, config, out, progress))
 
 

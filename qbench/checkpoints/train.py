@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
 from qbench.data.sources import load_text, text_fingerprint, text_source
+from qbench.errors import QBenchError, describe, storage_problem
 from qbench.registry import Registry
 from qbench.versions import library_versions
 
@@ -140,9 +141,15 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(staging)
         os.replace(staging, target)
-    except OSError:
-        if not target.is_dir():
-            raise
+    except Exception as error:
+        if target.is_dir() and isinstance(error, OSError):  # a concurrent build won
+            return target
+        if storage_problem(error):  # the library's message names no path: name it
+            raise QBenchError(
+                f"{target}: cannot write the checkpoint: {describe(error)}; free space in "
+                f"{target.parent} (QBENCH_CACHE_DIR)"
+            ) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -44,7 +45,7 @@ from typing import Any, Literal
 
 from qbench.checkpoints.dispatch import input_device
 from qbench.data.sources import data_dir
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, warn
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
 from qbench.files import write_text_atomic
 from qbench.registry import did_you_mean
@@ -190,16 +191,24 @@ def task_identity(spec: Any, options: Any) -> dict[str, Any]:
             data[Path(f).name] = _file_digest(f, stat.st_size, stat.st_mtime_ns)
     elif resolved.source == "embedded":
         data["docs"] = _embedded_digest()
-    limit, fewshot = effective_options(spec, options)
     return {
-        "name": resolved.name,
         "source": resolved.source,
         "data": data,
+        "lm_eval": lm_eval_version(),
+        **task_options_identity(spec, options),
+    }
+
+
+def task_options_identity(spec: Any, options: Any) -> dict[str, Any]:
+    """The part of a task's identity that the recipe gives: name, limit, few-shot, batch size
+    (padding can move the last digits), bootstrap iterations."""
+    limit, fewshot = effective_options(spec, options)
+    return {
+        "name": spec.name,
         "limit": limit,
         "num_fewshot": fewshot,
-        "batch_size": options.batch_size,  # padding can move the last digits
+        "batch_size": options.batch_size,
         "bootstrap_iters": options.bootstrap_iters,
-        "lm_eval": lm_eval_version(),
     }
 
 
@@ -229,6 +238,9 @@ class TaskRun:
     # The headline metric of each document, in doc_id order, where the task's value is their
     # mean (what a paired bootstrap resamples); None for other metrics (e.g. perplexity).
     doc_scores: list[float] | None = None
+    # The accuracy of a uniform guess (mean over documents of 1 / choices) of a multiple-choice
+    # task scored by acc / acc_norm; None for other tasks.
+    chance: float | None = None
 
     def computed(self, count: int) -> TaskRun:
         """This run, saying that `count` of its requests reached the model."""
@@ -273,7 +285,8 @@ def _parse(name: str, output: dict[str, Any]) -> tuple[dict[str, float | None], 
 
 @contextlib.contextmanager
 def _lm_eval_quiet(progress: bool) -> Iterator[None]:
-    """lm-eval at ERROR level (it warns per request on truncation), bars only with progress."""
+    """lm-eval at ERROR level (it warns per request on truncation), bars only with progress;
+    qbench's own warnings written meanwhile still reach stderr."""
     saved = {"DISABLE_MULTIPROC": os.environ.get("DISABLE_MULTIPROC")}
     os.environ["DISABLE_MULTIPROC"] = "1"  # bootstrap in process: no fork of a model process
     logger = logging.getLogger("lm_eval")
@@ -287,6 +300,9 @@ def _lm_eval_quiet(progress: bool) -> Iterator[None]:
                 stack.enter_context(contextlib.redirect_stdout(sink))
             yield
     finally:
+        for line in sink.getvalue().splitlines():
+            if line.startswith("qbench: warning:"):
+                print(line, file=sys.stderr, flush=True)
         logger.setLevel(level)
         for key, value in saved.items():
             if value is None:
@@ -313,14 +329,16 @@ def evaluate_tasks(
     samples_dir: Path | None = None,
     progress: bool = True,
     one_request_per_call: str | None = None,
+    cell_key: str = "",
 ) -> list[TaskRun]:
     """Run each task of `tasks` (recipe TaskSpecs) under `options` (TaskOptions) on `model`.
 
     lm-eval's `evaluator.evaluate` runs each task with the seeds and few-shot settings that
     `simple_evaluate` would give it (simple_evaluate itself also collects environment info
     through `pip freeze`, two seconds per call here). `cache` is the prefix of the cell's
-    sqlite request cache (JSON values; None: no cache); `samples_dir` receives one <task>.jsonl of
-    lm-eval's per-document records when options.log_samples is on.
+    sqlite request cache (JSON values bound to `cell_key`, the cell's key; None: no cache);
+    `samples_dir` receives one <task>.jsonl of lm-eval's per-document records when
+    options.log_samples is on. Answers read from the cache get a warning line.
     `one_request_per_call`: the reason to run at batch size 1 instead of options.batch_size
     (a quantizer's `tokens_share_scales()`), recorded in each TaskRun.
     """
@@ -339,7 +357,7 @@ def evaluate_tasks(
         hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch[0])
         hflm._device = input_device(model)  # HFLM takes model.device: meta if dispatched/offloaded
         computed = _count_computed(hflm)
-        lm = JsonCachingLM(hflm, f"{cache}_rank0.db") if cache is not None else hflm
+        lm = JsonCachingLM(hflm, f"{cache}_rank0.db", cell_key) if cache is not None else hflm
         try:
             for spec in tasks:
                 resolved = resolve_task(spec.name)
@@ -361,6 +379,12 @@ def evaluate_tasks(
         finally:
             if isinstance(lm, JsonCachingLM):
                 lm.dbdict.close()
+    for run in runs:
+        if run.cached_requests:
+            warn(
+                f"task {run.name}: {run.cached_requests} of {run.requests} requests answered "
+                f"from the request cache {cache}_rank0.db (an interrupted run of this cell)"
+            )
     return runs
 
 
@@ -440,7 +464,19 @@ def _task_run(
         batch_size=batch[0],
         batch_size_reason=batch[1],
         doc_scores=document_scores(output.get("samples", {}).get(name), metric, value),
+        chance=chance_level(output, name) if metric in ("acc", "acc_norm") else None,
     )
+
+
+def chance_level(output: dict[str, Any], name: str) -> float | None:
+    """The expected accuracy of guessing uniformly among a multiple-choice task's choices:
+    mean over the evaluated documents of 1 / (number of choices, one request each); None for
+    a task of another output type."""
+    config = output.get("configs", {}).get(name, {})
+    samples = output.get("samples", {}).get(name)
+    if config.get("output_type") != "multiple_choice" or not samples:
+        return None
+    return math.fsum(1 / len(sample["arguments"]) for sample in samples) / len(samples)
 
 
 def document_scores(
@@ -513,6 +549,7 @@ def evaluate_cell_tasks(
         eval_spec.tasks,
         eval_spec.task_options,
         cache=request_cache_path(work_dir, key),
+        cell_key=key,
         samples_dir=work_dir / "samples" / stem,
         progress=progress,
         one_request_per_call=one_request_per_call,
