@@ -33,8 +33,9 @@ from common import describe, seconds, table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from qbench.checkpoints.catalog import PRESETS
 from qbench.checkpoints.load import device
-from qbench.checkpoints.train import PRESETS, train_tokenizer
+from qbench.checkpoints.train import train_tokenizer
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.data.sources import embedded_rows
 from qbench.quant import quantize_, quantizer

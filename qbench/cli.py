@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from qbench.report.leaderboard import write_leaderboard
     from qbench.sweep import plan_recipes, refusals, sweep
 
+    if args.no_progress:
+        _hide_library_bars()
     options = {"address": args.address, "num_cpus": args.num_cpus}
     executor = make_executor(args.executor, **{k: v for k, v in options.items() if v is not None})
     planned = plan_recipes(args.recipes)
@@ -145,6 +148,16 @@ def _sweep(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _hide_library_bars() -> None:
+    """--no-progress also hides the bars of transformers and the hub (loading weights, writing
+    shards): set before they are imported, or switched off where they already are."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -225,8 +238,7 @@ def _validated(model: type, **values: object) -> object:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from qbench.checkpoints.model import VARIANTS
-    from qbench.checkpoints.train import PRESETS
+    from qbench.checkpoints.catalog import PRESETS, VARIANTS
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS

@@ -11,7 +11,8 @@ from tabulate import tabulate
 
 from qbench.checkpoints.load import checkpoint_config, load_checkpoint
 from qbench.errors import QBenchError, describe
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
+from qbench.eval.diagnostics import Diagnostics, diagnose, layer_sqnr, probe_ids
+from qbench.eval.specs import DiagnosticsSpec
 from qbench.files import write_json_atomic
 from qbench.quant import QuantizerConfig
 from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe

@@ -28,9 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from qbench.checkpoints.model import variant_options
-from qbench.checkpoints.random import RandomSpec
-from qbench.checkpoints.train import PRESETS
+from qbench.checkpoints.catalog import PRESETS, variant_options
+from qbench.checkpoints.spec import RandomSpec
 from qbench.config import Seed, StrictModel
 from qbench.data.external import resolve_path
 from qbench.data.sources import (
@@ -43,7 +42,7 @@ from qbench.data.sources import (
     text_source,
 )
 from qbench.errors import QBenchError
-from qbench.eval.diagnostics import DiagnosticsSpec
+from qbench.eval.specs import DiagnosticsSpec
 from qbench.files import utf8_text
 from qbench.quant import QuantizerConfig
 from qbench.quant.steps import ROUNDINGS, TRANSFORMS

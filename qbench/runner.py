@@ -13,27 +13,30 @@ RefusedError), a `status: refused` one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import check_quantizable, device_label
 from qbench.checkpoints.load import Stamps, load_identified
-from qbench.checkpoints.train import cache_dir
 from qbench.data.calibration import sharing_statistics
+from qbench.environment import cache_dir
 from qbench.errors import QBenchError, describe, storage_problem
 from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.fused import fast_quant_mode
-from qbench.quant.inventory import inventory
+from qbench.quant.inventory import find_blocks, inventory
 from qbench.quant.notes import collecting, note
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.restore import Pristine
@@ -205,17 +208,20 @@ def run_cell(
     probe = _probe(recipe, tokenizer)
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
+    label = f"{cell.checkpoint.name} x {cell.quantizer_name}"
     with collecting() as notes:
         if quantizer is not None:
             before = inventory(model).sizes()
-            quantizer.transform(model, tokenizer)
+            with block_passes(model, f"{label}: transforms", progress and quantizer.has_transform):
+                quantizer.transform(model, tokenizer)
             if quantizer.has_transform:  # the float model after smoothing / rotation
                 eval_start = time.perf_counter()
                 scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
                 stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
                 check_transformed(stages["transformed"]["perplexity"], fp, model, quantizer)
                 transformed_eval_s = time.perf_counter() - eval_start
-            coverage = quantizer.quantize(model, tokenizer, before)
+            with block_passes(model, f"{label}: rounding", progress):
+                coverage = quantizer.quantize(model, tokenizer, before)
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
@@ -255,6 +261,32 @@ def run_cell(
         fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         quantize_s=quantize_s,
     )
+
+
+@contextlib.contextmanager
+def block_passes(model: PreTrainedModel, desc: str, enabled: bool) -> Iterator[None]:
+    """A running count of decoder-block forward passes while a quantizer's steps run, so the
+    long ones show progress (SmoothQuant, AWQ, GPTQ and quanto calibrate block by block, AWQ
+    runs each block once per grid point); nothing when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    try:
+        _, blocks = find_blocks(model)
+    except QBenchError:  # no decoder blocks: the step itself refuses or rounds without them
+        blocks = []
+    bar = tqdm(desc=desc, unit=" block passes", leave=False, dynamic_ncols=True)
+
+    def count(*_: Any) -> None:  # returns None: the block's output stays its own
+        bar.update()
+
+    handles = [block.register_forward_hook(count) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
 
 
 def check_transformed(

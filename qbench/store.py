@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.errors import QBenchError, describe, warn
 from qbench.files import (
     make_directory,

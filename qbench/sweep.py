@@ -162,17 +162,15 @@ class Sweep:
 def sweep(
     planned: list[PlannedRecipe],
     results_root: Path,
-    executor: Executor | None = None,
+    executor: Executor,
     progress: bool = True,
 ) -> Sweep:
-    """Compute every pending cell of the planned recipes (default: locally); return the tally.
+    """Compute every pending cell of the planned recipes with `executor`; return the tally.
 
     Each recipe's plan is written to its results folder first (plan.json), what killed
     processes left there (unheld claim files, temporary files) is deleted, and the refused
     cells are recorded, all before any model work.
     """
-    from qbench.executors import LocalExecutor
-
     for p in planned:
         store.write_plan(results_root, p.recipe, p.source, p.cells)
         if removed := store.remove_leftovers(results_root, p.recipe.name):
@@ -181,5 +179,5 @@ def sweep(
     jobs = pending_jobs(planned, results_root)
     state = Sweep(results_root, len(jobs), progress)
     if jobs:
-        (executor or LocalExecutor()).run(jobs, state)
+        executor.run(jobs, state)
     return state

@@ -227,7 +227,8 @@ def tiny_model():
     """tiny_model(kind, **shape) -> a small random fp32 model: 'llama', 'qwen2', 'qwen3',
     'mistral', 'qk-norm' (qbench with Qwen3's q/k norms) or a qbench variant; shape overrides
     the sizes."""
-    from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
+    from qbench.checkpoints.catalog import variant_options
+    from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 
     def build(kind: str, **overrides: int) -> torch.nn.Module:
         torch.manual_seed(0)

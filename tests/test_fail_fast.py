@@ -639,3 +639,81 @@ def _load(path: Path):
     from qbench.recipe import load_recipe
 
     return load_recipe(path)
+
+
+# ---------------------------------------------------------------- 6. guard rails
+
+GUARDED = """
+name: guarded
+checkpoints: [{{name: m, path: {path}}}]
+quantizers:
+  - {{name: rtn-w4a8, method: rtn, weights: {{bits: 4}}, activations: {{bits: 8}}}}
+  - {{name: rtn-w4a8-clip, method: rtn, weights: {{bits: 4, clip: 0.9}}, activations: {{bits: 8}}}}
+  - {{name: w2a16, method: rtn, weights: {{bits: 2}}}}
+eval:
+  perplexity: [{{data: embedded, seq_len: 64, max_windows: 4}}]
+  tasks: [embedded_mc]
+  task_options: {{limit: 12, bootstrap_iters: 0}}
+"""
+
+
+def test_chance_levels_verdicts_and_interval_bars(tmp_path, llama_dir, monkeypatch):
+    """Fault: zero-shot scores at or below chance (a random model) said nothing; recovery.png
+    had no error bars and an axis starting at 85. Now each task's chance level is recorded
+    and shown, an fp score within reach of it is flagged, the plot starts at 0 with interval
+    bars, and each precision gets a one-line verdict."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real_bar = Axes.bar
+
+    def bar(self, *args, **kwargs):
+        drawn.append(kwargs.get("yerr"))
+        return real_bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    recipe = write_recipe(tmp_path / "g.yaml", GUARDED.format(path=llama_dir))
+    results = tmp_path / "results"
+    assert _run(recipe, results) == 0
+    tasks = json.loads((results / "guarded" / "tasks.json").read_text())
+    fp = next(c for c in tasks["cells"] if c["quantizer"] == "fp")
+    assert fp["tasks"]["embedded_mc"]["chance"] == pytest.approx(0.25)  # 4 choices each
+    assert fp["tasks"]["embedded_mc"]["at_chance"] is True  # random weights guess
+    board = (results / "guarded" / "LEADERBOARD.md").read_text()
+    assert "embedded_mc (acc_norm; chance 25.0)" in board and "(at chance)" in board
+    assert "**embedded_mc** on `m`: fp" in board and "this task says nothing" in board
+    assert "## Verdict per precision" in board
+    [w4a8] = [line for line in board.splitlines() if line.startswith("- **W4A8** on `m`")]
+    assert "best `rtn-w4a8" in w4a8 and "next / best" in w4a8
+    assert "distinguishable" in w4a8
+    assert "- **W2A16** on `m`: `w2a16` (×fp" in board  # alone in its precision
+    assert len(drawn) == 3 and all(len(e) == 2 for e in drawn)  # (below, above) per bar
+    from qbench.report.tasks_table import write_recovery_plot
+
+    figures, drawn[:] = [], []
+    monkeypatch.setattr("qbench.report.tasks_table.save_figure", lambda f, p: figures.append(f))
+    cell = {"checkpoint": "m", "quantizer": "w2a16", "recovery": 0.9, "fp_average": 0.5,
+            "delta_interval": {"estimate": -0.05, "low": -0.08, "high": -0.01}}  # fmt: skip
+    write_recovery_plot(_load(recipe), [cell], tmp_path)
+    assert drawn[2] == [[pytest.approx(6.0)], [pytest.approx(8.0)]]  # 90 - 84, 98 - 90
+    assert figures[0].axes[0].get_ylim()[0] == 0  # the axis starts at 0
+
+
+# ---------------------------------------------------------------- 7. progress
+
+
+def test_block_passes_count_without_changing_the_model(tiny_model, capsys):
+    """Fault: AWQ ran 696 s with no output. Now a counter of decoder-block passes runs while a
+    quantizer's steps run (with progress); the hooks leave every output as it was."""
+    from qbench.runner import block_passes
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        with block_passes(model, "m x q: rounding", True):
+            during = model(ids).logits
+            model(ids)
+    assert torch.equal(before, during)
+    assert "m x q: rounding: 4 block passes" in capsys.readouterr().err.replace("\r", "\n")
+    assert not any(block._forward_hooks for block in model.model.layers)  # removed after

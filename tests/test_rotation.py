@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import TINY_SHAPE, randomize
 
-from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
+from qbench.checkpoints.catalog import VARIANTS
+from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.quant import QuantizerConfig, quantize_, quantizer
 from qbench.quant.hadamard import (
     HadamardTransform,

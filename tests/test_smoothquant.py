@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qbench.checkpoints.model import VARIANTS
+from qbench.checkpoints.catalog import VARIANTS
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.quant import QuantizerConfig, quantize_
 from qbench.quant.linear import QuantLinear

@@ -16,7 +16,7 @@ from conftest import REPO, needs_wikitext, write_recipe
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from qbench import runner, store
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.cli import main
 from qbench.data import calibration
 from qbench.errors import QBenchError

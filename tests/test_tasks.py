@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.cli import main
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError

@@ -31,15 +31,10 @@ from qbench.checkpoints import model as _family  # noqa: F401  (registers model_
 from qbench.checkpoints.dispatch import input_device, offloaded_modules
 from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
-from qbench.checkpoints.train import (
-    TrainConfig,
-    cache_dir,
-    model_config,
-    train_config,
-    trained_checkpoint,
-)
+from qbench.checkpoints.spec import CheckpointIdentity
+from qbench.checkpoints.train import TrainConfig, model_config, train_config, trained_checkpoint
+from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe, warn
-from qbench.eval.tasks import offline
 from qbench.files import read_text_nofollow, regular_file_problem, write_json_atomic
 from qbench.quant.inventory import linear_conv1d
 from qbench.recipe import CheckpointSpec
@@ -132,29 +127,6 @@ def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> Pretra
         ) from None
     check_sizes(config, f"{Path(source) / 'config.json'}" if spec.path else f"'{spec.hf}' config")
     return config
-
-
-_ABSENT_IF_NONE = Field(default=None, exclude_if=lambda value: value is None)
-
-
-class CheckpointIdentity(BaseModel):
-    """What a checkpoint's result key holds of its content; stored in every record.
-
-    train: the training-config digest (`train:`); random: the digest of a random checkpoint's
-    resolved config, seed, planted channel, tokenizer corpus and library versions (`random:`);
-    hf / revision / commit: the hub id, the revision the recipe names and the commit it
-    resolved to (`hf:`); files: the sha256 of each file that determines the model or its
-    tokenizer (`path:`; see IDENTITY_FILES).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train: str | None = _ABSENT_IF_NONE
-    random: str | None = _ABSENT_IF_NONE
-    hf: str | None = _ABSENT_IF_NONE
-    revision: str | None = _ABSENT_IF_NONE
-    commit: str | None = _ABSENT_IF_NONE
-    files: dict[str, str] | None = _ABSENT_IF_NONE
 
 
 def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:

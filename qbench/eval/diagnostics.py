@@ -33,14 +33,13 @@ from typing import Any
 
 import torch
 from accelerate.utils import align_module_device
-from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import input_device
-from qbench.config import StrictModel
 from qbench.eval.perplexity import windows_of
+from qbench.eval.specs import DiagnosticsSpec
 from qbench.quant.inventory import find_blocks, inventory, path_kind
 from qbench.quant.kvcache import eager_attention
 from qbench.quant.quantizer import QuantizerConfig
@@ -49,13 +48,6 @@ from qbench.quant.steps import quantized_targets
 
 TOP = 3
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text
-
-
-class DiagnosticsSpec(StrictModel):
-    """The probe: the first `samples` windows of `seq_len` tokens of the eval text."""
-
-    samples: int = Field(default=4, ge=1)
-    seq_len: int = Field(default=128, ge=2)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-from qbench.checkpoints.dispatch import input_device
 from qbench.data.sources import data_dir
+from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, warn
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
 from qbench.files import write_text_atomic
@@ -70,12 +70,6 @@ Source = Literal["embedded", "local", "lm-eval"]
 def local_task_names() -> list[str]:
     """Names that run without the hub (given their release files)."""
     return sorted([*EMBEDDED_TASKS, *LOCAL_FILES])
-
-
-def offline() -> bool:
-    """True when the environment forbids the Hugging Face hub."""
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
 
 
 def lm_eval_version() -> str:
@@ -345,6 +339,7 @@ def evaluate_tasks(
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from qbench.checkpoints.dispatch import input_device
     from qbench.eval.request_cache import JsonCachingLM
 
     runs = []
@@ -521,8 +516,6 @@ def zero_shot_average(
 
 
 def default_work_dir(recipe_name: str) -> Path:
-    from qbench.checkpoints.train import cache_dir
-
     return cache_dir() / "lm-eval" / recipe_name
 
 
