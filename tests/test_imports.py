@@ -145,3 +145,28 @@ def test_help_list_and_a_recipe_error_import_no_model_library(tmp_path):
     for what, code in commands.items():
         loaded = _loaded_after(code)
         assert not any(loaded.values()), (what, loaded)
+
+
+def test_a_task_name_is_checked_against_the_cached_index_without_lm_eval(tmp_path):
+    """Fault: an unknown task name cost lm-eval's whole index (about 10 s of CPU) at every
+    validation. Now the names come from the index saved once in the cache."""
+    from qbench.environment import cache_dir
+    from qbench.eval.tasks import lm_eval_version
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    index = cache_dir() / f"lm-eval-tasks-{lm_eval_version()}.json"
+    index.write_text(json.dumps(["mmlu", "some_cached_task"]))
+    recipe = tmp_path / "tasks.yaml"
+    recipe.write_text(
+        "name: t\ncheckpoints: [{name: m, path: x}]\n"
+        "eval: {perplexity: [{data: embedded}], tasks: [some_cached_task, some_cahced_task]}\n"
+    )
+    code = (
+        "from qbench.recipe import RecipeError, load_recipe\n"
+        f"try:\n    load_recipe({str(recipe)!r})\nexcept RecipeError as error:\n"
+        "    message = str(error)\n"
+        "assert 'eval.tasks[1].name: unknown task' in message, message\n"
+        "assert \"did you mean 'some_cached_task'\" in message, message"
+    )
+    assert not _loaded_after(code)["lm_eval"]
+    index.unlink()

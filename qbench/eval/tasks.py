@@ -47,7 +47,7 @@ from qbench.data.sources import data_dir
 from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, warn
 from qbench.eval.task_data import LOCAL_FILES, embedded_mc_docs, local_paths, missing_files
-from qbench.files import write_text_atomic
+from qbench.files import read_text_nofollow, write_json_atomic, write_text_atomic
 from qbench.registry import did_you_mean
 
 TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
@@ -95,11 +95,30 @@ def _local_manager() -> Any:
     return TaskManager(include_path=str(TASK_DEFS), include_defaults=False)
 
 
+INDEX_LIMIT = 16 << 20  # bytes of the cached task index
+
+
+def lm_eval_task_names() -> list[str]:
+    """Every task, group and tag name lm-eval's index holds, from
+    $QBENCH_CACHE_DIR/lm-eval-tasks-<version>.json when an earlier process saved it (no
+    lm-eval import: building the index takes about 10 s), else built and saved."""
+    path = cache_dir() / f"lm-eval-tasks-{lm_eval_version()}.json"
+    try:
+        names = json.loads(read_text_nofollow(path, INDEX_LIMIT))
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    except (OSError, ValueError):  # absent, unreadable or not such a list: rebuild it
+        pass
+    names = sorted(_lm_eval_manager().all_tasks)
+    write_json_atomic(path, names)
+    return names
+
+
 def check_task_name(name: str) -> str:
     """`name` if qbench or lm-eval knows it, else a ValueError listing the local tasks."""
     if name in EMBEDDED_TASKS or name in LOCAL_FILES:
         return name
-    known = _lm_eval_manager().all_tasks
+    known = lm_eval_task_names()
     if name in known:
         return name
     hint = did_you_mean(name, [*local_task_names(), *known])
