@@ -16,7 +16,7 @@ from qbench.checkpoints.catalog import PRESETS
 from qbench.checkpoints.load import DTYPES, device, load_checkpoint
 from qbench.checkpoints.train import train_tokenizer
 from qbench.data.sources import embedded_rows
-from qbench.quant.fused import MODE_VARIABLE
+from qbench.quant.formats.fused import MODE_VARIABLE
 from qbench.recipe import CheckpointSpec
 
 

@@ -114,12 +114,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
     Exit 0 when every cell is ok or refused, 1 when a cell failed (its record says why; a
     rerun retries it), 2 on a plan-time error (with --strict, a refusal is one)."""
+    from qbench.recipe import load_recipe
+
+    for source in args.recipes:  # every field checked before the model libraries load
+        load_recipe(source)
+    if args.no_progress:
+        _hide_library_bars()
     from qbench.executors import make_executor
     from qbench.report.leaderboard import write_leaderboard
     from qbench.sweep import plan_recipes, refusals, sweep
 
-    if args.no_progress:
-        _hide_library_bars()
     options = {"address": args.address, "num_cpus": args.num_cpus}
     executor = make_executor(args.executor, **{k: v for k, v in options.items() if v is not None})
     planned = plan_recipes(args.recipes)
@@ -162,19 +166,22 @@ def _hide_library_bars() -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from qbench.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # checked before the model libraries load
     from qbench.report.leaderboard import write_leaderboard
 
-    print(write_leaderboard(load_recipe(args.recipe), args.recipe, args.results))
+    print(write_leaderboard(recipe, args.recipe, args.results))
     return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
     from qbench.recipe import load_recipe
+
+    recipes = [(source, load_recipe(source)) for source in args.recipes]  # before the libraries
     from qbench.report.gate import run_gate, write_reference
 
     failed = False
-    for source in args.recipes:
-        recipe = load_recipe(source)
+    for source, recipe in recipes:
         if recipe.gate is None:
             raise QBenchError(f"{source}: no gate: block; add gate: {{min_recovery: ...}}")
         if args.cadence and recipe.gate.cadence != args.cadence:
@@ -242,7 +249,7 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS
-    from qbench.quant import ROUNDINGS, SHORTHANDS, TRANSFORMS
+    from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
 
     print("methods:     ", ", ".join(SHORTHANDS), "(shorthands of transforms + rounding)")
     print("transforms:  ", ", ".join(TRANSFORMS.names()))

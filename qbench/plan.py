@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,10 +31,9 @@ from qbench.checkpoints.random import random_checkpoint_dir
 from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity, task_options_identity
-from qbench.quant.inventory import Inventory, inventory, linear_conv1d
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.quant.spec import KVQuant, divides_error
-from qbench.quant.steps import quantized_targets
+from qbench.quant.refusal import refusal_of, text_config
+from qbench.quant.walk.inventory import inventory, linear_conv1d
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
 from qbench.versions import library_versions
 
@@ -143,7 +142,14 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
                 quantizer
                 and (
                     _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
-                    or refusal_of(quantizer, index - 1, checkpoint, config, found, context)
+                    or refusal_of(
+                        quantizer,
+                        f"quantizers[{index - 1}] '{quantizer.name}'",
+                        checkpoint.name,
+                        config,
+                        found,
+                        context,
+                    )
                 )
             )
             blob = json.dumps(determinants, sort_keys=True)
@@ -222,8 +228,13 @@ QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): k
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
     """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
-    version of that layout."""
-    return {"schema": QUANTIZER_SCHEMA, **quantizer.model_dump(exclude={"name", "method"})}
+    version of that layout; `targets:` / `ignore:` only where given (keys from before they
+    existed stay valid)."""
+    unset = {f for f in ("targets", "ignore") if not getattr(quantizer, f)}
+    return {
+        "schema": QUANTIZER_SCHEMA,
+        **quantizer.model_dump(exclude={"name", "method", *unset}),
+    }
 
 
 def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
@@ -258,7 +269,7 @@ def context_length(config: PretrainedConfig, skeleton: nn.Module) -> tuple[int, 
     position table (GPT-2's wpe, OPT's embed_positions less its offset) where fewer: beyond
     it a learned-position model fails with an IndexError and a rotary one runs on positions
     it never saw. None where neither says."""
-    text = _text_config(config)
+    text = text_config(config)
     found = None
     for name in CONTEXT_FIELDS:
         value = getattr(text, name, None)
@@ -283,10 +294,6 @@ def _memory_refusal(
     built = checkpoint.random is None or random_checkpoint_dir(checkpoint.random, config).is_dir()
     problem = memory_refusal(skeleton, checkpoint.dtype, built_in_float32=not built)
     return problem and f"checkpoints[{i}] '{checkpoint.name}' ({config.model_type}): {problem}"
-
-
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _skeleton(
@@ -324,89 +331,6 @@ def _offload_refusal(
     )
 
 
-def refusal_of(
-    quantizer: QuantizerConfig,
-    index: int,
-    checkpoint: CheckpointSpec,
-    config: PretrainedConfig,
-    found: Inventory,
-    context: tuple[int, str] | None = None,
-) -> str | None:
-    """Why `quantizer` (recipe entry `index`) cannot run on `checkpoint`, as a line naming the
-    field: a step's calibration windows longer than the `context` (`context_length`), a KV
-    group that does not divide head_dim, a group or block that does not divide a target's
-    width, or what the method itself cannot do on this architecture
-    (`QuantizerConfig.refusal`). None: it can run."""
-    where = f"quantizers[{index}] '{quantizer.name}'"
-    for field_path, calibration in calibrations(quantizer) if context is not None else ():
-        if calibration.seq_len > context[0]:
-            return (
-                f"{where}.{field_path}.seq_len: {calibration.seq_len} exceeds checkpoint "
-                f"'{checkpoint.name}''s {context[1]} {context[0]}; use seq_len <= {context[0]}"
-            )
-    if quantizer.kv is not None and (problem := _kv_misfit(quantizer.kv, config)):
-        return f"{where}.kv.{problem} of checkpoint '{checkpoint.name}'"
-    if misfit := next(_misfits(quantizer, found), None):
-        field, layer, text, fix = misfit
-        return f"{where}.{field}: {text} of layer {layer} in checkpoint '{checkpoint.name}'; {fix}"
-    if problem := quantizer.refusal(found):
-        return (
-            f"{where} ({quantizer.method}) on checkpoint '{checkpoint.name}' "
-            f"({config.model_type}): {problem}"
-        )
-    return None
-
-
-def _misfits(quantizer: QuantizerConfig, found: Inventory) -> Iterator[tuple[str, str, str, str]]:
-    """(field path, layer, problem, fix) for each target input width `quantizer` cannot
-    quantize: its weight / activation formats, then the method's own fields."""
-    widths = {
-        f"{name}.{param}" if target.experts else name: width
-        for name, target in quantized_targets(found, quantizer).items()
-        for param, width in target.input_widths().items()
-    }
-    embeddings = {}
-    if quantizer.embeddings and found.embeddings:
-        table = next(iter(found.embeddings.items()))
-        embeddings = {table[0]: table[1].weight.shape[1]}
-    roles = {"weights": widths | embeddings, "activations": widths}
-    for role, layers in roles.items():
-        spec = getattr(quantizer, role)
-        for layer, width in layers.items() if spec is not None else ():
-            if problem := divides_error(spec, width):
-                field, text, fix = problem
-                yield f"{role}.{field}", layer, text, fix
-    for layer, width in widths.items():
-        if problem := quantizer.width_error(width):
-            field, text, fix = problem
-            yield field, layer, text, fix
-
-
-def kv_widths(config: PretrainedConfig) -> set[int]:
-    """The widths of the keys and values per head: head_dim, or MLA's key and value widths."""
-    text = _text_config(config)
-    if getattr(text, "qk_rope_head_dim", None) and getattr(text, "v_head_dim", None):
-        return {text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim}
-    width = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return {width}
-
-
-def _kv_misfit(kv: KVQuant, config: PretrainedConfig) -> str | None:
-    """'field: problem' when the KV groups or blocks do not divide the key/value width."""
-    for width in sorted(kv_widths(config)):
-        if kv.block is not None and width % kv.block:
-            what = (
-                f"group {kv.group} does"
-                if kv.group
-                else f"{kv.format}'s {kv.block}-element blocks do"
-            )
-            return (
-                f"{'group' if kv.group else 'format'}: {what} not divide head_dim {width}; use a "
-                f"group that divides {width}, or no group (one scale per token and head)"
-            )
-    return None
-
-
 def rederived_key(
     recipe: Recipe,
     checkpoint: CheckpointSpec,
@@ -429,16 +353,3 @@ def rederived_key(
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"its determinants do not fit this recipe ({describe(error)})") from None
     return cell_key(rebuilt)
-
-
-def calibrations(quantizer: QuantizerConfig) -> list[tuple[str, Any]]:
-    """(field path, CalibrationSpec) of each step that calibrates: `calibration` where the
-    quantizer is a `method:` shorthand (its fields sit beside it), else
-    `transforms[i].calibration` / `rounding.calibration`."""
-    steps = [(f"transforms[{i}]", t) for i, t in enumerate(quantizer.transforms)]
-    found = []
-    for where, step in [*steps, ("rounding", quantizer.rounding)]:
-        spec = getattr(step, "calibration", None)
-        if spec is not None:
-            found.append(("calibration" if quantizer.method else f"{where}.calibration", spec))
-    return found

@@ -14,7 +14,7 @@ from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, diagnose, layer_sqnr, probe_ids
 from qbench.eval.specs import DiagnosticsSpec
 from qbench.files import write_json_atomic
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 

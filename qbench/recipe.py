@@ -44,7 +44,7 @@ from qbench.data.sources import (
 from qbench.errors import QBenchError
 from qbench.eval.specs import DiagnosticsSpec
 from qbench.files import utf8_text
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.steps import ROUNDINGS, TRANSFORMS
 from qbench.registry import did_you_mean
 from qbench.report.bootstrap import BootstrapSpec
@@ -686,8 +686,15 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        problems = (_describe(e, data) for e in error.errors())
+        problems = (_describe(e, data) for e in _causes(error.errors()))
         raise RecipeError("\n".join(f"{path}: {p}" for p in problems)) from None
+
+
+def _causes(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The errors less a missing field beside another error of the same mapping (a bad
+    `format:` leaves `bits:` unset: one line, the cause)."""
+    wrong = {e["loc"][:-1] for e in errors if e["type"] != "missing"}
+    return [e for e in errors if e["type"] != "missing" or e["loc"][:-1] not in wrong]
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

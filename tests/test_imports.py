@@ -137,8 +137,10 @@ def test_help_list_and_a_recipe_error_import_no_model_library(tmp_path):
         f"try:\n    load_recipe({str(recipe)!r})\nexcept RecipeError as error:\n"
         "    assert 'bitz' in str(error), error\nelse:\n    raise AssertionError('no error')"
     )
+    run = f"from qbench.cli import main\nassert main(['run', {str(recipe)!r}]) == 2"
     commands = {
         "validation": validate,
+        "run with a typo": run,
         "list": "from qbench.cli import main\nassert main(['list']) == 0",
         "help": "from qbench.cli import main\ntry:\n    main(['-h'])\nexcept SystemExit:\n    0",
     }

@@ -36,7 +36,7 @@ from qbench.checkpoints.train import TrainConfig, model_config, train_config, tr
 from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe, warn
 from qbench.files import read_text_nofollow, regular_file_problem, write_json_atomic
-from qbench.quant.inventory import linear_conv1d
+from qbench.quant.walk.inventory import linear_conv1d
 from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
