@@ -96,6 +96,16 @@ def test_a_refusal_is_listed_before_any_model_work_recorded_and_not_retried(
     assert _run(recipe, results) == 0  # nothing to run, nothing retried
     assert "load" not in events and "0 to run" in capsys.readouterr().out
 
+    # the remedy the message names is a field that exists: leave the layer out
+    assert "leave such layers out with the quantizer's ignore: [" in record.error.message
+    text = REFUSED_RECIPE.format(path=llama_dir).replace(
+        "group: 32}}", "group: 32}, ignore: ['re:.*mlp\\.down_proj']}"
+    )
+    fixed = write_recipe(tmp_path / "fixed.yaml", text)
+    assert _run(fixed, results) == 0
+    out = capsys.readouterr().out
+    assert "refused" not in out and "m x w4-g32: perplexity" in out
+
 
 def test_strict_makes_a_refusal_a_plan_time_error(tmp_path, llama_dir, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", REFUSED_RECIPE.format(path=llama_dir))
