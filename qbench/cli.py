@@ -247,7 +247,7 @@ def _validated(model: type, **values: object) -> object:
 def _list(args: argparse.Namespace) -> int:
     from qbench.checkpoints.catalog import PRESETS, VARIANTS
     from qbench.data.sources import TEXT_SOURCES
-    from qbench.eval.tasks import local_task_names
+    from qbench.eval.task_index import local_task_names
     from qbench.executors import EXECUTORS
     from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
 

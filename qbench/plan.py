@@ -30,7 +30,7 @@ from qbench.checkpoints.load import (
 from qbench.checkpoints.random import random_checkpoint_dir
 from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
-from qbench.eval.tasks import task_identity, task_options_identity
+from qbench.eval.task_index import task_identity, task_options_identity
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.refusal import refusal_of, text_config
 from qbench.quant.walk.inventory import inventory, linear_conv1d

@@ -31,13 +31,12 @@ from qbench.checkpoints import model as _family  # noqa: F401  (registers model_
 from qbench.checkpoints.dispatch import input_device, offloaded_modules
 from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
-from qbench.checkpoints.spec import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity, CheckpointSpec
 from qbench.checkpoints.train import TrainConfig, model_config, train_config, trained_checkpoint
 from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe, warn
 from qbench.files import read_text_nofollow, regular_file_problem, write_json_atomic
 from qbench.quant.walk.inventory import linear_conv1d
-from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

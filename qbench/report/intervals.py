@@ -25,8 +25,8 @@ import numpy as np
 from tabulate import tabulate
 
 from qbench.files import write_json_atomic
+from qbench.recipe.schema import BootstrapSpec
 from qbench.report.bootstrap import (
-    BootstrapSpec,
     Interval,
     Member,
     Windows,

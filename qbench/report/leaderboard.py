@@ -12,8 +12,8 @@ from qbench.files import write_text_atomic
 from qbench.plan import Cell
 from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
+from qbench.recipe.schema import BootstrapSpec
 from qbench.record import FAILED, MISSING, REFUSED, ResultsTable
-from qbench.report.bootstrap import BootstrapSpec
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section

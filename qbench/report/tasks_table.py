@@ -18,7 +18,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from qbench.eval.tasks import zero_shot_average
+from qbench.eval.task_scores import zero_shot_average
 from qbench.files import save_figure, write_json_atomic
 from qbench.plan import Cell
 from qbench.recipe import Recipe

@@ -10,8 +10,8 @@ from qbench.report.intervals import NO_WINDOWS, windows
 
 if TYPE_CHECKING:
     from qbench.recipe import Recipe
+    from qbench.recipe.schema import BootstrapSpec
     from qbench.record import ResultsTable
-    from qbench.report.bootstrap import BootstrapSpec
 
 
 def precision_blocks(recipe: Recipe) -> dict[str, list[str]]:
