@@ -147,7 +147,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             if tasks:  # recipes without tasks keep their keys
                 determinants["tasks"] = tasks
             if recipe.eval.diagnostics is not None:
-                determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
+                determinants["diagnostics"] = recipe.eval.diagnostics.identity()
             blob = json.dumps(determinants, sort_keys=True).encode()
             key = hashlib.sha256(blob).hexdigest()
             fp_key = fp_key or key

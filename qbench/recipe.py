@@ -32,13 +32,14 @@ from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.random import RandomSpec
 from qbench.checkpoints.train import PRESETS
 from qbench.config import Seed, StrictModel
-from qbench.data.external import resolve_path
+from qbench.data.external import hub_documents, path_documents, resolve_path
 from qbench.data.sources import (
     TEXT_SOURCES,
     check_split,
     default_split,
     hub_text,
     path_text,
+    source_documents,
     source_text,
     text_source,
 )
@@ -351,6 +352,17 @@ class PerplexitySpec(StrictModel):
             column = self.text_column or "text"
             return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
         return source_text(self.data, self.split, self.max_documents)
+
+    def documents(self) -> list[str]:
+        """The documents `text()` joins, each whole (WikiText-2: its articles)."""
+        if self.data == "text":
+            return path_documents(self.path)[: self.max_documents]
+        if self.data == "hub":
+            column = self.text_column or "text"
+            return hub_documents(self.dataset, self.config, self.split, column)[
+                : self.max_documents
+            ]
+        return source_documents(self.data, self.split, self.max_documents)
 
     def describe(self) -> str:
         """Where the text comes from and how its documents are joined."""

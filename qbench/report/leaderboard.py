@@ -16,7 +16,7 @@ from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.bootstrap import BootstrapSpec
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
-from qbench.report.outliers import outlier_section, write_outlier_plots
+from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
 from qbench.store import load_table, report_cells
@@ -34,6 +34,7 @@ def write_leaderboard(
     path = results_root / recipe.name / "LEADERBOARD.md"
     write_text_atomic(path, leaderboard(recipe, source, table))
     write_outlier_plots(recipe, table, path.parent / "plots")
+    write_checkpoint_plots(recipe, table, path.parent / "plots")
     write_task_outputs(recipe, table, path.parent)
     write_intervals(recipe, table, path.parent)
     return path
