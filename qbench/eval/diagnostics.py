@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from accelerate.utils import align_module_device
@@ -61,6 +61,9 @@ from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.spec import fake_quant
 from qbench.quant.steps import quantized_targets
 from qbench.quant.structure import trace_structure
+
+if TYPE_CHECKING:
+    from qbench.recipe import PerplexitySpec
 
 TOP = 3  # per layer: the largest |h| entries kept
 LARGEST = 10  # over all layers: the largest activations listed
@@ -107,8 +110,10 @@ class Walk:
     source: str
 
 
-def probe_ids(tokenizer: PreTrainedTokenizerBase, text: Any, spec: DiagnosticsSpec) -> Tensor:
-    """[samples, seq_len] token windows of `text` (a PerplexitySpec): from the start of its
+def probe_ids(
+    tokenizer: PreTrainedTokenizerBase, text: PerplexitySpec, spec: DiagnosticsSpec
+) -> Tensor:
+    """[samples, seq_len] token windows of `text` (the eval text): from the start of its
     text, cut as perplexity cuts them, or each from the start of one of its documents.
 
     Raises QBenchError when the text has fewer than `samples` such windows.
