@@ -226,17 +226,17 @@ def clip_search(w: Tensor, grid: int = 100, max_shrink: float = 0.8, norm: float
     return ratio
 
 
-def gptq(w: Tensor, hessian: Tensor, clip: bool, block: int = 128, damp: float = 0.01) -> Tensor:
-    """GPTQ (Frantar et al.) with a per-row symmetric int4 grid fixed before the sweep."""
-    w = w.double().clone()
-    h = hessian.double().clone()
+def gptq(w: Tensor, hessian: Tensor, block: int = 128, damp: float = 0.01) -> Tensor:
+    """GPTQ (Frantar et al.; float32 as its reference code) with a per-row symmetric int4 grid
+    (absmax / 7) fixed before the sweep."""
+    w = w.float().clone()
+    h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    ratio = clip_search(w) if clip else 1.0
-    scale = (ratio * w.abs().amax(dim=1, keepdim=True) / QMAX).clamp_min(1e-12)
+    scale = (w.abs().amax(dim=1, keepdim=True) / QMAX).clamp_min(1e-12)
     q = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
@@ -276,12 +276,14 @@ def captured(model: nn.Module, record: Callable[[str, Tensor], None]) -> Iterato
 
 
 @torch.no_grad()
-def hessians(model: nn.Module, batch: Tensor) -> dict[str, Tensor]:
-    """2 X^T X / tokens of every target's input on `batch` (GPTQ's H)."""
+def hessians(model: nn.Module, batch: Tensor, keep: Callable[[str], bool]) -> dict[str, Tensor]:
+    """2 X^T X / tokens of the input of every target `keep` accepts, on `batch` (GPTQ's H)."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
     def record(name: str, x: Tensor) -> None:
+        if not keep(name):
+            return
         x = x.flatten(0, -2).double()
         sums[name] = sums.get(name, 0) + 2 * x.T @ x
         counts[name] = counts.get(name, 0) + x.shape[0]
@@ -381,48 +383,54 @@ def super_weight(model: nn.Module, batch: Tensor) -> tuple[int, int, int, float]
 def study_variant(
     name: str,
     model: nn.Module,
-    calibration: Tensor,
-    held_out: Tensor,
-    test: Tensor,
+    data: dict[str, Tensor],
     sw: tuple,
-    basis: Callable[[Tensor], Tensor],
+    term: Callable[[float, int, int], Tensor],
+    detail: set[int],
+    full: bool,
 ) -> dict:
-    """Every quantizer on one float model: per-layer errors and perplexities."""
+    """The quantizers on one float model: per-layer errors (RTN on every linear; clip search
+    and GPTQ on the linears of the `detail` blocks, or of all with `full`) and perplexities
+    (RTN and RTN with the super weight in float; clip search and GPTQ too with `full`)."""
     start = time.perf_counter()
     linears = targets(model)
     float_weights = {n: m.weight.detach().clone() for n, m in linears.items()}
-    xs = inputs(model, held_out)
-    hs = hessians(model, calibration)
+    xs = inputs(model, data["held_out"])
+
+    def detailed(n: str) -> bool:
+        return full or int(n.split(".")[2]) in detail
+
+    hs = hessians(model, data["calibration"], detailed)
     layer, row, column, value = sw
     sw_name = f"model.layers.{layer}.mlp.down_proj"
-    quantized: dict[str, dict[str, Tensor]] = {"rtn": {}, "clip": {}, "gptq": {}, "sw_float": {}}
+    quantized: dict[str, dict[str, Tensor]] = {"rtn": {}, "sw_float": {}, "clip": {}, "gptq": {}}
     for n, w in float_weights.items():
         quantized["rtn"][n] = rtn(w)
-        quantized["clip"][n] = rtn(w, clip_search(w))
-        quantized["gptq"][n] = gptq(w, hs[n], clip=False).float()
-        if n == sw_name:  # the super weight in float: its rank-1 term out of the rounding
-            term = basis(value, row, column)
-            quantized["sw_float"][n] = rtn(w - term) + term
-        else:
-            quantized["sw_float"][n] = quantized["rtn"][n]
+        quantized["sw_float"][n] = quantized["rtn"][n]
+        if detailed(n):
+            quantized["clip"][n] = rtn(w, clip_search(w))
+            quantized["gptq"][n] = gptq(w, hs[n]).float()
+    w = float_weights[sw_name]  # the super weight in float: its rank-1 term out of the rounding
+    quantized["sw_float"][sw_name] = rtn(w - term(value, row, column)) + term(value, row, column)
     result = {"variant": name, "layers": {}, "perplexity": {}}
     for n, w in float_weights.items():
         result["layers"][n] = {
             **row_stats(w),
-            **{k: errors(w, q[n], xs[n]) for k, q in quantized.items() if k != "sw_float"},
+            **{k: errors(w, q[n], xs[n]) for k, q in quantized.items() if n in q},
         }
-    result["layers"][sw_name]["sw_float"] = errors(
-        float_weights[sw_name], quantized["sw_float"][sw_name], xs[sw_name]
-    )
-    result["perplexity"]["float"] = perplexity(model, test)
+    if name == "original":
+        result["perplexity"]["float"] = perplexity(model, data["test"])
     for key, weights in quantized.items():
+        if len(weights) < len(linears):  # clip search and GPTQ on some blocks only
+            continue
         for n, m in linears.items():
             m.weight.copy_(weights[n])
-        result["perplexity"][key] = perplexity(model, test)
+        result["perplexity"][key] = perplexity(model, data["test"])
         print(f"  {name} {key}: perplexity {result['perplexity'][key]:.2f}", flush=True)
     for n, m in linears.items():
         m.weight.copy_(float_weights[n])
     result["seconds"] = time.perf_counter() - start
+    print(f"  {name}: {result['seconds']:.0f} s", flush=True)
     return result
 
 
@@ -463,30 +471,33 @@ def qbench_part(args: argparse.Namespace, test: Tensor, held_out: Tensor) -> dic
 
 
 def report(results: dict) -> None:
-    """Per-layer error summaries (mean / median / max over the block linears) and perplexities."""
+    """Per-layer error summaries (mean / median / max over the linears measured) and
+    perplexities."""
     print("\nper-layer relative errors of per-channel W4 (mean / median / max over linears)")
-    header = f"{'variant':10} {'quantizer':8} {'weight':>22} {'output':>22} {'output pos 0':>22}"
-    print(header + f" {'output pos >= 1':>22}")
+    columns = ("weight", "output", "output_pos0", "output_rest")
+    print(f"{'variant':10} {'quantizer':8} {'linears':>7} " + " ".join(f"{c:>20}" for c in columns))
     for variant in results["variants"]:
-        for key in ("rtn", "clip", "gptq"):
+        for key in ("rtn", "clip", "gptq", "sw_float"):
+            layers = [layer[key] for layer in variant["layers"].values() if key in layer]
+            if not layers:
+                continue
             cells = []
-            for metric in ("weight", "output", "output_pos0", "output_rest"):
-                s = summary([layer[key][metric] for layer in variant["layers"].values()])
+            for metric in columns:
+                s = summary([layer[metric] for layer in layers])
                 cells.append(f"{s['mean']:.3f}/{s['median']:.3f}/{s['max']:.3f}")
-            print(f"{variant['variant']:10} {key:8} " + " ".join(f"{c:>22}" for c in cells))
+            line = f"{variant['variant']:10} {key:8} {len(layers):>7} "
+            print(line + " ".join(f"{c:>20}" for c in cells))
     for variant in results["variants"]:
         stats = [layer["absmax_over_rms"] for layer in variant["layers"].values()]
         kurt = [layer["kurtosis"] for layer in variant["layers"].values()]
         print(
-            f"{variant['variant']:10} rows: absmax/rms mean {sum(stats) / len(stats):.2f}, "
+            f"{variant['variant']:10} weight rows: absmax/rms mean {sum(stats) / len(stats):.2f}, "
             f"kurtosis mean {sum(kurt) / len(kurt):.2f}"
         )
     print("\nperplexities")
     for variant in results["variants"]:
-        print(
-            f"{variant['variant']:10} "
-            + ", ".join(f"{k} {v:.2f}" for k, v in variant["perplexity"].items())
-        )
+        values = ", ".join(f"{k} {v:.2f}" for k, v in variant["perplexity"].items())
+        print(f"{variant['variant']:10} {values}")
     if "qbench" in results:
         q = results["qbench"]
         print("qbench     " + ", ".join(f"{k} {v:.2f}" for k, v in q["perplexity"].items()))
@@ -508,6 +519,12 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=8, help="WikiText-2 valid windows")
     parser.add_argument("--held-out", type=int, default=2, help="test windows for layer errors")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--detail-blocks", default="0,11,29", help="blocks whose linears get clip search and GPTQ"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="clip search and GPTQ everywhere, with perplexities"
+    )
     parser.add_argument("--qbench", action="store_true", help="compare with qbench's rotation")
     parser.add_argument("--out", type=Path, help="JSON with every figure")
     args = parser.parse_args()
@@ -517,33 +534,40 @@ def main() -> None:
     test = windows(test_ids, args.seq_len, args.windows)
     held_out = windows(test_ids, args.seq_len, args.held_out, skip=args.windows)
     calibration = windows(wikitext_ids(tokenizer, "valid"), args.seq_len, args.calibration)
+    data = {"test": test, "held_out": held_out, "calibration": calibration}
     sw = super_weight(model, test)
     print(f"super weight (layer, row, column, value): {sw}", flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "super_weight": sw}
+    detail = {int(i) for i in args.detail_blocks.split(",") if i}
     with torch.no_grad():
         reference = model(input_ids=test[:1]).logits.double()
 
-    def original_basis(value: float, row: int, column: int) -> Tensor:
+    def moved() -> float:
+        with torch.no_grad():
+            logits = model(input_ids=test[:1]).logits.double()
+        return ((logits - reference).norm() / reference.norm()).item()
+
+    def one_weight(value: float, row: int, column: int) -> Tensor:
         term = torch.zeros_like(blocks(model)[sw[0]].mlp.down_proj.weight)
         term[row, column] = value
         return term
 
     results["variants"] = [
-        study_variant("original", model, calibration, held_out, test, sw, original_basis)
+        study_variant("original", model, data, sw, one_weight, detail, args.full)
     ]
     fold_norms(model)
-    results["variants"].append(
-        study_variant("folded", model, calibration, held_out, test, sw, original_basis)
-    )
+    results["folded_logits_relative_error"] = moved()
+    results["variants"].append(study_variant("folded", model, data, sw, one_weight, set(), False))
     handles = rotate(model, torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        moved = (model(input_ids=test[:1]).logits.double() - reference).norm() / reference.norm()
-    print(f"rotated float model: logits move by {moved.item():.2e} (relative L2)", flush=True)
-    results["rotation_logits_relative_error"] = moved.item()
-    term = rotated_term(args.seed, model.config)
-    results["variants"].append(
-        study_variant("rotated", model, calibration, held_out, test, sw, term)
+    results["rotated_logits_relative_error"] = moved()
+    print(
+        f"float models' logits against the original (relative L2): folded "
+        f"{results['folded_logits_relative_error']:.1e}, rotated "
+        f"{results['rotated_logits_relative_error']:.1e}",
+        flush=True,
     )
+    term = rotated_term(args.seed, model.config)
+    results["variants"].append(study_variant("rotated", model, data, sw, term, detail, args.full))
     for handle in handles:
         handle.remove()
     if args.qbench:
