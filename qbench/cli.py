@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(command=_train)
 
     probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
-    probe.add_argument("--path", help="a Hugging Face model directory")
+    probe.add_argument("--path", help="a Hugging Face model directory, or a .gguf file")
     probe.add_argument("--recipe", type=Path, help="a recipe, with --checkpoint NAME")
     probe.add_argument("--checkpoint", help="a checkpoint of --recipe (seeded: name@seed)")
     probe.add_argument(

@@ -180,7 +180,8 @@ def probe_command(
         folder = results / recipe.name / "probe"
     else:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name).lstrip("._-")[:NAME_MAX]
-        spec = CheckpointSpec(name=name or "checkpoint", path=path)
+        source = {"gguf" if path.endswith(".gguf") else "path": path}
+        spec = CheckpointSpec(name=name or "checkpoint", **source)
         text = _text_option(data, split, PerplexitySpec(data="embedded", split="test"))
         settings = DiagnosticsSpec()
         folder = results / "probe"

@@ -288,3 +288,13 @@ def test_hub_gguf_file_resolves_in_the_offline_cache(tmp_path, monkeypatch, gguf
     assert cell.identity.commit == commit and cell.identity.gguf_types["Q8_0"] == 14
     model, _ = load_checkpoint(cell.checkpoint, commit=commit)
     assert model.config.num_hidden_layers == 2
+
+
+def test_probe_reads_a_gguf_file(tmp_path, gguf_path, capsys):
+    path, _ = gguf_path
+    out = tmp_path / "probe.json"
+    args = ["probe", "--path", str(path), "--samples", "2", "--seq-len", "32", "--out", str(out)]
+    assert main([*args, "--quantizer", "none", "--windows", "document"]) == 0
+    data = json.loads(out.read_text())
+    assert data["checkpoint"]["gguf"] == str(path) and data["probe"]["windows"] == "document"
+    assert "(windows from document starts)" in capsys.readouterr().out
