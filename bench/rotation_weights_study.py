@@ -437,10 +437,10 @@ def study_variant(
 def qbench_part(args: argparse.Namespace, test: Tensor, held_out: Tensor) -> dict:
     """The same model through qbench: its perplexities, and the per-layer errors of qbench's
     rotated weights under this script's quantizer."""
+    from qbench.api import quantize_
     from qbench.checkpoints.load import load_checkpoint
     from qbench.quant import quantizer as make_quantizer
-    from qbench.quant.inventory import inventory
-    from qbench.quant.rotation import rotate as qbench_rotate
+    from qbench.quant.methods.rotation import rotate as qbench_rotate
     from qbench.recipe import CheckpointSpec
 
     spec = CheckpointSpec(name="m", **({"gguf": args.gguf} if args.gguf else {"path": args.model}))
@@ -453,10 +453,7 @@ def qbench_part(args: argparse.Namespace, test: Tensor, held_out: Tensor) -> dic
         torch.manual_seed(args.seed)
         model, tokenizer = load_checkpoint(spec, progress=False)
         if fields is not None:
-            config = make_quantizer(name=name, **fields)
-            before = inventory(model).sizes()
-            config.transform(model, tokenizer)
-            config.quantize(model, tokenizer, before)
+            quantize_(model, make_quantizer(name=name, **fields), tokenizer, seed=args.seed)
         out["perplexity"][name] = perplexity(model, test)
         print(f"  qbench {name}: perplexity {out['perplexity'][name]:.2f}", flush=True)
     torch.manual_seed(args.seed)

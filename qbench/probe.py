@@ -13,7 +13,7 @@ from qbench.checkpoints.load import checkpoint_config, load_checkpoint
 from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
 from qbench.files import write_json_atomic
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 

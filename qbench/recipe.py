@@ -46,7 +46,7 @@ from qbench.data.sources import (
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.files import utf8_text
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.steps import ROUNDINGS, TRANSFORMS
 from qbench.registry import did_you_mean
 from qbench.report.bootstrap import BootstrapSpec

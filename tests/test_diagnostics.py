@@ -25,8 +25,8 @@ from qbench.eval.diagnostics import (
     sqnr_db,
 )
 from qbench.eval.perplexity import windows_of
-from qbench.quant import QuantizerConfig
-from qbench.quant.spec import fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import CheckpointSpec, PerplexitySpec
 
 SINK_DIM, TRIGGER_DIM, MASSIVE_DIM, UNIT = 10, 30, 20, 3  # hidden dims; an MLP channel

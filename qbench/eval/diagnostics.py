@@ -1,9 +1,9 @@
 """Outlier diagnostics: massive activations, attention sinks, kurtosis, super weights, SQNR.
 
 Works on any causal LM qbench's model walk understands, unquantized or quantized: the linears
-are the targets of qbench's inventory (qbench.quant.inventory), the MLP output projections
+are the targets of qbench's inventory (qbench.quant.walk.inventory), the MLP output projections
 (down_proj, fc2, dense_4h_to_h, a shared expert's down_proj) are the MLP targets that the traced
-residual-stream structure (qbench.quant.structure) finds writing the stream. `diagnostic_walk`
+residual-stream structure (qbench.quant.walk.structure) finds writing the stream. `diagnostic_walk`
 reads both off the unquantized model; a quantized cell reuses it (its modules keep their
 names). One forward pass over a few windows of text collects the outlier figures; with a
 quantizer, a pass over the unquantized model first measures every linear's quantization error.
@@ -55,12 +55,12 @@ from qbench.checkpoints.dispatch import input_device, offloaded_modules
 from qbench.config import StrictModel
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
-from qbench.quant.inventory import inventory
-from qbench.quant.kvcache import eager_attention
+from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.quant.spec import fake_quant
-from qbench.quant.steps import quantized_targets
-from qbench.quant.structure import trace_structure
+from qbench.quant.walk.inventory import inventory
+from qbench.quant.walk.kvcache import eager_attention
+from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.structure import trace_structure
 
 if TYPE_CHECKING:
     from qbench.recipe import PerplexitySpec

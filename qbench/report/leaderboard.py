@@ -11,7 +11,7 @@ from qbench.checkpoints.gguf import dequantized_from, gguf_versions
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
-from qbench.quant.coverage import coverage_label
+from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.bootstrap import BootstrapSpec
