@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qbench.checkpoints.dispatch import check_gpus, check_module_map, offload_refusal
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions
 from qbench.checkpoints.limits import memory_refusal
 from qbench.checkpoints.load import (
     CheckpointIdentity,
@@ -75,8 +76,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized'."""
-        return self.quantizer.label() if self.quantizer else "unquantized"
+        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized' (a
+        GGUF checkpoint's: '... (dequantized from Q4_1 / Q8_0)')."""
+        if self.quantizer:
+            return self.quantizer.label()
+        origin = dequantized_from(self.identity.gguf_types)
+        return f"unquantized (dequantized from {origin})" if origin else "unquantized"
 
     @property
     def load_key(self) -> str:
@@ -133,6 +138,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         fp_key = None
         for index, quantizer in enumerate([None, *recipe.quantizers]):
             every = versions | (quantizer.versions() if quantizer else {})
+            every |= gguf_versions() if checkpoint.is_gguf else {}
             determinants = cell_determinants(
                 recipe, checkpoint, quantizer, identity, texts, tasks, every
             )
@@ -191,7 +197,7 @@ def cell_determinants(
     if tasks:  # recipes without tasks keep their keys
         determinants["tasks"] = tasks
     if recipe.eval.diagnostics is not None:
-        determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
+        determinants["diagnostics"] = recipe.eval.diagnostics.identity()
     return json.loads(json.dumps(determinants, sort_keys=True))  # as plan.json holds them
 
 

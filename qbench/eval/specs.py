@@ -4,18 +4,19 @@ outlier diagnostics (no torch)."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qbench.config import Count, StrictModel, check_name, reject_duplicates
-from qbench.data.external import resolve_path
+from qbench.data.external import hub_documents, path_documents, resolve_path
 from qbench.data.sources import (
     TEXT_SOURCES,
     check_split,
     default_split,
     hub_text,
     path_text,
+    source_documents,
     source_text,
 )
 
@@ -23,10 +24,20 @@ TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._()-]*")
 
 
 class DiagnosticsSpec(StrictModel):
-    """The probe: the first `samples` windows of `seq_len` tokens of the eval text."""
+    """The probe: `samples` windows of `seq_len` tokens of the first perplexity text, cut from
+    its stream (`windows: stream`) or each the start of a document (`windows: document`, the
+    tokenizer's BOS first where it has one unless `bos: false`)."""
 
     samples: int = Field(default=4, ge=1)
     seq_len: int = Field(default=128, ge=2)
+    windows: Literal["stream", "document"] = "stream"
+    bos: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the figures; windows and bos only where not the default,
+        so the keys of recipes written before them stay as they were."""
+        new = {"windows": "stream", "bos": True}
+        return self.model_dump(exclude={k for k, v in new.items() if getattr(self, k) == v})
 
 
 class PerplexitySpec(StrictModel):
@@ -122,6 +133,17 @@ class PerplexitySpec(StrictModel):
             column = self.text_column or "text"
             return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
         return source_text(self.data, self.split, self.max_documents)
+
+    def documents(self) -> list[str]:
+        """The documents `text()` joins, each whole (WikiText-2: its articles)."""
+        if self.data == "text":
+            return path_documents(self.path)[: self.max_documents]
+        if self.data == "hub":
+            column = self.text_column or "text"
+            return hub_documents(self.dataset, self.config, self.split, column)[
+                : self.max_documents
+            ]
+        return source_documents(self.data, self.split, self.max_documents)
 
     def describe(self) -> str:
         """Where the text comes from and how its documents are joined."""
