@@ -162,10 +162,10 @@ class Sweep:
 def sweep(
     planned: list[PlannedRecipe],
     results_root: Path,
-    executor: Executor,
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> Sweep:
-    """Compute every pending cell of the planned recipes with `executor`; return the tally.
+    """Compute every pending cell of the planned recipes with `executor` (default: local).
 
     Each recipe's plan is written to its results folder first (plan.json), what killed
     processes left there (unheld claim files, temporary files) is deleted, and the refused
@@ -179,5 +179,9 @@ def sweep(
     jobs = pending_jobs(planned, results_root)
     state = Sweep(results_root, len(jobs), progress)
     if jobs:
+        if executor is None:
+            from qbench.executors import LocalExecutor  # executors imports this module
+
+            executor = LocalExecutor()
         executor.run(jobs, state)
     return state
