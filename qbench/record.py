@@ -35,6 +35,10 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
                       null for fp cells
     notes             what a method did beyond its label (e.g. experts no calibration token
                       reached, rounded to nearest; linears without a norm, not smoothed)
+    caveats           the notes that say the label alone claims more than was done (the two
+                      examples above; a state-space conv GPTQ rounded to nearest; a hybrid's
+                      recurrent states left in float under a KV label): the leaderboard shows
+                      them beside the cell
     error             (failed) {type, message, traceback (last 40 lines)}
     device, fast_quant, quantize_s   (ok) where it ran, QBENCH_FAST_QUANT, seconds to quantize
     versions          library versions the result depends on
@@ -140,6 +144,7 @@ class Record(_Schema):
     stages: dict[str, dict[str, dict[str, float]]] | None = _absent_if_none
     coverage: dict[str, Any] | None = None
     notes: list[str] = Field(default_factory=list)
+    caveats: list[str] = Field(default_factory=list)
     error: ErrorEntry | None = _absent_if_none
     device: str | None = _absent_if_none
     fast_quant: str | None = _absent_if_none

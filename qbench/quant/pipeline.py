@@ -40,6 +40,7 @@ def run(
     seed: int = 0,
     shared: dict[Hashable, Any] | None = None,
     notes: list[str] | None = None,
+    caveats: list[str] | None = None,
     on_transformed: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Quantize `model` in place as `quantizer` says (see the module docstring and
@@ -53,6 +54,7 @@ def run(
         seed,
         shared={} if shared is None else shared,
         notes=[] if notes is None else notes,
+        caveats=[] if caveats is None else caveats,
     )
     before = found.sizes()
     context = transform(context)
@@ -66,6 +68,12 @@ def run(
         round_embeddings(model, quantizer.weights)
     if quantizer.kv is not None:
         quantize_kv_cache(model, quantizer.kv)
+        if found.of_kind("ssm"):
+            context.note(
+                "kv: the attention layers' keys and values are rounded; the state-space "
+                "mixers' recurrent states (conv and SSM states) stay in float",
+                caveat=True,
+            )
     report = coverage(model, before, quantizer)
     check_complete(report, quantizer, model_name(model))
     return report

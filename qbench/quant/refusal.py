@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from qbench.quant.formats.spec import KVQuant, divides_error
-from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -22,9 +22,10 @@ def refusal_of(
     """Why `quantizer` (named `where` in messages, e.g. "quantizers[2] 'w4a4'") cannot run on
     `checkpoint` (its name) with config `config` (a transformers PretrainedConfig, or None for
     a bare module tree) and inventory `found`, as a line naming the field: calibration windows
-    longer than the context, a KV group that does not divide head_dim, a group or block that
-    does not divide a target's width, or what the method itself cannot do on this
-    architecture (`QuantizerConfig.refusal`). None: it can run."""
+    longer than the context, a KV group that does not divide head_dim, a KV cache asked of a
+    model without attention (Mamba), a group or block that does not divide a target's width,
+    or what the method itself cannot do on this architecture (`QuantizerConfig.refusal`).
+    None: it can run."""
     text = text_config(config)
     context = getattr(text, "max_position_embeddings", None)
     for field, calibration in quantizer.calibrations():
@@ -39,6 +40,11 @@ def refusal_of(
         and (problem := _kv_misfit(quantizer.kv, text))
     ):
         return f"{where}.kv.{problem} of checkpoint '{checkpoint}'"
+    if quantizer.kv is not None and found.of_kind("ssm") and not found.of_kind("attention"):
+        return (
+            f"{where}.kv: checkpoint '{checkpoint}' has no attention layers, so no KV cache (its "
+            "state-space mixers keep a recurrent state); remove kv:"
+        )
     if misfit := next(_misfits(quantizer, found), None):
         field, layer, problem, fix = misfit
         return f"{where}.{field}: {problem} of layer {layer} in checkpoint '{checkpoint}'; {fix}"
@@ -56,16 +62,19 @@ def text_config(config: Any) -> Any:
 def _misfits(quantizer: QuantizerConfig, found: Inventory) -> Iterator[tuple[str, str, str, str]]:
     """(field path, layer, problem, fix) for each target input width `quantizer` cannot
     quantize: its weight / activation formats, then the method's own fields."""
-    widths = {
-        f"{name}.{param}" if target.experts else name: width
-        for name, target in quantized_targets(found, quantizer).items()
-        for param, width in target.input_widths().items()
-    }
+    widths: dict[str, int] = {}  # layer -> input width
+    inputs: dict[str, int] = {}  # the layers whose inputs `activations:` round
+    for name, target in quantized_targets(found, quantizer).items():
+        for param, width in target.input_widths().items():
+            layer = f"{name}.{param}" if target.experts else name
+            widths[layer] = width
+            if target.kind not in WEIGHT_ONLY:
+                inputs[layer] = width
     embeddings = {}
     if quantizer.embeddings and found.embeddings:
         table = next(iter(found.embeddings.items()))
         embeddings = {table[0]: table[1].weight.shape[1]}
-    roles = {"weights": widths | embeddings, "activations": widths}
+    roles = {"weights": widths | embeddings, "activations": inputs}
     for role, layers in roles.items():
         spec = getattr(quantizer, role)
         for layer, width in layers.items() if spec is not None else ():

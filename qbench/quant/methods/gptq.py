@@ -17,7 +17,8 @@ Hessians come from its inputs as the already rounded blocks 0..i-1 produce them,
 in two block passes per block. Every target of the inventory takes part: linears, routers
 when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
 tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
-and the cell's notes say how many). Targets outside the blocks (lm_head when asked) see a full
+and the cell's notes say how many); a state-space conv (`convs: true`) is rounded to nearest
+(noted too). Targets outside the blocks (lm_head when asked) see a full
 forward pass of the rounded model. Block 0's Hessians come from the fp model alone, so
 (without rotation) the GPTQ cells of a checkpoint share them.
 """
@@ -36,7 +37,7 @@ from qbench.quant.walk.blockwise import BlockInputs, forward_batches, observe
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, inventory
 from qbench.quant.walk.linear import round_target
-from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.context import StepContext
@@ -53,6 +54,14 @@ def gptq(context: StepContext, step: GPTQ) -> None:
     ids = context.calibration_ids(calibration, "gptq")
     found = inventory(model)
     targets = quantized_targets(found, quantizer)
+    if convs := {n: t for n, t in targets.items() if t.kind in WEIGHT_ONLY}:
+        for name in convs:
+            round_target(model, targets.pop(name), quantizer.weights, None)
+        context.note(
+            f"gptq: {len(convs)} depthwise conv1d weights (convs: true) rounded to nearest "
+            "(a per-channel filter over a few taps has no input Hessian)",
+            caveat=True,
+        )
     inputs = BlockInputs(model, found, ids, calibration.batch_size)
     for i in range(len(found.blocks)):
         block = {n: t for n, t in found.in_block(i).items() if n in targets}
@@ -96,7 +105,8 @@ def _round(
         round_target(context.model, target, weights, context.quantizer.activations, rounded)
     if unreached:
         context.note(
-            f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest"
+            f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest",
+            caveat=True,
         )
 
 
@@ -105,14 +115,16 @@ def input_hessians(
     targets: dict[str, Target], run: Callable[[], object]
 ) -> dict[Key, torch.Tensor]:
     """H = 2/n sum x x^T (float64) of every matrix's inputs while `run()` runs; experts get one
-    per expert slice over the tokens routed to it; slices no token reached get none."""
+    per expert slice over the tokens routed to it; slices no token reached get none (n counts
+    the nonzero rows: Llama 4's experts receive every token, zero where it is not routed;
+    GPTQ's rounding does not depend on H's scale)."""
     sums: dict[Key, torch.Tensor] = {}
     counts: dict[Key, int] = {}
 
     def add(key: Key, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         sums[key] = sums.get(key, 0) + x.T @ x
-        counts[key] = counts.get(key, 0) + x.shape[0]
+        counts[key] = counts.get(key, 0) + (x != 0).any(-1).sum()  # no sync per call
 
     handles = []
     for name, target in targets.items():
