@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -186,7 +187,8 @@ def test_kv_quantizer_and_w4a4_change_the_logits(family):
                 quantize_(model, _config(method="rtn", **fields))
             continue
         quantize_(model, _config(method="rtn", **fields))
-        assert _relative(_logits(model), fp) > 1e-4, fields
+        # float32 noise is ~1e-7; BLOOM's and Zamba 2's KV4 move their logits by 2e-5 to 5e-5
+        assert _relative(_logits(model), fp) > (1e-5 if "kv" in fields else 1e-4), fields
 
 
 @pytest.mark.parametrize(
@@ -313,6 +315,47 @@ def test_every_family_is_causal_and_an_encoder_is_refused(family):
         encoder = BertLMHeadModel(config)
         with pytest.raises(QBenchError, match="not a causal language model"):
             check_causal(encoder.eval())
+
+
+def test_the_leaderboard_shows_a_cells_caveats_beside_its_label(tmp_path, tokenizer):
+    """GPTQ on 16 experts, one routed per token, calibrated on 4 tokens: most experts see no
+    calibration token and are rounded to nearest. The leaderboard marks the cell's label and
+    says so under the table; the RTN cell, which does what its label says, has no mark."""
+    from conftest import write_recipe
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qbench.cli import main
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
+        num_experts_per_tok=1, moe_intermediate_size=32, max_position_embeddings=256,
+    )  # fmt: skip
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+name: caveats
+checkpoints: [{{name: moe, path: {tmp_path / "moe"}}}]
+quantizers:
+  - {{name: gptq, method: gptq, weights: {{bits: 4}},
+     calibration: {{data: embedded, sequences: 1, seq_len: 4}}}}
+  - {{name: rtn, method: rtn, weights: {{bits: 4}}}}
+eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 2}}]}}
+""",
+    )
+    results = tmp_path / "results"
+    assert main(["run", str(recipe), "--results", str(results), "--no-progress"]) == 0
+    board = (results / "caveats" / "LEADERBOARD.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in board.splitlines() if "| moe " in line}
+    assert "gptq: int4 channel / fp [1]" in rows["gptq"]
+    assert "[" not in rows["rtn"].split("|")[4]
+    caveat = re.search(r"^- \[1\] gptq: (\d+) of 64 expert matrices saw no calibration "
+                       r"token: rounded to nearest$", board, re.MULTILINE)  # fmt: skip
+    assert caveat is not None  # 2 layers x 16 experts x (gate_up, down); 4 tokens reach <= 4
+    assert int(caveat.group(1)) >= 64 - 2 * 2 * 4
 
 
 # ---------------------------------------------------------------- state-space and hybrid models

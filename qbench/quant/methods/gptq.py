@@ -63,6 +63,7 @@ def gptq(context: StepContext, step: GPTQ) -> None:
             caveat=True,
         )
     inputs = BlockInputs(model, found, ids, calibration.batch_size)
+    unreached = []  # (target, matrix label) of expert slices no calibration token reached
     for i in range(len(found.blocks)):
         block = {n: t for n, t in found.in_block(i).items() if n in targets}
 
@@ -74,12 +75,19 @@ def gptq(context: StepContext, step: GPTQ) -> None:
             hessians = context.statistic(key, compute)
         else:
             hessians = compute()
-        _round(context, step, block, hessians)
+        unreached += _round(context, step, block, hessians)
         inputs.advance()
     rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
     if rest:
         run = lambda: forward_batches(model, ids, calibration.batch_size)  # noqa: E731
-        _round(context, step, rest, input_hessians(rest, run))
+        unreached += _round(context, step, rest, input_hessians(rest, run))
+    if unreached:
+        slices = sum(1 for t in targets.values() if t.experts for _ in t.matrices())
+        context.note(
+            f"gptq: {len(unreached)} of {slices} expert matrices saw no calibration token: "
+            "rounded to nearest",
+            caveat=True,
+        )
 
 
 def _round(
@@ -87,15 +95,16 @@ def _round(
     step: GPTQ,
     targets: dict[str, Target],
     hessians: dict[Key, torch.Tensor],
-) -> None:
+) -> list[Key]:
+    """Round `targets` with their Hessians; the matrices that had none (rounded to nearest)."""
     weights = context.quantizer.weights
-    unreached = 0
+    unreached = []
     for name, target in targets.items():
         rounded = {}
         for label, matrix in target.matrices():
             hessian = hessians.get((name, label))
             if hessian is None:  # no calibration token reached this expert
-                unreached += 1
+                unreached.append((name, label))
                 rounded[label] = fake_quant(matrix.detach(), weights)
                 continue
             rounded[label] = gptq_round(
@@ -103,11 +112,7 @@ def _round(
                 step.act_order, step.static_groups,
             )  # fmt: skip
         round_target(context.model, target, weights, context.quantizer.activations, rounded)
-    if unreached:
-        context.note(
-            f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest",
-            caveat=True,
-        )
+    return unreached
 
 
 @torch.no_grad()

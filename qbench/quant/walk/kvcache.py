@@ -168,15 +168,22 @@ def _apply(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The module's KV step (identity where none is installed); records it while discovering."""
-    return (*_keys(module, query, key), _values(module, value))
+    _discovered(module, query)
+    transform = getattr(module, "kv_transform", None)
+    return transform(query, key, value) if transform is not None else (query, key, value)
+
+
+def _discovered(module: nn.Module, query: torch.Tensor) -> None:
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.setdefault(id(module), (module, query.shape[-1]))
 
 
 def _keys(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    seen = _SEEN.get()
-    if seen is not None:
-        seen.setdefault(id(module), (module, query.shape[-1]))
+    """The KV step's (q H, k H rounded) where attention is written out (scores' factors)."""
+    _discovered(module, query)
     transform = getattr(module, "kv_transform", None)
     return transform.keys(query, key) if transform is not None else (query, key)
 
