@@ -417,6 +417,24 @@ def test_kv_on_a_hybrid_says_its_recurrent_states_stay_float():
     assert any("recurrent states (conv and SSM states) stay in float" in c for c in caveats)
 
 
+def test_a_kv_cache_asked_of_a_state_space_model_is_refused_at_plan_time():
+    """On the skeleton of a Mamba config (no attention fields at all): the reason, not a
+    crash on the missing head count."""
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    from qbench.quant.refusal import refusal_of
+
+    config = MambaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, state_size=16)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    kv4 = _config(method="rtn", kv={"bits": 4})
+    problem = refusal_of(kv4, "q", "m", config, inventory(skeleton))
+    assert problem == (
+        "q.kv: checkpoint 'm' has no attention layers, so no KV cache (its state-space mixers "
+        "keep a recurrent state); remove kv:"
+    )
+
+
 def test_blocks_of_two_classes_are_found_and_their_mixers_told_apart():
     """Jamba alternates Mamba and attention blocks: both are the decoder blocks; the Mamba
     mixer's projections are kind ssm, its conv1d kind conv; A_log and D are no targets."""

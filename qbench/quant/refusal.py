@@ -34,17 +34,17 @@ def refusal_of(
                 f"{where}.{field}.seq_len: {calibration.seq_len} exceeds checkpoint "
                 f"'{checkpoint}''s max_position_embeddings {context}"
             )
+    if quantizer.kv is not None and found.of_kind("ssm") and not found.of_kind("attention"):
+        return (
+            f"{where}.kv: checkpoint '{checkpoint}' has no attention layers, so no KV cache (its "
+            "state-space mixers keep a recurrent state); remove kv:"
+        )
     if (
         quantizer.kv is not None
         and text is not None
         and (problem := _kv_misfit(quantizer.kv, text))
     ):
         return f"{where}.kv.{problem} of checkpoint '{checkpoint}'"
-    if quantizer.kv is not None and found.of_kind("ssm") and not found.of_kind("attention"):
-        return (
-            f"{where}.kv: checkpoint '{checkpoint}' has no attention layers, so no KV cache (its "
-            "state-space mixers keep a recurrent state); remove kv:"
-        )
     if misfit := next(_misfits(quantizer, found), None):
         field, layer, problem, fix = misfit
         return f"{where}.{field}: {problem} of layer {layer} in checkpoint '{checkpoint}'; {fix}"

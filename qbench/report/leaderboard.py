@@ -146,9 +146,10 @@ def _column_notes(recipe: Recipe) -> list[str]:
 
 
 _ROUNDED_NOTE = [
-    "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
-    "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
-    "counted from its modules; what stays in float and why follows `float:`.",
+    "`rounded`: the share of the targeted linear-like weights (attention, MLP, state-space",
+    "mixers, experts; lm_head, routers and Mamba convs when asked) the cell's model holds",
+    "rounded (W) and with rounded inputs (A), counted from its modules; what stays in float",
+    "and why follows `float:`.",
 ]
 
 _STAGE_NOTE = [
