@@ -30,7 +30,8 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
     coverage          (quantized) what the quantizer rounded, counted from the model's modules
                       (qbench.quant.coverage): kinds: {kind: {weights: [rounded, total],
                       activations: [rounded, total]}} in weight elements per target kind
-                      (attention, mlp, experts, router, norm, lm_head, other, embeddings);
+                      (attention, mlp, ssm, experts, router, conv, norm, lm_head, other,
+                      embeddings; conv and embeddings: weights only);
                       targeted: the kinds it rounds; float: {kind: why it stays in float};
                       null for fp cells
     notes             what a method did beyond its label (e.g. experts no calibration token

@@ -47,7 +47,7 @@ CASES = [
     and quantizer != "convs-kv"
 ] + [  # Llama 4's router and experts rounded in place; Mamba convs; MPT's written-out attention
     ("llama4_text", "routers"), ("llama4_text", "quarot-gptq-kv"), ("falcon_h1", "convs-kv"),
-    ("jamba", "quarot-gptq-kv"), ("mpt", "quarot-gptq-kv"),
+    ("bamba", "quarot-gptq-kv"), ("mpt", "quarot-gptq-kv"),
 ]  # fmt: skip
 
 

@@ -28,6 +28,8 @@ from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
 from qbench.quant.walk.kvcache import quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.structure import applied_outside_forward
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -102,6 +104,31 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
         raise QBenchError(problem)
+    if problem := _outside_forward(quantizer, model, found):
+        raise QBenchError(f"{where} on {model_name(model)}: {problem}")
+
+
+def _outside_forward(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> str | None:
+    """Why the quantizer cannot reach linears whose weight a parent applies itself (one probe
+    pass finds them): their inputs (activations:) and their module (a library's) are never
+    used. Their weights alone are rounded in place, so weight-only qbench rounding runs."""
+    probed = hasattr(model, "get_input_embeddings")  # a decoder: a bare module tree has no ids
+    if (
+        not probed
+        or not quantizer.quantizes_linears
+        or not (quantizer.activations is not None or quantizer.rounding.library)
+    ):
+        return None
+    outside = applied_outside_forward(model, quantized_targets(found, quantizer))
+    if not outside:
+        return None
+    what = "activations:" if quantizer.activations is not None else quantizer.rounding.method
+    last = outside[0].rsplit(".", 1)[-1]
+    return (
+        f"{len(outside)} linears (e.g. {outside[0]}) have their weight applied by their parent "
+        f"(x @ W) and their forward never called, which {what} relies on; leave them out with "
+        f"ignore: ['re:.*\\.{last}$'], or round weights only with rtn or gptq"
+    )
 
 
 def quantized_modules(model: nn.Module, found: Inventory) -> list[str]:

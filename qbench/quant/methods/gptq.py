@@ -17,10 +17,11 @@ Hessians come from its inputs as the already rounded blocks 0..i-1 produce them,
 in two block passes per block. Every target of the inventory takes part: linears, routers
 when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
 tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
-and the cell's notes say how many); a state-space conv (`convs: true`) is rounded to nearest
-(noted too). Targets outside the blocks (lm_head when asked) see a full
-forward pass of the rounded model. Block 0's Hessians come from the fp model alone, so
-(without rotation) the GPTQ cells of a checkpoint share them.
+and the cell's notes say how many); a state-space conv (`convs: true`) and a linear whose
+parent applies its weight itself (Mamba-1's dt_proj) are rounded to nearest (noted too).
+Targets outside the blocks (lm_head when asked) see a full forward pass of the rounded model.
+Block 0's Hessians come from the fp model alone, so (without rotation) the GPTQ cells of a
+checkpoint share them.
 """
 
 from __future__ import annotations
@@ -81,11 +82,18 @@ def gptq(context: StepContext, step: GPTQ) -> None:
     if rest:
         run = lambda: forward_batches(model, ids, calibration.batch_size)  # noqa: E731
         unreached += _round(context, step, rest, input_hessians(rest, run))
-    if unreached:
+    experts = [key for key in unreached if targets[key[0]].experts is not None]
+    if experts:
         slices = sum(1 for t in targets.values() if t.experts for _ in t.matrices())
         context.note(
-            f"gptq: {len(unreached)} of {slices} expert matrices saw no calibration token: "
+            f"gptq: {len(experts)} of {slices} expert matrices saw no calibration token: "
             "rounded to nearest",
+            caveat=True,
+        )
+    if outside := [name for name, _ in unreached if targets[name].experts is None]:
+        context.note(
+            f"gptq: {len(outside)} linears whose weight their parent applies itself (e.g. "
+            f"{outside[0]}: x @ W, not their forward) saw no input: rounded to nearest",
             caveat=True,
         )
 
@@ -103,7 +111,7 @@ def _round(
         rounded = {}
         for label, matrix in target.matrices():
             hessian = hessians.get((name, label))
-            if hessian is None:  # no calibration token reached this expert
+            if hessian is None:  # an expert no token reached, or a weight applied as x @ W
                 unreached.append((name, label))
                 rounded[label] = fake_quant(matrix.detach(), weights)
                 continue

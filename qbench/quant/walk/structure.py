@@ -133,6 +133,26 @@ def probe_ids(model: nn.Module, batch: int = 2, tokens: int = 16) -> torch.Tenso
     return ids.to(model.get_input_embeddings().weight.device)
 
 
+@torch.no_grad()
+def applied_outside_forward(model: nn.Module, targets: dict[str, Target]) -> list[str]:
+    """The linears among `targets` whose forward does not run in a probe pass of `model`: a
+    parent applies their weight itself (Mamba-1's mixers: `dt_proj.weight @ x`). Rounding
+    their weight in place reaches that product; nothing reaches their input. Experts and
+    routers are not asked (an expert a probe does not route to is not called)."""
+    asked = {
+        name: t
+        for name, t in targets.items()
+        if isinstance(t.module, nn.Linear) and t.kind not in ("experts", "router")
+    }
+    called: set[str] = set()
+    with ExitStack() as stack:
+        for name, target in asked.items():
+            hook = target.module.register_forward_pre_hook(lambda *_, n=name: called.add(n))
+            stack.callback(hook.remove)
+        model(input_ids=probe_ids(model))
+    return [name for name in asked if name not in called]
+
+
 def is_norm(module: nn.Module) -> bool:
     """A normalization module: its class name says norm and its own parameters are 1-D."""
     own = list(module.parameters(recurse=False))
