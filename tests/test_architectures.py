@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from qbench.api import quantize_
 from qbench.checkpoints.load import load_checkpoint
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.eval.perplexity import perplexity, windows_of
 from qbench.quant.context import StepContext
 from qbench.quant.formats.fake import fake_quant
@@ -96,7 +96,7 @@ def test_rotation_is_lossless(family, rotate_qk):
     refused = ROTATION_REFUSED.get(family) or (rotate_qk and family in NO_ATTENTION)
     if refused:
         why = "no attention layers" if refused is True else refused
-        with pytest.raises(QBenchError, match=why):
+        with pytest.raises(RefusedError, match=why):
             rotate(model, rotate_qk=rotate_qk)
         return
     rotate(model, rotate_qk=rotate_qk)
@@ -109,7 +109,7 @@ def test_smoothquant_is_lossless_or_refused(family, tokenizer):
     before = _logits(model)
     config = _config(method="smoothquant", alpha=0.8, weights={"bits": 8}, calibration=CALIBRATION)
     if family == "olmo2":  # post-norms only: no norm feeds a linear
-        with pytest.raises(QBenchError, match="nothing to smooth"):
+        with pytest.raises(RefusedError, match="nothing to smooth"):
             transform(StepContext(model, config, tokenizer))
         return
     transform(StepContext(model, config, tokenizer))
@@ -161,7 +161,7 @@ def test_every_targeted_weight_is_rounded(family, method, tokenizer):
     config = _config(method=method, weights={"bits": 4}, activations={"bits": 8}, **fields)
     caveats = []
     if family in OUTSIDE_FORWARD:
-        with pytest.raises(QBenchError, match=r"dt_proj\) have their weight applied by their"):
+        with pytest.raises(RefusedError, match=r"dt_proj\) have their weight applied by their"):
             config.apply(model, tokenizer)
         config = _config(method=method, weights={"bits": 4}, **fields)
     report = config.apply(model, tokenizer, caveats=caveats)
@@ -193,7 +193,7 @@ def test_kv_quantizer_and_w4a4_change_the_logits(family):
     for fields in ({"kv": {"bits": 4}}, {"weights": {"bits": 4}, "activations": {"bits": 4}}):
         model = _model(family)
         if "kv" in fields and family in NO_ATTENTION:
-            with pytest.raises(QBenchError, match="has no attention layers, so no KV cache"):
+            with pytest.raises(RefusedError, match="has no attention layers, so no KV cache"):
                 quantize_(model, _config(method="rtn", **fields))
             continue
         ignore = ["re:.*dt_proj"] if family in OUTSIDE_FORWARD and "activations" in fields else []
@@ -261,10 +261,11 @@ def test_tensor_granularity_on_expert_inputs_is_refused():
     assert "granularity tensor on expert inputs" in config.refusal(found)
 
 
-def test_a_refused_quantizer_is_one_failed_cell_and_the_others_run(tmp_path, tokenizer):
+def test_a_refused_quantizer_is_one_refused_cell_and_the_others_run(tmp_path, tokenizer):
     """bitsandbytes on a MoE checkpoint and a KV group that does not divide head_dim: refused
-    at plan time, recorded as failed cells with their reasons, without loading the model; the
-    recipe's other cells (fp, rtn) run and the leaderboard lists the refusals."""
+    at plan time, recorded as refused cells with their reasons, without loading the model; the
+    recipe's other cells (fp, rtn) run, the leaderboard lists the refusals, and the run exits
+    0 (every cell ok or refused)."""
     from conftest import write_recipe
 
     from qbench.cli import main
@@ -287,9 +288,10 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 2}}]}}
 """,
     )
     results = tmp_path / "results"
-    assert main(["run", str(recipe), "--results", str(results), "--no-progress"]) == 1
+    assert main(["run", str(recipe), "--results", str(results), "--no-progress"]) == 0
     board = (results / "refusals" / "LEADERBOARD.md").read_text()
-    assert "RefusedError: quantizers[1] 'nf4' (bitsandbytes) on checkpoint 'moe'" in board
+    assert "## Refused cells" in board and "## Failed cells" not in board
+    assert "| nf4         | quantizers[1] 'nf4' (bitsandbytes) on checkpoint 'moe'" in board
     assert "replaces nn.Linear layers only" in board
     assert "quantizers[2] 'kv-g12'.kv.group: group 12 does not divide head_dim 16" in board
     cells = [line.split("|")[1:3] for line in board.splitlines() if line.startswith("| ")]
@@ -596,7 +598,7 @@ def test_the_api_refuses_exactly_what_the_planner_refuses(family, tmp_path):
         config = _config(**{**fields, "name": name})
         outside = family in OUTSIDE_FORWARD and ("activations" in fields or "scheme" in fields)
         if planned[name] is None and outside:  # found by a probe pass, before any change
-            with pytest.raises(QBenchError, match="have their weight applied by their parent"):
+            with pytest.raises(RefusedError, match="have their weight applied by their parent"):
                 quantize_(model, config)
         elif planned[name] is None:
             report = quantize_(model, config)  # raises where a targeted weight stays float
@@ -605,7 +607,7 @@ def test_the_api_refuses_exactly_what_the_planner_refuses(family, tmp_path):
         else:
             expected = planned[name].replace(f"quantizers[{i}] '{name}'", f"quantizer '{name}'")
             expected = expected.replace("'ckpt'", f"'{model_name(model)}'")
-            with pytest.raises(QBenchError) as refused:
+            with pytest.raises(RefusedError) as refused:
                 quantize_(model, config)
             assert str(refused.value) == expected
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), name

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.context import StepContext
 from qbench.quant.methods.rtn import round_embeddings, untie_word_embeddings
 from qbench.quant.refusal import refusal_of
@@ -91,8 +91,9 @@ def transform(context: StepContext) -> StepContext:
 
 
 def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> None:
-    """QBenchError where `quantizer` cannot run on `model` (the planner's refusals) or where
-    qbench already quantized the model."""
+    """RefusedError where `quantizer` cannot run on `model` (the planner's refusals, linears
+    whose weight their parent applies outside their forward); QBenchError where qbench already
+    quantized the model."""
     if done := quantized_modules(model, found):
         raise QBenchError(
             f"{model_name(model)} is already quantized ({len(done)} modules, e.g. {done[0]}): "
@@ -103,9 +104,9 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     where = f"quantizer '{quantizer.name}'"
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
-        raise QBenchError(problem)
+        raise RefusedError(problem)
     if problem := _outside_forward(quantizer, model, found):
-        raise QBenchError(f"{where} on {model_name(model)}: {problem}")
+        raise RefusedError(f"{where} on {model_name(model)}: {problem}")
 
 
 def _outside_forward(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> str | None:

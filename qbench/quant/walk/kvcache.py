@@ -46,7 +46,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.formats.spec import KVQuant
@@ -101,11 +101,12 @@ class KVSite:
 
 def kv_sites(model: nn.Module) -> list[KVSite]:
     """Every attention module's KVTransform, installed (and wired into attention) where
-    missing, in the order attention runs; QBenchError if attention has no place for it."""
+    missing, in the order attention runs; RefusedError for a model without attention,
+    QBenchError if attention has no place for it."""
     family = [m for m in model.modules() if _calls_kv_transform(m)]
     seen = {id(m): (m, m.head_dim) for m in family} if family else _discover(model)
     if not seen and not _has_attention(model):
-        raise QBenchError(
+        raise RefusedError(
             f"{model.config.model_type} has no attention layers, so no KV cache (its "
             "state-space mixers keep a recurrent state); remove kv: for this checkpoint"
         )
