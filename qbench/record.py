@@ -34,11 +34,16 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
     coverage          (quantized) what the quantizer rounded, counted from the model's modules
                       (qbench.quant.coverage): kinds: {kind: {weights: [rounded, total],
                       activations: [rounded, total]}} in weight elements per target kind
-                      (attention, mlp, experts, router, norm, lm_head, other, embeddings);
+                      (attention, mlp, ssm, experts, router, conv, norm, lm_head, other,
+                      embeddings; conv and embeddings: weights only);
                       targeted: the kinds it rounds; float: {kind: why it stays in float};
                       null for fp cells
     notes             what a method did beyond its label (e.g. experts no calibration token
                       reached, rounded to nearest; linears without a norm, not smoothed)
+    caveats           the notes that say the label alone claims more than was done (the two
+                      examples above; a state-space conv GPTQ rounded to nearest; a hybrid's
+                      recurrent states left in float under a KV label): the leaderboard shows
+                      them beside the cell
     error             (failed) {type, message, traceback (last 40 lines)}
     device, fast_quant, quantize_s   (ok) where it ran, QBENCH_FAST_QUANT, seconds to quantize
     versions          library versions the result depends on
@@ -144,6 +149,7 @@ class Record(_Schema):
     stages: dict[str, dict[str, dict[str, float]]] | None = _absent_if_none
     coverage: dict[str, Any] | None = None
     notes: list[str] = Field(default_factory=list)
+    caveats: list[str] = Field(default_factory=list)
     error: ErrorEntry | None = _absent_if_none
     refused_at: Literal["plan", "run"] | None = _absent_if_none
     qbench_code: str | None = _absent_if_none  # code_digest() of a refusal's qbench

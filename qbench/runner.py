@@ -203,7 +203,7 @@ def run_cell(
     the statistics the cells of the loaded checkpoint share (qbench.quant.context).
     """
     start = time.perf_counter()
-    stages, notes, coverage = {}, [], None
+    stages, notes, caveats, coverage = {}, [], [], None
     probe = _probe(recipe, tokenizer)
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
@@ -231,6 +231,7 @@ def run_cell(
                 seed=recipe.seed,
                 shared=shared,
                 notes=notes,
+                caveats=caveats,
                 on_transformed=evaluate_transformed,
             )
     quantize_s = time.perf_counter() - start - transformed_eval_s
@@ -268,6 +269,7 @@ def run_cell(
         stages=stages,
         coverage=coverage,
         notes=notes,
+        caveats=caveats,
         device=device_label(model),
         fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         quantize_s=quantize_s,

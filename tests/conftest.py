@@ -203,8 +203,121 @@ FAMILIES = {
         },
     ),
     "starcoder2": ("Starcoder2Config", _NO_IDS),
+    "cohere": ("CohereConfig", _NO_IDS),
+    "cohere2": ("Cohere2Config", {"sliding_window": 16, **_NO_IDS}),
+    "llama4_text": (
+        "Llama4TextConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "intermediate_size_mlp": 128,
+            "head_dim": 16,
+            "interleave_moe_layer_step": 1,
+            **_NO_IDS,
+        },
+    ),
+    "mpt": ("MptConfig", {"d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 2}),
+    "gptj": ("GPTJConfig", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, **_NO_IDS}),
+    "codegen": (
+        "CodeGenConfig",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_ctx": 256, "rotary_dim": 8, **_NO_IDS},
+    ),
+    "bloom": ("BloomConfig", {"n_embed": 64, "n_layer": 2, "n_head": 4, **_NO_IDS}),
+    "mamba": ("MambaConfig", {"state_size": 16, "expand": 2, **_NO_IDS}),
+    "falcon_mamba": ("FalconMambaConfig", {"state_size": 16, "expand": 2, **_NO_IDS}),
+    "mamba2": (
+        "Mamba2Config",
+        {"num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1, "chunk_size": 16},
+    ),
+    "falcon_h1": (
+        "FalconH1Config",
+        {
+            "mamba_d_ssm": 64,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 16,
+            "mamba_d_state": 16,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+            "head_dim": 16,
+            **_NO_IDS,
+        },
+    ),
+    "bamba": (
+        "BambaConfig",
+        {
+            "mamba_n_heads": 4,
+            "mamba_d_head": 32,
+            "mamba_d_state": 16,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+            "attn_layer_indices": [1],
+            **_NO_IDS,
+        },
+    ),
+    "jamba": (
+        "JambaConfig",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "mamba_d_state": 16,
+            "mamba_dt_rank": 8,
+            **_NO_IDS,
+        },
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "shared_intermediate_size": 64,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 32,
+            "mamba_d_state": 16,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+            "layer_types": ["mamba", "attention"],
+            **_NO_IDS,
+        },
+    ),
+    "nemotron_h": (
+        "NemotronHConfig",
+        {
+            "hybrid_override_pattern": "M*",
+            "mamba_num_heads": 4,
+            "mamba_head_dim": 32,
+            "ssm_state_size": 16,
+            "n_groups": 1,
+            "chunk_size": 16,
+            "head_dim": 16,
+            **_NO_IDS,
+        },
+    ),
+    "zamba2": (
+        "Zamba2Config",
+        {
+            "mamba_d_state": 16,
+            "mamba_headdim": 16,
+            "n_mamba_heads": 8,
+            "mamba_ngroups": 1,
+            "chunk_size": 16,
+            "layers_block_type": ["mamba", "hybrid"],
+            **_NO_IDS,
+        },
+    ),
 }
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
+MOE_FAMILIES = (
+    "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "llama4_text", "jamba",
+    "granitemoehybrid",
+)  # fmt: skip
+# State-space hybrids and pure state-space models: a depthwise conv1d per mixer (kind conv)
+SSM_FAMILIES = (
+    "mamba", "falcon_mamba", "mamba2", "falcon_h1", "bamba", "jamba", "granitemoehybrid",
+    "nemotron_h", "zamba2",
+)  # fmt: skip
 
 
 def family_model(family: str, massive_channel: int | None = 7) -> torch.nn.Module:

@@ -25,6 +25,8 @@ QUANTIZERS = {
     "routers": {"method": "rtn", "weights": {"bits": 4}, "activations": {"bits": 8},
                 "routers": True},
     "bitsandbytes": {"method": "bitsandbytes", "scheme": "int8"},
+    "convs-kv": {"method": "rtn", "weights": {"bits": 4}, "activations": {"bits": 8},
+                 "convs": True, "kv": {"bits": 4}},
 }  # fmt: skip
 
 
@@ -42,7 +44,11 @@ CASES = [
     for family in ("llama", "gpt2", "qwen2_moe", "gemma2", "opt")
     for quantizer in QUANTIZERS
     if (family, quantizer) != ("qwen2_moe", "bitsandbytes")  # refused: test_architectures
-]
+    and quantizer != "convs-kv"
+] + [  # Llama 4's router and experts rounded in place; Mamba convs; MPT's written-out attention
+    ("llama4_text", "routers"), ("llama4_text", "quarot-gptq-kv"), ("falcon_h1", "convs-kv"),
+    ("bamba", "quarot-gptq-kv"), ("mpt", "quarot-gptq-kv"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("family", "quantizer"), CASES)

@@ -6,7 +6,8 @@ to the rounding step, in order, each time with `before` set to the transforms al
 context alone: no global RNG (random draws come from `generator`, seeded by `seed`;
 calibration windows are a function of the seed and the text), no global state (statistics the
 cells of one checkpoint share live in `shared`, the runner's store for that checkpoint;
-what a step did beyond its label goes to `notes`, which the cell's record keeps).
+what a step did beyond its label goes to `notes`, which the cell's record keeps, and where it
+did less than its label says also to `caveats`, which the leaderboard shows beside the cell).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class StepContext:
     model: the (possibly transformed) model; quantizer: the whole quantizer the step belongs to
     (its formats, which targets it rounds); tokenizer: the checkpoint's (None where no step
     calibrates); seed: the cell's seed; before: the transforms applied so far; shared: a store
-    the cells of one checkpoint share (see `statistic`); notes: the cell's notes (`note`);
+    the cells of one checkpoint share (see `statistic`); notes, caveats: the cell's notes and
+    the subset of them that qualify its label (`note`);
     generator: random draws of the steps (seeded with `seed` once per quantizer run).
     """
 
@@ -50,6 +52,7 @@ class StepContext:
     before: tuple[Transform, ...] = ()
     shared: dict[Hashable, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
@@ -61,10 +64,15 @@ class StepContext:
         store and notes list throughout)."""
         return dataclasses.replace(self, before=before)
 
-    def note(self, text: str) -> None:
-        """Record `text` (once) on the cell: what a step did beyond what its label says."""
-        if text not in self.notes:
-            self.notes.append(text)
+    def note(self, text: str, caveat: bool = False) -> None:
+        """Record `text` (once) on the cell: what a step did beyond what its label says.
+
+        caveat: the label alone would say more than was done (GPTQ's rounding-to-nearest of
+        experts no calibration token reached): also in `caveats`, shown by the leaderboard.
+        """
+        for kept in (self.notes, self.caveats) if caveat else (self.notes,):
+            if text not in kept:
+                kept.append(text)
 
     def statistic(self, key: Hashable, compute: Callable[[], T]) -> T:
         """compute(), memoized in `shared` under `key`, the transforms before and the seed.

@@ -28,6 +28,8 @@ from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
 from qbench.quant.walk.kvcache import quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.structure import applied_outside_forward
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -40,6 +42,7 @@ def run(
     seed: int = 0,
     shared: dict[Hashable, Any] | None = None,
     notes: list[str] | None = None,
+    caveats: list[str] | None = None,
     on_transformed: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Quantize `model` in place as `quantizer` says (see the module docstring and
@@ -53,6 +56,7 @@ def run(
         seed,
         shared={} if shared is None else shared,
         notes=[] if notes is None else notes,
+        caveats=[] if caveats is None else caveats,
     )
     before = found.sizes()
     context = transform(context)
@@ -66,6 +70,12 @@ def run(
         round_embeddings(model, quantizer.weights)
     if quantizer.kv is not None:
         quantize_kv_cache(model, quantizer.kv)
+        if found.of_kind("ssm"):
+            context.note(
+                "kv: the attention layers' keys and values are rounded; the state-space "
+                "mixers' recurrent states (conv and SSM states) stay in float",
+                caveat=True,
+            )
     report = coverage(model, before, quantizer)
     check_complete(report, quantizer, model_name(model))
     return report
@@ -81,8 +91,9 @@ def transform(context: StepContext) -> StepContext:
 
 
 def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> None:
-    """QBenchError where `quantizer` cannot run on `model` (the planner's refusals) or where
-    qbench already quantized the model."""
+    """RefusedError where `quantizer` cannot run on `model` (the planner's refusals, linears
+    whose weight their parent applies outside their forward); QBenchError where qbench already
+    quantized the model."""
     if done := quantized_modules(model, found):
         raise QBenchError(
             f"{model_name(model)} is already quantized ({len(done)} modules, e.g. {done[0]}): "
@@ -94,6 +105,31 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
         raise RefusedError(problem)
+    if problem := _outside_forward(quantizer, model, found):
+        raise RefusedError(f"{where} on {model_name(model)}: {problem}")
+
+
+def _outside_forward(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> str | None:
+    """Why the quantizer cannot reach linears whose weight a parent applies itself (one probe
+    pass finds them): their inputs (activations:) and their module (a library's) are never
+    used. Their weights alone are rounded in place, so weight-only qbench rounding runs."""
+    probed = hasattr(model, "get_input_embeddings")  # a decoder: a bare module tree has no ids
+    if (
+        not probed
+        or not quantizer.quantizes_linears
+        or not (quantizer.activations is not None or quantizer.rounding.library)
+    ):
+        return None
+    outside = applied_outside_forward(model, quantized_targets(found, quantizer))
+    if not outside:
+        return None
+    what = "activations:" if quantizer.activations is not None else quantizer.rounding.method
+    last = outside[0].rsplit(".", 1)[-1]
+    return (
+        f"{len(outside)} linears (e.g. {outside[0]}) have their weight applied by their parent "
+        f"(x @ W) and their forward never called, which {what} relies on; leave them out with "
+        f"ignore: ['re:.*\\.{last}$'], or round weights only with rtn or gptq"
+    )
 
 
 def quantized_modules(model: nn.Module, found: Inventory) -> list[str]:

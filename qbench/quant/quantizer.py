@@ -50,16 +50,19 @@ AnyRounding = Annotated[
 SCALING = ("smoothquant", "awq")  # transforms that move per-channel scales into the weights
 COMMON = (
     "name", "method", "weights", "activations", "kv", "lm_head", "embeddings", "routers",
-    "targets", "ignore",
+    "convs", "targets", "ignore",
 )  # fmt: skip
 
 
 class QuantizerConfig(StrictModel):
     """One named quantizer of a recipe: transforms, rounding, formats, what it targets.
 
-    `kv` quantizes the KV cache after the rounding, whatever the steps. lm_head and MoE
-    routers stay in float unless `lm_head: true` / `routers: true`; `embeddings: true` rounds
-    the input embedding table with `weights:`. `targets:` / `ignore:` narrow the targets by
+    `kv` quantizes the KV cache after the rounding, whatever the steps. lm_head, MoE routers
+    and the depthwise conv1d of state-space mixers (Mamba, Jamba, Falcon-H1, ...; under 1% of
+    their weights) stay in float unless `lm_head: true` / `routers: true` / `convs: true`
+    (`convs` rounds each channel's taps with `weights:`, a row of its own: a group or block
+    format must divide the taps; its input stays in float); `embeddings: true` rounds the
+    input embedding table with `weights:`. `targets:` / `ignore:` narrow the targets by
     module path (qbench.quant.walk.select: `re:<regex>` or a glob): only targets matching one
     of `targets` (default: all), and none of `ignore`, are rounded; the rest stay in float,
     and the coverage and labels say so. `name` defaults to the steps ('smoothquant+gptq').
@@ -75,6 +78,7 @@ class QuantizerConfig(StrictModel):
     lm_head: bool = False
     embeddings: bool = False
     routers: bool = False
+    convs: bool = False
     targets: list[str] | None = Field(default=None, min_length=1)
     ignore: list[str] = Field(default_factory=list)
 
@@ -199,11 +203,11 @@ class QuantizerConfig(StrictModel):
     # ------------------------------------------------------------ what it does
 
     def targeted_kinds(self) -> set[str]:
-        """The target kinds (qbench.quant.inventory) this quantizer rounds: every linear-like
-        weight but lm_head and MoE routers, which stay in float unless asked for."""
-        kinds = set(KINDS) - {"lm_head", "router"}
-        kinds |= {"lm_head"} if self.lm_head else set()
-        return kinds | ({"router"} if self.routers else set())
+        """The target kinds (qbench.quant.walk.inventory) this quantizer rounds: every
+        linear-like weight but lm_head, MoE routers and state-space convs, which stay in float
+        unless asked for."""
+        switches = {"lm_head": self.lm_head, "router": self.routers, "conv": self.convs}
+        return set(KINDS) - {kind for kind, on in switches.items() if not on}
 
     @property
     def quantizes_linears(self) -> bool:
@@ -283,6 +287,7 @@ class QuantizerConfig(StrictModel):
         seed: int = 0,
         shared: dict[Hashable, Any] | None = None,
         notes: list[str] | None = None,
+        caveats: list[str] | None = None,
         on_transformed: Callable[[nn.Module], None] | None = None,
     ) -> dict:
         """Quantize `model` in place: the transforms in order, then `on_transformed(model)`
@@ -291,14 +296,15 @@ class QuantizerConfig(StrictModel):
 
         Calibrating steps need the tokenizer; `seed` fixes their windows and random draws;
         `shared`: a store the cells of one checkpoint share (statistics of the fp model);
-        `notes`: collects what the steps did beyond their labels. Returns the coverage report
+        `notes`: collects what the steps did beyond their labels, `caveats` those notes that
+        say the label alone claims more than was done. Returns the coverage report
         (qbench.quant.walk.coverage). Raises QBenchError before any change where the quantizer
         cannot run on the model (as the planner would refuse it), where the model is already
         quantized, and after it where a targeted weight stayed in float.
         """
         from qbench.quant.pipeline import run
 
-        return run(self, model, tokenizer, seed, shared, notes, on_transformed)
+        return run(self, model, tokenizer, seed, shared, notes, caveats, on_transformed)
 
 
 def _known_step(step: Any, key: str, registry: Registry) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from qbench.quant.formats.spec import KVQuant, divides_error
-from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -28,9 +28,10 @@ def refusal_of(
     `checkpoint` (its name) with config `config` (a transformers PretrainedConfig, or None for
     a bare module tree) and inventory `found`, as a line naming the field: a step's
     calibration windows longer than the `context` ((tokens, what says so); default: the
-    config's max_position_embeddings), a KV group that does not divide head_dim, a group or
-    block that does not divide a target's width, or what the method itself cannot do on this
-    architecture (`QuantizerConfig.refusal`). None: it can run."""
+    config's max_position_embeddings), a KV group that does not divide head_dim, a KV cache
+    asked of a model without attention (Mamba), a group or block that does not divide a
+    target's width, or what the method itself cannot do on this architecture
+    (`QuantizerConfig.refusal`). None: it can run."""
     text = text_config(config)
     limit = getattr(text, "max_position_embeddings", None)
     context = context or ((limit, "max_position_embeddings") if limit is not None else None)
@@ -41,6 +42,11 @@ def refusal_of(
                 f"{where}.{field}.seq_len: {calibration.seq_len} exceeds checkpoint "
                 f"'{checkpoint}''s {context[1]} {context[0]}; use seq_len <= {context[0]}"
             )
+    if quantizer.kv is not None and found.of_kind("ssm") and not found.of_kind("attention"):
+        return (
+            f"{where}.kv: checkpoint '{checkpoint}' has no attention layers, so no KV cache (its "
+            "state-space mixers keep a recurrent state); remove kv:"
+        )
     if (
         quantizer.kv is not None
         and text is not None
@@ -64,16 +70,19 @@ def text_config(config: Any) -> Any:
 def _misfits(quantizer: QuantizerConfig, found: Inventory) -> Iterator[tuple[str, str, str, str]]:
     """(field path, layer, problem, fix) for each target input width `quantizer` cannot
     quantize: its weight / activation formats, then the method's own fields."""
-    widths = {
-        f"{name}.{param}" if target.experts else name: width
-        for name, target in quantized_targets(found, quantizer).items()
-        for param, width in target.input_widths().items()
-    }
+    widths: dict[str, int] = {}  # layer -> input width
+    inputs: dict[str, int] = {}  # the layers whose inputs `activations:` round
+    for name, target in quantized_targets(found, quantizer).items():
+        for param, width in target.input_widths().items():
+            layer = f"{name}.{param}" if target.experts else name
+            widths[layer] = width
+            if target.kind not in WEIGHT_ONLY:
+                inputs[layer] = width
     embeddings = {}
     if quantizer.embeddings and found.embeddings:
         table = next(iter(found.embeddings.items()))
         embeddings = {table[0]: table[1].weight.shape[1]}
-    roles = {"weights": widths | embeddings, "activations": widths}
+    roles = {"weights": widths | embeddings, "activations": inputs}
     for role, layers in roles.items():
         spec = getattr(quantizer, role)
         for layer, width in layers.items() if spec is not None else ():

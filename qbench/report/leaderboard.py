@@ -42,9 +42,12 @@ def write_leaderboard(
 def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp.
 
-    A failed cell shows `failed` in place of its numbers and is listed with its error."""
+    A failed cell shows `failed` in place of its numbers and is listed with its error; a cell
+    whose record has caveats (what its label alone would overstate) carries their numbers
+    after its label, and the caveats follow the table."""
     columns = [spec.column for spec in recipe.eval.perplexity]
     staged = any(q.has_transform for q in recipe.quantizers)
+    caveats: dict[str, int] = {}  # caveat text -> its number under the table
     rows = []
     for checkpoint in recipe.checkpoints:
         group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
@@ -52,7 +55,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
         for cell in group:
             record = table.finished(cell)
             rounded = coverage_label(record.coverage) if record is not None else ""
-            row = [checkpoint.name, cell.quantizer_name, cell.precision, cell.label, rounded]
+            label = cell.label + _marks(record.caveats if record is not None else [], caveats)
+            row = [checkpoint.name, cell.quantizer_name, cell.precision, label, rounded]
             for col in columns:
                 if staged:
                     row.append(_transformed_cell(table, cell, col))
@@ -84,6 +88,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *tasks_section(recipe, table),  # zero-shot tasks, if any: tasks_table.py
             tabulate(rows, headers, tablefmt="github", disable_numparse=True),
             "",
+            *_caveat_section(caveats),
             "Lower perplexity is better. Δ = quantized − fp and ×fp = quantized / fp, against the",
             "same checkpoint unquantized; the best quantized value of each checkpoint is in bold.",
             *_ROUNDED_NOTE,
@@ -102,6 +107,21 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
         ]
     )
+
+
+def _marks(texts: list[str], numbers: dict[str, int]) -> str:
+    """' [1][3]': the numbers of a cell's caveats (numbered in order of first appearance)."""
+    marks = [f"[{numbers.setdefault(text, len(numbers) + 1)}]" for text in texts]
+    return " " + "".join(marks) if marks else ""
+
+
+def _caveat_section(numbers: dict[str, int]) -> list[str]:
+    """The numbered caveats of the table's cells: where the label alone says more than the
+    cell's method did (its record's `caveats`)."""
+    if not numbers:
+        return []
+    lines = ["Caveats (a label alone would say more than was done):", ""]
+    return [*lines, *(f"- [{n}] {text}" for text, n in numbers.items()), ""]
 
 
 def _failure_section(table: ResultsTable, source: Path) -> list[str]:
@@ -167,9 +187,10 @@ def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
 
 
 _ROUNDED_NOTE = [
-    "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
-    "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
-    "counted from its modules; what stays in float and why follows `float:`.",
+    "`rounded`: the share of the targeted linear-like weights (attention, MLP, state-space",
+    "mixers, experts; lm_head, routers and Mamba convs when asked) the cell's model holds",
+    "rounded (W) and with rounded inputs (A), counted from its modules; what stays in float",
+    "and why follows `float:`.",
 ]
 
 _STAGE_NOTE = [

@@ -17,9 +17,11 @@ Hessians come from its inputs as the already rounded blocks 0..i-1 produce them,
 in two block passes per block. Every target of the inventory takes part: linears, routers
 when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
 tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
-and the cell's notes say how many). Targets outside the blocks (lm_head when asked) see a full
-forward pass of the rounded model. Block 0's Hessians come from the fp model alone, so
-(without rotation) the GPTQ cells of a checkpoint share them.
+and the cell's notes say how many); a state-space conv (`convs: true`) and a linear whose
+parent applies its weight itself (Mamba-1's dt_proj) are rounded to nearest (noted too).
+Targets outside the blocks (lm_head when asked) see a full forward pass of the rounded model.
+Block 0's Hessians come from the fp model alone, so (without rotation) the GPTQ cells of a
+checkpoint share them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from qbench.quant.walk.blockwise import BlockInputs, forward_batches, observe
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, inventory
 from qbench.quant.walk.linear import round_target
-from qbench.quant.walk.select import quantized_targets
+from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.context import StepContext
@@ -53,7 +55,16 @@ def gptq(context: StepContext, step: GPTQ) -> None:
     ids = context.calibration_ids(calibration, "gptq")
     found = inventory(model)
     targets = quantized_targets(found, quantizer)
+    if convs := {n: t for n, t in targets.items() if t.kind in WEIGHT_ONLY}:
+        for name in convs:
+            round_target(model, targets.pop(name), quantizer.weights, None)
+        context.note(
+            f"gptq: {len(convs)} depthwise conv1d weights (convs: true) rounded to nearest "
+            "(a per-channel filter over a few taps has no input Hessian)",
+            caveat=True,
+        )
     inputs = BlockInputs(model, found, ids, calibration.batch_size)
+    unreached = []  # (target, matrix label) of expert slices no calibration token reached
     for i in range(len(found.blocks)):
         block = {n: t for n, t in found.in_block(i).items() if n in targets}
 
@@ -65,12 +76,26 @@ def gptq(context: StepContext, step: GPTQ) -> None:
             hessians = context.statistic(key, compute)
         else:
             hessians = compute()
-        _round(context, step, block, hessians)
+        unreached += _round(context, step, block, hessians)
         inputs.advance()
     rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
     if rest:
         run = lambda: forward_batches(model, ids, calibration.batch_size)  # noqa: E731
-        _round(context, step, rest, input_hessians(rest, run))
+        unreached += _round(context, step, rest, input_hessians(rest, run))
+    experts = [key for key in unreached if targets[key[0]].experts is not None]
+    if experts:
+        slices = sum(1 for t in targets.values() if t.experts for _ in t.matrices())
+        context.note(
+            f"gptq: {len(experts)} of {slices} expert matrices saw no calibration token: "
+            "rounded to nearest",
+            caveat=True,
+        )
+    if outside := [name for name, _ in unreached if targets[name].experts is None]:
+        context.note(
+            f"gptq: {len(outside)} linears whose weight their parent applies itself (e.g. "
+            f"{outside[0]}: x @ W, not their forward) saw no input: rounded to nearest",
+            caveat=True,
+        )
 
 
 def _round(
@@ -78,15 +103,16 @@ def _round(
     step: GPTQ,
     targets: dict[str, Target],
     hessians: dict[Key, torch.Tensor],
-) -> None:
+) -> list[Key]:
+    """Round `targets` with their Hessians; the matrices that had none (rounded to nearest)."""
     weights = context.quantizer.weights
-    unreached = 0
+    unreached = []
     for name, target in targets.items():
         rounded = {}
         for label, matrix in target.matrices():
             hessian = hessians.get((name, label))
-            if hessian is None:  # no calibration token reached this expert
-                unreached += 1
+            if hessian is None:  # an expert no token reached, or a weight applied as x @ W
+                unreached.append((name, label))
                 rounded[label] = fake_quant(matrix.detach(), weights)
                 continue
             rounded[label] = gptq_round(
@@ -94,10 +120,7 @@ def _round(
                 step.act_order, step.static_groups,
             )  # fmt: skip
         round_target(context.model, target, weights, context.quantizer.activations, rounded)
-    if unreached:
-        context.note(
-            f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest"
-        )
+    return unreached
 
 
 @torch.no_grad()
@@ -105,14 +128,16 @@ def input_hessians(
     targets: dict[str, Target], run: Callable[[], object]
 ) -> dict[Key, torch.Tensor]:
     """H = 2/n sum x x^T (float64) of every matrix's inputs while `run()` runs; experts get one
-    per expert slice over the tokens routed to it; slices no token reached get none."""
+    per expert slice over the tokens routed to it; slices no token reached get none (n counts
+    the nonzero rows: Llama 4's experts receive every token, zero where it is not routed;
+    GPTQ's rounding does not depend on H's scale)."""
     sums: dict[Key, torch.Tensor] = {}
     counts: dict[Key, int] = {}
 
     def add(key: Key, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         sums[key] = sums.get(key, 0) + x.T @ x
-        counts[key] = counts.get(key, 0) + x.shape[0]
+        counts[key] = counts.get(key, 0) + (x != 0).any(-1).sum()  # no sync per call
 
     handles = []
     for name, target in targets.items():

@@ -97,13 +97,14 @@ def rotate(
     model: nn.Module,
     rotate_qk: bool = False,
     generator: torch.Generator | None = None,
-    note: Callable[[str], None] | None = None,
+    note: Callable[..., None] | None = None,
 ) -> None:
     """Apply QuaRot's float-equivalent rotations to `model` in place.
 
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
     generator: the random signs' (and any random orthogonal base's) draws (default torch's
-    global RNG); note: told the Hadamard construction of every width rotated. Raises
+    global RNG); note: told the Hadamard construction of every width rotated (as a caveat
+    where no Hadamard matrix of that width exists: a random orthogonal base). Raises
     QBenchError where the structure cannot be rotated losslessly, or where the rotated model's
     logits differ from the original's beyond LOSSLESS_TOLERANCE (relative L2).
     """
@@ -111,7 +112,8 @@ def rotate(
     def hadamard(n: int, random_signs: bool = False) -> HadamardTransform:
         transform = HadamardTransform(n, random_signs, generator)
         if note is not None:
-            note(f"rotation: width {n} rotated by {transform.factorization}")
+            factors = transform.factorization
+            note(f"rotation: width {n} rotated by {factors}", caveat=not factors.is_hadamard)
         return transform
 
     ids = probe_ids(model)

@@ -44,7 +44,7 @@ def smoothquant(context: StepContext, alpha: float, calibration: CalibrationSpec
         smooth(group, x_max, alpha)
 
 
-def smoothable_groups(model: nn.Module, note: Callable[[str], None]) -> list[NormGroup]:
+def smoothable_groups(model: nn.Module, note: Callable[..., None]) -> list[NormGroup]:
     """The residual norms inside the decoder blocks that can take 1/s, with their readers
     (`note`: the cell's, told how many targets read the stream without a norm)."""
     structure = trace_structure(model, probe_ids(model))
@@ -60,7 +60,7 @@ def smoothable_groups(model: nn.Module, note: Callable[[str], None]) -> list[Nor
         )
     if unsmoothed:
         note(f"smoothquant: {unsmoothed} targets read the residual stream without a norm to "
-             "take the scales: not smoothed")  # fmt: skip
+             "take the scales: not smoothed", caveat=True)  # fmt: skip
     return usable
 
 

@@ -30,11 +30,10 @@ class LibraryRounding(Rounding):
         return {self.PACKAGE: version(self.PACKAGE)}
 
     def refusal(self, found: Inventory, quantizer: QuantizerConfig) -> str | None:
-        """Why the library cannot round this model: it replaces nn.Linear layers only."""
-        from torch import nn
-
+        """Why the library cannot round this model: it replaces nn.Linear layers only (and
+        not a router whose class has its own forward: `Target.replaceable`)."""
         targets = quantized_targets(found, quantizer)
-        others = {n: t for n, t in targets.items() if not isinstance(t.module, nn.Linear)}
+        others = {n: t for n, t in targets.items() if not t.replaceable}
         if not others:
             return None
         share = sum(t.numel for t in others.values()) / sum(t.numel for t in targets.values())
@@ -42,5 +41,5 @@ class LibraryRounding(Rounding):
         return (
             f"{self.method} replaces nn.Linear layers only: {len(others)} targets ({kinds}, "
             f"{share:.0%} of the targeted weights, e.g. {next(iter(others))}) are not linears "
-            "and would stay in float; use rtn or gptq for this checkpoint"
+            "its modules can replace and would stay in float; use rtn or gptq for this checkpoint"
         )

@@ -16,21 +16,23 @@ from torch import nn
 
 from qbench.errors import QBenchError
 from qbench.quant.walk.linear import rounding
-from qbench.quant.walk.select import selected
+from qbench.quant.walk.select import WEIGHT_ONLY, selected
 
 LEFT_IN_FLOAT = {
     "lm_head": "lm_head: false (the default)",
     "router": "routers: false (the default: MoE routers stay in float)",
+    "conv": "convs: false (the default: state-space mixers' depthwise conv1d stays in float)",
     "embeddings": "embeddings: false (the default)",
 }
 
 
 def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) -> dict[str, Any]:
     """{kind: {"weights": [rounded, total], "activations": [rounded, total]}} over the target
-    kinds and the input embedding table; "float": {kind: why} for kinds not targeted;
-    "ignored": {"patterns": label, "modules": count, kind: weight elements} for targets of a
-    targeted kind that the quantizer's `targets:` / `ignore:` patterns leave in float (they
-    count in the totals, so the rounded shares show them).
+    kinds and the input embedding table (weights only for the embeddings and for kinds whose
+    inputs no quantizer rounds, `select.WEIGHT_ONLY`: the conv); "float": {kind: why} for
+    kinds not targeted; "ignored": {"patterns": label, "modules": count, kind: weight
+    elements} for targets of a targeted kind that the quantizer's `targets:` / `ignore:`
+    patterns leave in float (they count in the totals, so the rounded shares show them).
 
     `before`: `Inventory.sizes()` taken before the quantizer ran; `config`: the cell's
     QuantizerConfig.
@@ -41,8 +43,9 @@ def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) 
     left_out = 0  # modules the patterns leave in float
     for name, (kind, numel) in before.items():
         held = rounding(model.get_submodule(name))
-        entry = counts.setdefault(kind, {"weights": [0, 0], "activations": [0, 0]})
-        for role, label in zip(("weights", "activations"), held or (None, None), strict=True):
+        roles = ("weights",) if kind in WEIGHT_ONLY else ("weights", "activations")
+        entry = counts.setdefault(kind, {role: [0, 0] for role in roles})
+        for role, label in zip(roles, held or (None, None), strict=False):
             entry[role][0] += numel if label else 0
             entry[role][1] += numel
         if kind in targeted and not selected(name, config.targets, config.ignore):

@@ -2,13 +2,18 @@
 
 transformers' experts modules (`@use_experts_implementation`: Qwen3-MoE, Mixtral, DeepSeek-V3,
 GPT-OSS, ...) keep every expert's gate/up and down projections in 3-D parameters and multiply
-each expert's tokens by one slice: `F.linear(x, W[e])`, or `x @ W[e]` when transposed. qbench
-rounds the weights slice by slice in place, and reaches the activations by running the module's
-own eager forward (the loop over experts, `type(module).forward.__wrapped__`) under a torch
-function mode that, for every product with a slice W[e] of a parameter that has input steps,
-first applies them to x: the rows of x are exactly the tokens routed to expert e. So per-token
-fake quantization of expert inputs is per token of the tokens each expert receives, GPTQ sees
-each expert's own Hessian, and rotation's online Hadamard reaches each expert's down_proj input.
+each expert's tokens by one slice: `F.linear(x, W[e])`, or `x @ W[e]` when transposed; Llama 4's
+experts multiply all experts at once, `torch.bmm(x, W)` with x [experts, tokens, in] (every
+token reaches every expert, scaled by its router score: zero where not routed). qbench rounds
+the weights slice by slice in place, and reaches the activations by running the module's own
+eager forward (the loop over experts, `type(module).forward.__wrapped__`, or the forward
+itself where it is not wrapped) under a torch function mode that, for every product with a
+slice W[e] of a parameter that has input steps, first applies them to x (for a batched product
+with the whole W, to each x[e]): the rows of x are exactly the tokens expert e receives. So
+per-token fake quantization of expert inputs is per token of the tokens each expert receives,
+GPTQ sees each expert's own Hessian, and rotation's online Hadamard reaches each expert's
+down_proj input. A forward that multiplies a parameter with steps in another way (einsum, a
+fused kernel) never reaches them: QBenchError, rather than a label its numbers do not have.
 
 Steps run in a fixed order (STEP_ORDER): "rotate" (online Hadamard), "observe" (calibration
 statistics), "quantize" (fake quantization).
@@ -23,9 +28,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from qbench.errors import QBenchError
+
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (x [tokens, in], expert) -> x'
 STEP_ORDER = ("rotate", "observe", "quantize")
-_PRODUCTS = {"linear", "matmul", "__matmul__"}
+_PRODUCTS = {"linear", "matmul", "__matmul__", "bmm"}
 STEPS_ATTRIBUTE = "qbench_input_steps"
 
 
@@ -52,9 +59,19 @@ def set_input_step(module: nn.Module, parameter: str, kind: str, step: Step | No
 
 
 def _forward_with_steps(module: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
-    eager = type(module).forward.__wrapped__  # the class's own loop over experts
-    with _ExpertProducts(module):
-        return eager(module, *args, **kwargs)
+    forward = type(module).forward
+    eager = getattr(forward, "__wrapped__", forward)  # the class's own loop over experts
+    with _ExpertProducts(module) as products:
+        out = eager(module, *args, **kwargs)
+    reached = {id(p) for p in products.reached}
+    if missed := {id(p) for p, _ in products.parameters} - reached:
+        names = [n for n, p in module.named_parameters(recurse=False) if id(p) in missed]
+        raise QBenchError(
+            f"{type(module).__name__} multiplies {', '.join(names)} in a way qbench cannot "
+            "follow (not F.linear, matmul or bmm with a slice or the whole parameter): its "
+            "input steps (quantization, calibration, rotation) would not run"
+        )
+    return out
 
 
 class _ExpertProducts(TorchFunctionMode):
@@ -64,26 +81,41 @@ class _ExpertProducts(TorchFunctionMode):
         super().__init__()
         steps = input_steps(module)
         self.parameters = [(getattr(module, p), s) for p, s in steps.items() if s]
+        self.reached: list[nn.Parameter] = []  # the parameters whose products got their steps
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in _PRODUCTS and len(args) >= 2:
             found = self._slice_of(args[1])
             if found is not None:
-                steps, expert = found
-                x = args[0]
-                for kind in STEP_ORDER:
-                    if kind in steps:
-                        x = steps[kind](x, expert)
+                parameter, steps, expert = found
+                x = args[0]  # [tokens, in]; the whole W: [experts, tokens, in]
+                if expert is None:
+                    x = torch.stack([_run(steps, x[e], e) for e in range(x.shape[0])])
+                else:
+                    x = _run(steps, x, expert)
                 args = (x, *args[1:])
+                self.reached.append(parameter)
         return func(*args, **kwargs)
 
-    def _slice_of(self, weight: object) -> tuple[dict[str, Step], int] | None:
+    def _slice_of(self, weight: object) -> tuple[nn.Parameter, dict[str, Step], int | None] | None:
+        """(parameter, its steps, expert) when `weight` is a slice W[e] of a parameter with
+        steps; expert None when it is the whole parameter."""
         if not isinstance(weight, torch.Tensor):
             return None
         pointer = weight.untyped_storage().data_ptr()
         for parameter, steps in self.parameters:
             if parameter.untyped_storage().data_ptr() == pointer:
+                if weight.dim() == parameter.dim():
+                    return parameter, steps, None
                 offset = weight.storage_offset() - parameter.storage_offset()
-                return steps, offset // parameter.stride(0)
+                return parameter, steps, offset // parameter.stride(0)
         return None
+
+
+def _run(steps: dict[str, Step], x: torch.Tensor, expert: int) -> torch.Tensor:
+    """x [tokens, in] after the steps, in STEP_ORDER."""
+    for kind in STEP_ORDER:
+        if kind in steps:
+            x = steps[kind](x, expert)
+    return x

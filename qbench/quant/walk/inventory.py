@@ -9,19 +9,28 @@ A target is one module holding weights that multiply activations:
   fused projections (qkv_proj, gate_up_proj, query_key_value, c_attn) are linears like others;
 - experts held as one module with 3-D tensors (transformers' `@use_experts_implementation`
   classes: `gate_up_proj` or `up_proj` [experts, out, in] and `down_proj`, or [experts, in, out]
-  when `is_transposed`), and experts held as a ModuleList of linears (plain linears of kind
-  "experts");
+  when `is_transposed`; without that flag, as Llama 4's experts (x @ W[e]), the one layout in
+  which the shapes chain: gate/up's output is twice down's input, down's output gate/up's
+  input), and experts held as a ModuleList of linears (plain linears of kind "experts");
 - routers: the MoE gate that scores experts (an `nn.Linear`, or a module of its own holding a
-  2-D `weight` used as `F.linear`), and a shared expert's scalar gate.
+  2-D `weight` used as `F.linear`), and a shared expert's scalar gate;
+- the depthwise `nn.Conv1d` of a state-space mixer (Mamba, Mamba-2 and their hybrids: Jamba,
+  Bamba, Falcon-H1, Granite 4, Nemotron-H) or short-convolution block: weight [channels, 1,
+  taps], read as one [channels, taps] matrix (one row per channel).
 
-Kinds: attention (under the decoder block's attention module; MLA's low-rank projections
-included), mlp (dense MLPs and shared experts), experts, router, norm (linears inside a norm
-module: the qbench family's GatedNorm), lm_head, and other (linears outside the decoder blocks
-other than lm_head). Embedding tables (kind embeddings) are counted beside them.
+Kinds: attention (under the decoder block's attention module, by attribute or class name;
+MLA's low-rank projections included), ssm (the projections of a state-space mixer: a module
+holding `A_log`, Mamba's log state matrix), mlp (dense MLPs and shared experts), experts,
+router, conv (the depthwise conv1d), norm (linears inside a norm module: the qbench family's
+GatedNorm), lm_head, and other (linears outside the decoder blocks other than lm_head).
+Embedding tables (kind embeddings) are counted beside them. A state-space mixer's other
+parameters (`A_log`, `D`, `dt_bias`: the recurrence's state matrix, skip and step bias, used
+elementwise) and its norms are no matmul weights: they stay in float, as norms do.
 
-Modules whose weights qbench cannot round (3-D parameters outside a known experts layout, 2-D
-weights of unknown modules inside a block) are listed in `Inventory.unsupported`, so a method
-refuses at plan time instead of leaving them in float under a quantized label.
+Modules whose weights qbench cannot round (3-D parameters outside a known experts layout,
+convolutions other than depthwise 1-D ones, 2-D weights of unknown modules inside a block) are
+listed in `Inventory.unsupported`, so a method refuses at plan time instead of leaving them in
+float under a quantized label.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from qbench.quant.walk.select import Kind
 
 ROUNDING_ATTRIBUTE = "qbench_rounding"  # what a rounded module holds (qbench.quant.walk.linear)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+SSM_STATE = "A_log"  # the parameter that makes a module a state-space mixer (Mamba's name)
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
 
@@ -67,8 +77,9 @@ class Target:
     """One linear-like weight holder: `module` at dotted path `name`, of `kind`.
 
     `experts` is set for a module holding 3-D expert weights; otherwise the module is an
-    `nn.Linear` (after `linear_conv1d`) or a router whose 2-D `weight` [out, in] is applied as
-    `F.linear` by its own forward.
+    `nn.Linear` (after `linear_conv1d`), a router whose 2-D `weight` [out, in] is applied as
+    `F.linear` by its own forward, or a depthwise `nn.Conv1d` (kind conv) whose weight
+    [channels, 1, taps] reads as [channels, taps].
     """
 
     name: str
@@ -79,7 +90,8 @@ class Target:
     def matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(label, [out, in] view) of every weight matrix; writes through the view change it."""
         if self.experts is None:
-            yield "weight", self.module.weight
+            weight = self.module.weight
+            yield "weight", weight.flatten(1) if weight.dim() == 3 else weight  # conv: a view
             return
         for param in self.experts.parameters:
             weight = getattr(self.module, param)
@@ -98,6 +110,15 @@ class Target:
         return self.experts is None or label.split("[")[0] in getattr(self.experts, role)
 
     @property
+    def replaceable(self) -> bool:
+        """An nn.Linear that another linear module (QuantLinear, a library's) can stand in
+        for: not a router whose class has its own forward (Llama 4's returns scores and
+        logits), which is rounded in place instead."""
+        module = self.module
+        own_forward = type(module).forward is not nn.Linear.forward
+        return isinstance(module, nn.Linear) and not (self.kind == "router" and own_forward)
+
+    @property
     def numel(self) -> int:
         """Weight elements (biases not counted)."""
         return sum(m.numel() for _, m in self.matrices())
@@ -105,7 +126,7 @@ class Target:
     def input_widths(self) -> dict[str, int]:
         """{parameter: input width} (group sizes and block formats must divide each)."""
         if self.experts is None:
-            return {"weight": self.module.weight.shape[1]}
+            return {label: matrix.shape[1] for label, matrix in self.matrices()}
         dim = 1 if self.experts.transposed else 2
         return {p: getattr(self.module, p).shape[dim] for p in self.experts.parameters}
 
@@ -134,20 +155,37 @@ class Inventory:
 
 
 def experts_layout(module: nn.Module) -> ExpertsLayout | None:
-    """The layout of a transformers experts module (`@use_experts_implementation`), else None."""
-    if not hasattr(module, "is_transposed") or not isinstance(
-        getattr(module, "down_proj", None), nn.Parameter
-    ):
-        return None
+    """The layout of an experts module holding 3-D `gate_up_proj` (or `up_proj` where
+    `has_gate` is false) and `down_proj`, else None: as its `is_transposed` flag says
+    (transformers' `@use_experts_implementation`), or without one (Llama 4) the one layout in
+    which the shapes chain; None where both would (no gate, the flag missing)."""
     readers = ("gate_up_proj",) if getattr(module, "has_gate", True) else ("up_proj",)
-    if not all(isinstance(getattr(module, p, None), nn.Parameter) for p in readers):
+    weights = [getattr(module, p, None) for p in (*readers, "down_proj")]
+    if not all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights):
         return None
-    return ExpertsLayout(readers, ("down_proj",), bool(module.is_transposed))
+    if hasattr(module, "is_transposed"):
+        return ExpertsLayout(readers, ("down_proj",), bool(module.is_transposed))
+    reader, down = weights
+    gate = 2 if readers == ("gate_up_proj",) else 1  # gate and up side by side
+    chain = [t for t in (False, True) if _chains(reader, down, gate, t)]
+    return ExpertsLayout(readers, ("down_proj",), chain[0]) if len(chain) == 1 else None
+
+
+def _chains(reader: torch.Tensor, down: torch.Tensor, gate: int, transposed: bool) -> bool:
+    """Whether experts stored [experts, in, out] (`transposed`) or [experts, out, in] make one
+    MLP: down's output width is the reader's input width, the reader's output `gate` times
+    down's input width."""
+    (r_out, r_in), (d_out, d_in) = (
+        (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2]) for w in (reader, down)
+    )
+    return r_in == d_out and r_out == gate * d_in
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, list) of the decoder blocks: the ModuleList of `num_hidden_layers` modules of one
-    class holding parameters (model.layers, transformer.h, gpt_neox.layers, decoder.layers, ...).
+    """(path, list) of the decoder blocks (model.layers, transformer.h, gpt_neox.layers,
+    decoder.layers, ...): the largest ModuleList of `num_hidden_layers` modules that all hold
+    parameters, whatever their classes (Jamba's, Bamba's and Nemotron-H's blocks are attention
+    or Mamba blocks); without that number, the largest such list of one class.
 
     Raises QBenchError when the model has no such list.
     """
@@ -159,10 +197,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList)
         and len(module) > 0
-        and len({type(m) for m in module}) == 1
-        and any(True for _ in module[0].parameters())
+        and all(any(True for _ in m.parameters()) for m in module)
     ]
-    matching = [c for c in candidates if len(c[1]) == depth] or candidates
+    matching = [c for c in candidates if len(c[1]) == depth] or [
+        c for c in candidates if len({type(m) for m in c[1]}) == 1
+    ]
     if not matching:
         raise QBenchError(f"{type(model).__name__} has no list of decoder blocks")
     return max(matching, key=lambda c: sum(p.numel() for p in c[1].parameters()))
@@ -203,7 +242,7 @@ def inventory(model: nn.Module) -> Inventory:
         if any(name.startswith(f"{s}.") for s in skip):
             continue
         in_block = bool(blocks_path) and name.startswith(f"{blocks_path}.")
-        kind = _kind(name, module, blocks_path, experts) if in_block else None
+        kind = _kind(model, name, module, blocks_path, experts) if in_block else None
         if module is lm_head:
             targets[name] = Target(name, module, "lm_head")
         elif (layout := experts_layout(module)) is not None:
@@ -211,12 +250,24 @@ def inventory(model: nn.Module) -> Inventory:
             skip.add(name)
         elif isinstance(module, nn.Linear) or _rounded_linear(module):
             targets[name] = Target(name, module, kind or "other")
+        elif in_block and _is_depthwise_conv(module):
+            targets[name] = Target(name, module, "conv")
         elif in_block and _is_router(module, name, experts):
             targets[name] = Target(name, module, "router")
         elif in_block and (why := _unsupported(module)):
             unsupported[name] = why
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     return Inventory(targets, embeddings, blocks_path, blocks, unsupported)
+
+
+def _is_depthwise_conv(module: nn.Module) -> bool:
+    """A depthwise 1-D convolution (one filter per channel: Mamba's conv1d), or one qbench
+    rounded (it keeps its class)."""
+    return (
+        isinstance(module, nn.Conv1d)
+        and module.groups == module.in_channels == module.out_channels
+        and module.weight.shape[1] == 1
+    )
 
 
 def _rounded_linear(module: nn.Module) -> bool:
@@ -232,22 +283,30 @@ def _expert_count(config: PretrainedConfig | None) -> int | None:
     return next((getattr(config, f) for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), None)
 
 
-def _kind(name: str, module: nn.Module, blocks: str, experts: int | None) -> Kind:
+def _kind(model: nn.Module, name: str, module: nn.Module, blocks: str, experts: int | None) -> Kind:
     """The kind of a linear inside decoder block `blocks`.<i> (see the module docstring)."""
     if _is_router(module, name, experts):
         return "router"
-    return path_kind(name, blocks)
+    parts = name.split(".")
+    first = len(blocks.split(".")) + 1 if blocks else 0  # the first module below the block
+    owners = [model.get_submodule(".".join(parts[:i])) for i in range(first + 1, len(parts))]
+    return path_kind(name, blocks, owners)
 
 
-def path_kind(name: str, blocks: str) -> Kind:
+def path_kind(name: str, blocks: str, owners: list[nn.Module] | None = None) -> Kind:
     """The kind of a linear at dotted path `name` inside decoder block `blocks`.<i>, from the
-    modules above it: norm, attention, experts, else mlp (routers are told apart by shape)."""
-    owners = name[len(blocks) + 1 :].split(".")[1:-1]  # the modules between block and linear
-    if any(_NORM_NAME.search(p) for p in owners):
+    modules between block and linear: their attribute names and, given `owners` (those
+    modules), their classes and parameters: norm, ssm (a module holding `A_log`), attention,
+    experts, else mlp (routers are told apart by shape)."""
+    path = name[len(blocks) + 1 :].split(".")[1:-1]  # the modules between block and linear
+    classes = [type(m).__name__ for m in owners or ()]
+    if any(_NORM_NAME.search(p) for p in path):
         return "norm"
-    if any(_ATTENTION_NAME.search(p) for p in owners):
+    if any(SSM_STATE in dict(m.named_parameters(recurse=False)) for m in owners or ()):
+        return "ssm"
+    if any(_ATTENTION_NAME.search(p) for p in [*path, *classes]):
         return "attention"
-    if "experts" in owners:
+    if "experts" in path:
         return "experts"
     return "mlp"
 
@@ -267,6 +326,11 @@ def _unsupported(module: nn.Module) -> str | None:
     own = dict(module.named_parameters(recurse=False))
     if isinstance(module, nn.Embedding | nn.Linear) or not own:
         return None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (
+            f"{type(module).__name__} ({module.groups} groups) is a convolution; qbench rounds "
+            "depthwise Conv1d only"
+        )
     big = [n for n, p in own.items() if p.dim() >= 3]
     if big:
         return (

@@ -18,8 +18,15 @@ How it reaches attention, found by one probe forward pass (`kv_sites`), whatever
 - the qbench family: QBenchAttention calls its `kv_transform` right after RoPE. The learned
   attn-bias slot (k', v') is a parameter, not cache: it is concatenated afterwards and stays in
   float (rotation rotates k' with the keys, so the scores are unchanged);
-- attention modules that call torch's scaled_dot_product_attention themselves (Falcon): their
-  forward runs under a torch function mode that applies `kv_transform` to SDPA's q, k, v.
+- attention modules that do not go through the AttentionInterface (Falcon, MPT, GPT-J,
+  CodeGen, BLOOM): their forward runs under a torch function mode that applies `kv_transform`
+  to the q, k, v of the scaled_dot_product_attention they call (Falcon), or, where the
+  attention is written out, to the factors of its two batched products of activations (matmul,
+  bmm or baddbmm of two tensors of 3 or more dimensions, no parameter): the scores q @ k^T
+  (MPT, GPT-J, CodeGen; BLOOM's baddbmm with ALiBi), whose second factor is the keys
+  transposed, then the probabilities @ v. An attention making another number of such
+  products is refused (QBenchError) rather than guessed at. The keys are those the cache holds:
+  after RoPE (GPT-J, CodeGen), with the cache's earlier tokens.
 A model whose attention reaches none of these has no KV step: QBenchError.
 """
 
@@ -39,10 +46,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.formats.spec import KVQuant
+from qbench.quant.walk.inventory import inventory
 
 KV_ATTENTION_PREFIX = "qbench_kv_"
 _ATTENTION_CLASS = re.compile(r"Attention", re.IGNORECASE)
@@ -62,11 +70,17 @@ class KVTransform(nn.Module):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*self.keys(query, key), self.values(value))
+
+    def keys(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q H, k H rounded): [..., tokens, head_dim] each."""
         if self.qk_rotation is not None:
             query, key = self.qk_rotation(query), self.qk_rotation(key)
-        if self.quant is not None:
-            key, value = fake_quant(key, self.quant), fake_quant(value, self.quant)
-        return query, key, value
+        return query, fake_quant(key, self.quant) if self.quant is not None else key
+
+    def values(self, value: torch.Tensor) -> torch.Tensor:
+        """v rounded: [..., tokens, head_dim]."""
+        return fake_quant(value, self.quant) if self.quant is not None else value
 
     def extra_repr(self) -> str:
         return f"kv={self.quant.label() if self.quant else 'fp'}"
@@ -87,9 +101,15 @@ class KVSite:
 
 def kv_sites(model: nn.Module) -> list[KVSite]:
     """Every attention module's KVTransform, installed (and wired into attention) where
-    missing, in the order attention runs; QBenchError if attention has no place for it."""
+    missing, in the order attention runs; RefusedError for a model without attention,
+    QBenchError if attention has no place for it."""
     family = [m for m in model.modules() if _calls_kv_transform(m)]
     seen = {id(m): (m, m.head_dim) for m in family} if family else _discover(model)
+    if not seen and not _has_attention(model):
+        raise RefusedError(
+            f"{model.config.model_type} has no attention layers, so no KV cache (its "
+            "state-space mixers keep a recurrent state); remove kv: for this checkpoint"
+        )
     if not seen:
         raise QBenchError(
             f"{model.config.model_type}: attention runs neither through transformers' "
@@ -102,6 +122,11 @@ def kv_sites(model: nn.Module) -> list[KVSite]:
             attention.kv_transform = KVTransform()
         sites.append(KVSite(attention, attention.kv_transform, head_dim))
     return sites
+
+
+def _has_attention(model: nn.Module) -> bool:
+    """Whether the inventory finds attention projections (a Mamba model has none)."""
+    return bool(inventory(model).of_kind("attention"))
 
 
 def _calls_kv_transform(module: nn.Module) -> bool:
@@ -137,37 +162,100 @@ def _route_attention(model: nn.Module) -> None:
         return
     for module in model.modules():
         if _ATTENTION_CLASS.search(type(module).__name__) and "forward" not in vars(module):
-            module.forward = functools.partial(_forward_under_sdpa_step, module)
+            module.forward = functools.partial(_forward_under_kv_step, module)
 
 
 def _apply(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The module's KV step (identity where none is installed); records it while discovering."""
-    seen = _SEEN.get()
-    if seen is not None:
-        seen.setdefault(id(module), (module, query.shape[-1]))
+    _discovered(module, query)
     transform = getattr(module, "kv_transform", None)
     return transform(query, key, value) if transform is not None else (query, key, value)
 
 
-def _forward_under_sdpa_step(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    with _SDPAStep(module):
-        return type(module).forward(module, *args, **kwargs)
+def _discovered(module: nn.Module, query: torch.Tensor) -> None:
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.setdefault(id(module), (module, query.shape[-1]))
 
 
-class _SDPAStep(TorchFunctionMode):
-    """Applies the module's KV step to the q, k, v of scaled_dot_product_attention calls."""
+def _keys(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV step's (q H, k H rounded) where attention is written out (scores' factors)."""
+    _discovered(module, query)
+    transform = getattr(module, "kv_transform", None)
+    return transform.keys(query, key) if transform is not None else (query, key)
+
+
+def _values(module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+    transform = getattr(module, "kv_transform", None)
+    return transform.values(value) if transform is not None else value
+
+
+def _forward_under_kv_step(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    with _AttentionStep(module) as step:
+        out = type(module).forward(module, *args, **kwargs)
+    if step.products not in (0, 2):
+        raise QBenchError(
+            f"{type(module).__name__} makes {step.products} batched products of activations "
+            "in one call: qbench cannot tell its scores (q @ k^T) from its values (p @ v), so "
+            "it has no KV-cache step; remove kv: for this checkpoint"
+        )
+    return out
+
+
+# batched products of two activations: the positions and keywords of their two factors
+_PRODUCTS = {
+    "matmul": ((0, 1), ("input", "other")),
+    "__matmul__": ((0, 1), ("input", "other")),
+    "bmm": ((0, 1), ("input", "mat2")),
+    "baddbmm": ((1, 2), ("batch1", "batch2")),
+}
+
+
+class _AttentionStep(TorchFunctionMode):
+    """Applies the module's KV step inside its forward: to the q, k, v of
+    scaled_dot_product_attention calls, and to the factors of its written-out attention's two
+    batched products (scores q @ k^T, then probabilities @ v; see the module docstring)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.products = 0  # batched products of activations seen in this call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and len(args) >= 3:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name == "scaled_dot_product_attention" and len(args) >= 3:
             args = (*_apply(self.module, *args[:3]), *args[3:])
+        elif name in _PRODUCTS:
+            args = self._product(name, list(args), kwargs)
         return func(*args, **kwargs)
+
+    def _product(self, name: str, args: list, kwargs: dict) -> tuple:
+        """The arguments with the factors through the KV step (kwargs changed in place)."""
+        where = [
+            (args, i) if i < len(args) else (kwargs, key)
+            for i, key in zip(*_PRODUCTS[name], strict=True)
+        ]
+        factors = [holder.get(at) if holder is kwargs else holder[at] for holder, at in where]
+        if not all(
+            isinstance(f, torch.Tensor) and f.dim() >= 3 and not isinstance(f, nn.Parameter)
+            for f in factors
+        ):
+            return tuple(args)
+        first, second = factors
+        if self.products % 2 == 0:  # scores: q [..., tokens, d] @ k^T [..., d, tokens']
+            query, key = _keys(self.module, first, second.transpose(-1, -2))
+            new = (query, key.transpose(-1, -2))
+        else:  # values: probabilities [..., tokens, tokens'] @ v [..., tokens', d]
+            new = (first, _values(self.module, second))
+        self.products += 1
+        for (holder, at), value in zip(where, new, strict=True):
+            holder[at] = value
+        return tuple(args)
 
 
 def kv_attention(base: str) -> str:

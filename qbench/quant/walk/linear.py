@@ -17,6 +17,7 @@ from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.spec import ActivationQuant, WeightQuant
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, Target, replace_module
+from qbench.quant.walk.select import WEIGHT_ONLY
 
 
 class QuantLinear(nn.Module):
@@ -87,14 +88,18 @@ def round_target(
     """Round one target in place as the specs say.
 
     `rounded`: weights already rounded (GPTQ), by matrix label ('weight', 'down_proj[3]', ...);
-    used as they are. Linears become QuantLinear; experts and routers keep their module, their
-    weights rounded in place and their inputs fake-quantized per token before each product.
+    used as they are. Linears become QuantLinear; experts, routers and linears of a class with
+    its own forward (Llama 4's router returns scores and logits) keep their module, their
+    weights rounded in place and their inputs fake-quantized per token before each product; a
+    state-space conv (kind conv) gets its weights rounded only (`select.WEIGHT_ONLY`).
     """
     module = target.module
-    if isinstance(module, nn.Linear):
+    if target.replaceable:
         weight = rounded.get("weight") if rounded else None
         replace_module(model, target.name, QuantLinear(module, weights, activations, weight))
         return
+    if target.kind in WEIGHT_ONLY:
+        activations = None
     with torch.no_grad():
         for label, matrix in target.matrices():
             if rounded and label in rounded:
@@ -113,7 +118,7 @@ def _quantize_inputs(target: Target, activations: ActivationQuant) -> None:
     if target.experts is not None:
         for parameter in target.experts.parameters:
             set_input_step(target.module, parameter, "quantize", step)
-    else:  # a router applying its own weight: round its input before its forward
+    else:  # a module applying its own weight: round its input before its forward
         target.module.register_forward_pre_hook(lambda _, args: (step(args[0]), *args[1:]))
 
 

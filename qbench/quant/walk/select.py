@@ -4,8 +4,9 @@ Patterns follow compressed-tensors' `match_named_modules(model, targets, ignore)
 for names: `re:<regex>` is a regular expression matched at the start of the module's dotted
 path (`re.match`), anything else a glob over the whole path (`fnmatch`, e.g.
 `model.layers.*.mlp.down_proj`). A target is rounded when its kind is targeted (lm_head,
-routers and embeddings only when asked), it matches one of `targets` (when given) and none of
-`ignore`. This module imports no torch: recipes are validated with it.
+routers, state-space mixers' convs and embeddings only when asked), it matches one of
+`targets` (when given) and none of `ignore`. This module imports no torch: recipes are
+validated with it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
     from qbench.quant.walk.inventory import Inventory, Target
 
-Kind = Literal["attention", "mlp", "experts", "router", "norm", "lm_head", "other"]
-KINDS: tuple[Kind, ...] = ("attention", "mlp", "experts", "router", "norm", "lm_head", "other")
+Kind = Literal["attention", "mlp", "ssm", "experts", "router", "conv", "norm", "lm_head", "other"]
+KINDS: tuple[Kind, ...] = (
+    "attention", "mlp", "ssm", "experts", "router", "conv", "norm", "lm_head", "other",
+)  # fmt: skip
+# Kinds whose inputs no quantizer rounds: a state-space mixer's depthwise conv1d filters each
+# channel over a few tokens (an elementwise product, not a matmul): `activations:` leave it.
+WEIGHT_ONLY: frozenset[Kind] = frozenset({"conv"})
 REGEX_PREFIX = "re:"
 
 

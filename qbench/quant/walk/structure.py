@@ -133,6 +133,26 @@ def probe_ids(model: nn.Module, batch: int = 2, tokens: int = 16) -> torch.Tenso
     return ids.to(model.get_input_embeddings().weight.device)
 
 
+@torch.no_grad()
+def applied_outside_forward(model: nn.Module, targets: dict[str, Target]) -> list[str]:
+    """The linears among `targets` whose forward does not run in a probe pass of `model`: a
+    parent applies their weight itself (Mamba-1's mixers: `dt_proj.weight @ x`). Rounding
+    their weight in place reaches that product; nothing reaches their input. Experts and
+    routers are not asked (an expert a probe does not route to is not called)."""
+    asked = {
+        name: t
+        for name, t in targets.items()
+        if isinstance(t.module, nn.Linear) and t.kind not in ("experts", "router")
+    }
+    called: set[str] = set()
+    with ExitStack() as stack:
+        for name, target in asked.items():
+            hook = target.module.register_forward_pre_hook(lambda *_, n=name: called.add(n))
+            stack.callback(hook.remove)
+        model(input_ids=probe_ids(model))
+    return [name for name in asked if name not in called]
+
+
 def is_norm(module: nn.Module) -> bool:
     """A normalization module: its class name says norm and its own parameters are 1-D."""
     own = list(module.parameters(recurse=False))
@@ -187,6 +207,7 @@ class _State:
     norm: str | None = None  # it is this norm's output (or a view of it)
     gated: frozenset[str] = frozenset()  # targets whose output it is times a gate, elementwise
     taint: frozenset[str] = frozenset()  # targets it was computed from through nonlinear ops
+    stream: bool = False  # computed from the residual stream through ops not followed (cat)
 
 
 @dataclass
@@ -202,6 +223,7 @@ class _Trace:
     adds: list[tuple[int | None, _State]] = field(default_factory=list)  # (block, operand)
     stream_start: _State | None = None
     block_outputs: list[bool] = field(default_factory=list)  # block output is the stream
+    inside_norm: int = 0  # norms running now (their inner ops are not followed)
 
     def state(self, x: Any) -> _State | None:
         return self.states.get(id(x)) if isinstance(x, torch.Tensor) else None
@@ -221,11 +243,13 @@ class _Follow(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._propagate(getattr(func, "__name__", ""), args, out)
+        self._propagate(getattr(func, "__name__", ""), args, kwargs or {}, out)
         return out
 
-    def _propagate(self, name: str, args: tuple, out: Any) -> None:
+    def _propagate(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         trace = self.trace
+        if trace.inside_norm:  # a norm's own arithmetic (Cohere's x - mean): its output is
+            return  # set by its forward hook
         first = trace.state(args[0]) if args else None
         second = trace.state(args[1]) if len(args) > 1 else None
         if name in _ADD and len(args) > 1:
@@ -239,15 +263,16 @@ class _Follow(TorchFunctionMode):
                 new = second
             elif name in _GATE:
                 new = _gated(first, second)
-        elif name in _SAME:
+        elif _keeps_channels(name, args, kwargs):
             new = first
         elif name in _ACCUMULATE and first is not None:
             source = trace.state(args[3]) if len(args) > 3 else None
             new = _State(first.sources | (source.sources if source else frozenset()))
         if new is None:  # a nonlinear op: the result is computed from its inputs' sources
-            states = [trace.state(a) for a in args]
-            taint = frozenset().union(*(t.sources | t.taint for t in states if t is not None))
-            new = _State(taint=taint) if taint else None
+            states = [s for s in map(trace.state, _flat(args)) if s is not None]
+            taint = frozenset().union(*(t.sources | t.taint for t in states))
+            stream = any(t.residual or t.stream for t in states)
+            new = _State(taint=taint, stream=stream) if taint or stream else None
         for item in out if isinstance(out, tuple | list) else (out,):
             if new is not None or trace.state(item) is not None:  # clears in-place results
                 trace.set(item, new or _State())
@@ -274,6 +299,38 @@ def _gated(first: _State | None, second: _State | None) -> _State | None:
         if len(state.sources) == 1 and not other.sources and not state.sources & other.taint:
             return _State(gated=state.sources)
     return None
+
+
+def _flat(args: tuple) -> list[Any]:
+    """The arguments, with the items of list and tuple arguments (torch.cat's tensors)."""
+    return [a for arg in args for a in (arg if isinstance(arg, tuple | list) else (arg,))]
+
+
+def _keeps_channels(name: str, args: tuple, kwargs: dict) -> bool:
+    """A view, copy or row-wise op of one tensor that leaves its channels as they are."""
+    if name == "repeat":
+        return _repeats_rows(args)
+    if name == "sum":
+        return _sums_rows(args, kwargs)
+    return name in _SAME
+
+
+def _repeats_rows(args: tuple) -> bool:
+    """x.repeat(...) that tiles rows only (Llama 4's routed_in = x.repeat(experts, 1)): the
+    channels stay where they are."""
+    sizes = args[1] if len(args) == 2 and isinstance(args[1], tuple | list) else args[1:]
+    return bool(sizes) and sizes[-1] == 1
+
+
+def _sums_rows(args: tuple, kwargs: dict) -> bool:
+    """x.sum(dim) over dimensions other than the channels (Llama 4 sums its experts' outputs,
+    x.reshape(experts, tokens, hidden).sum(dim=0)): a sum of the same sources."""
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(x, torch.Tensor) or dims is None:
+        return False
+    dims = dims if isinstance(dims, tuple | list) else (dims,)
+    return all(isinstance(d, int) and d % x.dim() != x.dim() - 1 for d in dims)
 
 
 def _scalar_like(x: Any, other: Any) -> bool:
@@ -329,8 +386,17 @@ def _hooks(
     for name, target in inv.targets.items():
         yield target.module.register_forward_pre_hook(reader(name), with_kwargs=True)
         yield target.module.register_forward_hook(produced(lambda n=name: _State(frozenset({n}))))
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        trace.inside_norm += 1
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        trace.inside_norm -= 1
+
     for name, norm in norms.items():
         yield norm.register_forward_pre_hook(reader(name), with_kwargs=True)
+        yield norm.register_forward_pre_hook(enter)
+        yield norm.register_forward_hook(leave)
         yield norm.register_forward_hook(produced(lambda n=name: _State(norm=n)))
     for name, table in inv.embeddings.items():
         yield table.register_forward_hook(produced(lambda n=name: _State(frozenset({n}))))
@@ -390,6 +456,12 @@ def _derive(
                 f"norm {name} ({type(group.norm).__name__}) computes neither an RMSNorm nor a "
                 "LayerNorm with a per-channel weight and bias"
             )
+    for name, state in trace.reads.items():
+        if state.stream and not state.residual and state.norm is None:
+            problems.append(
+                f"{name} reads a tensor computed from the residual stream by an operation the "
+                "trace cannot follow (e.g. a concatenation with it)"
+            )
     head_readers = []
     for name, target in inv.targets.items():
         state, index = trace.reads.get(name), trace.read_in_block.get(name)
@@ -422,6 +494,7 @@ def _derive(
         else:
             blocks[index].writers += [inv.targets[s] for s in operand.sources if s in inv.targets]
             unknown = not operand.sources or any(s not in inv.targets for s in operand.sources)
+            unknown |= bool(operand.taint)  # part of it came through an op the trace cannot follow
         if unknown:
             problems.append(
                 f"block {index} adds to the residual stream a tensor that is not a linear's or "
