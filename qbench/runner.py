@@ -116,7 +116,8 @@ class Worker:
             context = self.context(cell)
             fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
             if cell.quantizer:  # what a string device_map offloaded shows only once loaded
-                check_quantizable(context.model)
+                rounding = cell.quantizer.rounding
+                check_quantizable(context.model, rounding.method, rounding.library)
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
                 return run_cell(

@@ -47,30 +47,32 @@ def device_label(model: nn.Module) -> str:
     return str(input_device(model))
 
 
-# Why a quantized cell cannot run where modules are offloaded, after what is offloaded.
+# Why a library's rounding cannot run where modules are offloaded, after what is offloaded.
 CANNOT_QUANTIZE_OFFLOADED = (
-    "whose weights the quantizers cannot rewrite in place (an offloaded module's weight is a "
-    "meta placeholder its hook fills at each forward): evaluate it unquantized (fp) only, or "
-    "give a device_map that keeps every module on a GPU"
+    "whose weights {method} would replace by its own packed modules, which accelerate's offload "
+    "cannot hold: use rtn or gptq (qbench's roundings onload one block at a time), or a "
+    "device_map that keeps every module on a GPU"
 )
 
 
-def check_quantizable(model: nn.Module) -> None:
-    """Raise QBenchError when a quantizer would meet offloaded weights (what a device_map
-    strategy such as `auto` offloaded shows only once the model is loaded)."""
+def check_quantizable(model: nn.Module, method: str, library: bool) -> None:
+    """Raise QBenchError when a library's rounding (`library`, named `method`) would meet
+    offloaded weights (what a device_map strategy such as `auto` offloaded shows only once the
+    model is loaded); qbench's own steps onload them (qbench.quant.walk.onload)."""
     offloaded = offloaded_modules(model)
-    if offloaded:
+    if offloaded and library:
         raise QBenchError(
             f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
-            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED}"
+            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
         )
 
 
-def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
+def offload_refusal(device_map: str | dict[str, Any] | None, method: str) -> str | None:
     """'offloads N modules to ... (e.g. name), ...' when a device_map mapping itself offloads
-    modules: to "disk", or to "cpu" beside a GPU (accelerate's dispatch_model executes on the
-    first GPU of the map and offloads its "cpu" modules then); None for no map, a strategy
-    name (what it offloads depends on the memory found at load) or a map without offload."""
+    modules (to "disk", or to "cpu" beside a GPU: accelerate's dispatch_model executes on the
+    first GPU of the map and offloads its "cpu" modules then) and library rounding `method`
+    would meet them; None for no map, a strategy name (what it offloads depends on the memory
+    found at load) or a map without offload."""
     if not isinstance(device_map, dict):
         return None
     gpu = any(where not in ("cpu", "disk") for where in device_map.values())
@@ -80,7 +82,7 @@ def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
     devices = "/".join(sorted({str(device_map[m]) for m in offloaded}))
     return (
         f"offloads {len(offloaded)} modules to {devices} (e.g. {offloaded[0] or 'the model'}), "
-        f"{CANNOT_QUANTIZE_OFFLOADED}"
+        f"{CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qbench.checkpoints.dispatch import check_quantizable
 from qbench.errors import QBenchError
 from qbench.quant.context import StepContext
 from qbench.quant.methods.rtn import round_embeddings, untie_word_embeddings
@@ -66,6 +67,7 @@ def run(
         round_embeddings(model, quantizer.weights)
     if quantizer.kv is not None:
         quantize_kv_cache(model, quantizer.kv)
+    context.release_activations()
     report = coverage(model, before, quantizer)
     check_complete(report, quantizer, model_name(model))
     return report
@@ -77,6 +79,7 @@ def transform(context: StepContext) -> StepContext:
     transforms = tuple(context.quantizer.transforms)
     for i, step in enumerate(transforms):
         step.apply(context.after(transforms[:i]))
+        context.release_activations()
     return context.after(transforms)
 
 
@@ -94,6 +97,7 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
         raise QBenchError(problem)
+    check_quantizable(model, quantizer.rounding.method, quantizer.rounding.library)
 
 
 def quantized_modules(model: nn.Module, found: Inventory) -> list[str]:

@@ -125,8 +125,17 @@ class Inventory:
 
     def in_block(self, index: int) -> dict[str, Target]:
         """The targets inside decoder block `index`."""
-        prefix = f"{self.blocks_path}.{index}."
+        prefix = f"{self.block_path(index)}."
         return {n: t for n, t in self.targets.items() if n.startswith(prefix)}
+
+    def block_path(self, index: int) -> str:
+        """The dotted path of decoder block `index` (e.g. model.layers.3)."""
+        return f"{self.blocks_path}.{index}"
+
+    def outside_blocks(self, targets: dict[str, Target]) -> dict[str, Target]:
+        """The targets of `targets` outside the decoder blocks (lm_head, others)."""
+        inside = f"{self.blocks_path}." if self.blocks_path else None
+        return {n: t for n, t in targets.items() if inside is None or not n.startswith(inside)}
 
     def sizes(self) -> dict[str, tuple[Kind, int]]:
         """{target: (kind, weight elements)}, counted now (a quantizer may free the weights)."""
@@ -179,6 +188,14 @@ def linear_conv1d(model: nn.Module) -> int:
         linear.bias = conv.bias
         replace_module(model, name, linear)
     return len(found)
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """The dotted path of `module` inside `model` (ValueError if it is not there)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a module of {type(model).__name__}")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
