@@ -21,7 +21,7 @@ from qbench.quant.formats.spec import CLIP_SEARCH_NORM
 IntScaleRule = Literal["qmax", "half-range"]
 CLIP_SEARCH_GRID = 100  # GPTQ's quant.py: grid=100, maxshrink=0.8, norm=2.4
 CLIP_SEARCH_MAX_SHRINK = 0.8
-SEARCH_CHUNK = 1 << 18  # elements of a batch of rows the clip search evaluates at once
+SEARCH_CHUNK = 1 << 20  # elements of a batch of rows the clip search evaluates at once
 SCREEN_WIDTH = 1024  # rows this long (and symmetric) are screened by histogram first
 SCREEN_BINS = 16384  # the screen's nodes over the row's unclipped grid
 SCREEN_BAND = 1e-3  # ratios within this of the smallest estimate are computed exactly

@@ -114,8 +114,9 @@ def _rounded(readers: list[Target]) -> list[Target]:
 @dataclass
 class _FirstPass:
     """What the block's first pass saw: its float outputs per batch, the mean |x| per channel
-    of each group's input, and when each submodule's calls started and ended (a counter of
-    module calls), to tell which modules run before a group's readers."""
+    of each group's input, and when each submodule's calls started (first) and ended (last) in
+    the first batch (a counter of module calls), to tell which modules run before a group's
+    readers."""
 
     outputs: list[torch.Tensor]
     means: list[torch.Tensor]
@@ -169,10 +170,11 @@ def _reference_pass(
         ends[module] = next(clock)
 
     block = inputs.blocks[inputs.index]
-    handles = []
+    order = []  # the call order is read in the first batch (every batch calls alike)
     for module in block.modules():
         if module is not block:
-            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(end)]
+            order += [module.register_forward_pre_hook(start), module.register_forward_hook(end)]
+    handles = []
     for index, (producer, _) in enumerate(groups):
         if isinstance(producer, nn.Linear):  # a gated pair's down: what it receives
             hook = producer.register_forward_pre_hook(lambda _, a, i=index: add(i, a[0]))
@@ -181,10 +183,14 @@ def _reference_pass(
                 lambda _, __, y, i=index: add(i, y[0] if isinstance(y, tuple) else y)
             )
         handles.append(hook)
+    outputs = []
     try:
-        outputs = list(inputs.run())
+        for output in inputs.run():
+            outputs.append(output)
+            for handle in order:
+                handle.remove()
     finally:
-        for handle in handles:
+        for handle in handles + order:
             handle.remove()
     means = [(sums[i] / counts[i]).float() for i in range(len(groups))]
     return _FirstPass(outputs, means, starts, ends)
