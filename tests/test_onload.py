@@ -167,3 +167,33 @@ def test_weights_offloaded_to_cpu_memory_take_the_same_path(tmp_path, name):
     assert torch.equal(_logits(model), before)
     state = model.lm_head._hf_hook.weights_map.dataset
     assert all(torch.equal(state[n], t) for n, t in originals.items())
+
+
+def test_an_offloaded_gpt2_gets_its_linears_and_quantizes_as_the_whole_model(tmp_path):
+    """GPT-2's Conv1D ([in, out]) become nn.Linear at load, the offloaded ones onloaded for
+    it: every method then finds the same targets on the dispatched model."""
+    from qbench.recipe import CheckpointSpec
+
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 600}
+    device_map = {
+        "transformer.wte": "disk",
+        "transformer.wpe": "cpu",
+        **{f"transformer.h.{i}": "cpu" if i < 2 else "disk" for i in range(4)},
+        "transformer.ln_f": "cpu",
+        "lm_head": "disk",
+    }
+    specs = [
+        CheckpointSpec(name="whole", random=gpt2),
+        CheckpointSpec(name="half", random=gpt2, device_map=device_map,
+                       offload_folder=str(tmp_path / "offload")),
+    ]  # fmt: skip
+    (whole, tokenizer), (dispatched, _) = (load_checkpoint(s, progress=False) for s in specs)
+    assert type(dispatched.transformer.h[3].mlp.c_fc).__name__ == "Linear"
+    assert offload_hook(dispatched.transformer.h[3].mlp.c_fc) is not None
+    _assert_equal(_logits(dispatched), _logits(whole))
+    for name in ("rotation-kv", "gptq"):
+        with quantized(whole, quantizer(**METHODS[name]), tokenizer) as expected:
+            expected_logits = _logits(whole)
+        with quantized(dispatched, quantizer(**METHODS[name]), tokenizer) as found:
+            assert found == expected
+            _assert_equal(_logits(dispatched), expected_logits)

@@ -180,13 +180,18 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def linear_conv1d(model: nn.Module) -> int:
     """Replace every transformers Conv1D (weight [in, out]) by the equal nn.Linear (weight
     [out, in]), in place; the number replaced. The output changes by float rounding only
-    (addmm and F.linear sum in another order)."""
+    (addmm and F.linear sum in another order). An offloaded Conv1D is onloaded meanwhile and
+    its Linear offloaded after (qbench.quant.walk.onload)."""
+    from qbench.quant.walk.onload import onloaded
+
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in found:
-        linear = nn.Linear(conv.nx, conv.nf, device="meta")
-        linear.weight = nn.Parameter(conv.weight.detach().T.contiguous(), conv.weight.requires_grad)
-        linear.bias = conv.bias
-        replace_module(model, name, linear)
+        with onloaded(model, name):
+            weight = conv.weight.detach().T.contiguous()
+            linear = nn.Linear(conv.nx, conv.nf, device="meta")
+            linear.weight = nn.Parameter(weight, conv.weight.requires_grad)
+            linear.bias = conv.bias
+            replace_module(model, name, linear)
     return len(found)
 
 

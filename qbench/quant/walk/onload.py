@@ -60,6 +60,7 @@ class OffloadStore:
     cpu: dict[str, torch.Tensor] = field(default_factory=dict)
     index: dict[str, dict] = field(default_factory=dict)
     parent: str | None = None  # where `folder` is made (the offload folder), None: a temp dir
+    frozen: bool = False  # a snapshot's (qbench.quant.walk.restore): never written again
 
     def __post_init__(self) -> None:
         self.loader = OffloadedWeightsLoader(state_dict=self.cpu, index=self.index)
@@ -177,10 +178,10 @@ def _lives_on_disk(weights_map: object, name: str) -> bool:
 
 
 def _store(model: nn.Module, sites: list[_Site]) -> OffloadStore:
-    """The model's store for this call: its last one, or a new one (in the offload folder
-    where the model was offloaded to disk)."""
+    """The model's store for this call: its last one unless a snapshot froze it, else a new
+    one (in the offload folder where the model was offloaded to disk)."""
     stores = vars(model).get(STORES_ATTRIBUTE, [])
-    if stores:
+    if stores and not stores[-1].frozen:
         return stores[-1]
     store = OffloadStore(parent=_offload_folder(model) if any(s.on_disk for s in sites) else None)
     vars(model)[STORES_ATTRIBUTE] = [*stores, store]  # a new list: a snapshot keeps the old one
@@ -233,6 +234,15 @@ def _nearest(name: str, sites: dict[str, _Site]) -> _Site | None:
         if site is not None:
             return site
     return sites.get("")
+
+
+def freeze_stores(model: nn.Module) -> tuple[OffloadStore, ...]:
+    """The stores of `model`, frozen: what changes the model later goes to a new store, so
+    the weights they hold stay those of this moment (a restore's snapshot)."""
+    stores = tuple(vars(model).get(STORES_ATTRIBUTE, ()))
+    for store in stores:
+        store.frozen = True
+    return stores
 
 
 def close_stores(model: nn.Module, keep: list[OffloadStore] | tuple = ()) -> None:

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qbench.quant.walk.onload import STORES_ATTRIBUTE, close_stores
+from qbench.quant.walk.onload import close_stores, freeze_stores
 
 # safetensors dtype names (the file's header) of the dtypes qbench models use
 _DTYPES = {
@@ -76,7 +76,7 @@ class Pristine:
 
     def __init__(self, model: nn.Module, folder: Path) -> None:
         self.model = model
-        self.stores = tuple(vars(model).get(STORES_ATTRIBUTE, ()))
+        self.stores = freeze_stores(model)
         self.modules = [_snapshot(m) for m in model.modules()]
         self.configs = {id(c): (c, dict(vars(c))) for c in _configs(model)}
         handle, name = tempfile.mkstemp(dir=folder, prefix="pristine-", suffix=".safetensors")
