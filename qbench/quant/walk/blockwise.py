@@ -5,10 +5,16 @@ As QuaRot's and GPTQ's reference code and llmc's blockwise flow: one forward pas
 calibration batch records what every decoder block receives (the hidden states entering the
 first block, and each block's other arguments: attention masks, RoPE tables, position ids,
 ALiBi, ... exactly as the model passes them, so sliding-window and global layers keep their own
-masks); the pass stops before the last block. Then block i runs on its inputs (the outputs of
+masks); the pass stops before the last block, or after it when observers ride on it
+(SmoothQuant's ranges of the float model). Then block i runs on its inputs (the outputs of
 the already processed block i - 1), a method observes and rounds it, and block i runs again to
 produce block i + 1's inputs from the rounded block. Two block passes per block, where running
-the model from its embeddings for every block takes L(L+1)/2.
+the model from its embeddings for every block takes L(L+1)/2. One capture serves every step of
+a quantizer that calibrates on the same windows (`StepContext.block_inputs`): a later step
+restarts at block 0 with a pass that stops where the blocks start. Where the model is
+offloaded, the caller onloads each block while it works on it (qbench.quant.walk.onload); the
+capture and the restart run the dispatched model as it is (accelerate's hooks load each
+offloaded module for its forward).
 """
 
 from __future__ import annotations

@@ -120,11 +120,6 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def has_offloaded(model: nn.Module) -> bool:
-    """Whether any module of `model` keeps its weights offloaded."""
-    return any(offload_hook(m) is not None for m in model.modules())
-
-
 @contextlib.contextmanager
 def onloaded(model: nn.Module, *paths: str) -> Iterator[None]:
     """The modules at `paths` (dotted, inside `model`) onloaded inside the block and put back
@@ -136,7 +131,7 @@ def onloaded(model: nn.Module, *paths: str) -> Iterator[None]:
     try:
         yield
     finally:
-        store = _store(model, sites)
+        store = _store(model)
         for path in dict.fromkeys(paths):
             _offload(model, path, sites, store)
 
@@ -177,13 +172,13 @@ def _lives_on_disk(weights_map: object, name: str) -> bool:
     return False
 
 
-def _store(model: nn.Module, sites: list[_Site]) -> OffloadStore:
+def _store(model: nn.Module) -> OffloadStore:
     """The model's store for this call: its last one unless a snapshot froze it, else a new
     one (in the offload folder where the model was offloaded to disk)."""
     stores = vars(model).get(STORES_ATTRIBUTE, [])
     if stores and not stores[-1].frozen:
         return stores[-1]
-    store = OffloadStore(parent=_offload_folder(model) if any(s.on_disk for s in sites) else None)
+    store = OffloadStore(parent=_offload_folder(model))
     vars(model)[STORES_ATTRIBUTE] = [*stores, store]  # a new list: a snapshot keeps the old one
     return store
 
