@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import copy
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -256,7 +255,8 @@ def half_on_disk(layers: int) -> dict[str, str]:
 
 def offload_child(layout: str, checkpoint: str, method: str, calibration: dict) -> None:
     """Load `checkpoint` whole or half on disk, quantize it with `method`; print JSON: the
-    process's peak RSS and its RSS before loading, the resident bytes, seconds."""
+    process's RSS before loading and once loaded, its peak RSS while quantizing, the bytes of
+    the resident parameters, seconds."""
     import psutil
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -271,12 +271,21 @@ def offload_child(layout: str, checkpoint: str, method: str, calibration: dict) 
         resident = sum(p.numel() * 4 for p in model.parameters() if p.device.type != "meta")
         loaded = psutil.Process().memory_info().rss
         spec = quantizer(name="m", **methods(calibration)[method])
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
         cpu, start = time.process_time(), time.perf_counter()
         quantize_(model, spec, tokenizer)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = _high_water_mark()
     figures = {"before": before, "loaded": loaded, "peak": peak, "resident": resident}
     print(json.dumps({**figures, "seconds": wall, "cpu": cpu}))
+
+
+def _high_water_mark() -> int:
+    """The process's peak resident memory since the last reset (VmHWM, Linux), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -300,15 +309,17 @@ def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
             estimate = found["disk"]["resident"] + block + activations
             rows.append([method, f"{whole / MIB:.0f} ({found['whole']['cpu']:.1f} s CPU)",
                          f"{disk / MIB:.0f} ({found['disk']['cpu']:.1f} s CPU)",
-                         f"{disk / whole:.2f}", f"{estimate / MIB:.0f}"])  # fmt: skip
+                         f"{disk / whole:.2f}", f"{found['disk']['resident'] / MIB:.0f}",
+                         f"{estimate / MIB:.0f}"])  # fmt: skip
             print(f"  {method}: whole {whole / MIB:.0f} MiB, half on disk {disk / MIB:.0f} MiB")
     header = ["method", "whole: peak MiB (CPU s)", "half on disk: peak MiB (CPU s)",
-              "disk / whole", "estimate: resident + 1 block + activations, MiB"]  # fmt: skip
+              "disk / whole", "resident part MiB",
+              "estimate: resident + 1 block + activations, MiB"]  # fmt: skip
     title = (f"3. Quantizing with half the blocks and the embedding on disk: random Llama, "
              f"hidden {width}, {layers} blocks, vocabulary 32000, {total / MIB:.0f} MiB in "
              f"fp32 (one block {block / MIB:.0f} MiB), {args.sequences} x {args.seq_len} "
              f"calibration tokens ({activations / MIB:.0f} MiB of block inputs and outputs); "
-             "peak RSS above the process's before loading")  # fmt: skip
+             "peak RSS while quantizing, above the process's RSS before loading")  # fmt: skip
     table(title, header, rows)
 
 
