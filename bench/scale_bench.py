@@ -20,9 +20,10 @@
    against quantizing the whole model, per method, each in a fresh process (the peak above
    the process's memory before loading), with the estimate "resident part + one block +
    cached calibration activations" beside it.
-4. sweep: with --path DIR (a Hugging Face folder, e.g. SmolLM2-135M converted from its GGUF),
-   a sweep of fp and one cell per method through `qbench run`: each cell's quantization and
-   total seconds (the records' quantize_s and wall_time_s), against the RTN W4A4 cell's.
+4. sweep: with --path (a Hugging Face folder or a .gguf file, e.g. SmolLM2-135M's in
+   ../shared/models), a sweep of fp and one cell per method through `qbench run`: each cell's
+   quantization and total seconds (the records' quantize_s and wall_time_s), against the RTN
+   W4A4 cell's.
 
 The "before" figures of the README come from this script run on main's code
 (PYTHONPATH=<a checkout of main>): it uses the public API and the CLI only.
@@ -351,8 +352,9 @@ def sweep_table(args: argparse.Namespace) -> None:
         for name, config in chosen.items():
             entry = json.dumps({"name": name.replace(" ", "-").replace("+", "and"), **config})
             recipe = Path(folder) / "sweep.yaml"
+            source = "gguf" if args.path.suffix == ".gguf" else "path"
             recipe.write_text(
-                f"name: sweep\ncheckpoints: [{{name: model, path: {args.path}}}]\n"
+                f"name: sweep\ncheckpoints: [{{name: model, {source}: {args.path}}}]\n"
                 f"quantizers: [{entry}]\neval: {evaluation}\n"
             )
             cpu = time.process_time()
@@ -391,7 +393,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     parser.add_argument("--offload-width", type=int, default=1024, help="offload: hidden size")
     parser.add_argument("--offload-layers", type=int, default=8, help="offload: decoder blocks")
-    parser.add_argument("--path", type=Path, help="sweep: a Hugging Face checkpoint folder")
+    parser.add_argument("--path", type=Path, help="sweep: a Hugging Face folder or a .gguf file")
     parser.add_argument("--offload-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--calibration", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
