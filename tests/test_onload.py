@@ -16,10 +16,10 @@ from test_dispatch import HALF_ON_DISK, LAYERS, RELATIVE_TOLERANCE, _map_text, _
 from torch import nn
 
 from qbench.api import quantize_, quantized, quantizer
-from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.dispatch import input_device
 from qbench.checkpoints.load import load_checkpoint
 from qbench.checkpoints.random import random_checkpoint
-from qbench.quant.walk.onload import STORES_ATTRIBUTE, offload_hook
+from qbench.quant.walk.onload import STORES_ATTRIBUTE, offload_hook, offloaded_modules
 from qbench.record import OK
 from qbench.runner import Worker
 
@@ -172,7 +172,7 @@ def test_weights_offloaded_to_cpu_memory_take_the_same_path(tmp_path, name):
 def test_an_offloaded_gpt2_gets_its_linears_and_quantizes_as_the_whole_model(tmp_path):
     """GPT-2's Conv1D ([in, out]) become nn.Linear at load, the offloaded ones onloaded for
     it: every method then finds the same targets on the dispatched model."""
-    from qbench.recipe import CheckpointSpec
+    from qbench.checkpoints.spec import CheckpointSpec
 
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 4, "vocab_size": 600}
     device_map = {

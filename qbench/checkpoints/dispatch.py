@@ -4,6 +4,9 @@ transformers' `from_pretrained(device_map=...)` hands the model to accelerate's
 `dispatch_model`: each module of the map runs on its device; modules mapped to "cpu" (when
 a GPU executes) or "disk" keep their weights off the device (on the meta device in the
 model, in a CPU or disk store) and an `AlignDevicesHook` loads them for each forward.
+What the quantizers need of a dispatched model (`input_device`, `offloaded_modules`,
+`check_quantizable`) lives in qbench.quant.walk.onload, which qbench.quant may import
+(qbench.checkpoints imports qbench.quant, not the reverse: tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -15,27 +18,8 @@ from accelerate.utils import check_device_map
 from torch import nn
 
 from qbench.errors import QBenchError
+from qbench.quant.walk.onload import CANNOT_QUANTIZE_OFFLOADED, input_device
 from qbench.registry import did_you_mean
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the input embedding's execution device (its hook's, when
-    accelerate dispatched it; an offloaded embedding's weight is on the meta device)."""
-    embedding = model.get_input_embeddings()
-    hook = getattr(embedding, "_hf_hook", None)
-    execution = getattr(hook, "execution_device", None)
-    if execution is not None:
-        return torch.device(execution)
-    return embedding.weight.device
-
-
-def offloaded_modules(model: nn.Module) -> list[str]:
-    """Modules whose weights accelerate keeps off their execution device (cpu / disk)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "_hf_hook", None), "offload", False)
-    ]
 
 
 def device_label(model: nn.Module) -> str:
@@ -45,26 +29,6 @@ def device_label(model: nn.Module) -> str:
     if device_map and len(set(map(str, device_map.values()))) > 1:
         return "device_map: " + ", ".join(sorted(set(map(str, device_map.values()))))
     return str(input_device(model))
-
-
-# Why a library's rounding cannot run where modules are offloaded, after what is offloaded.
-CANNOT_QUANTIZE_OFFLOADED = (
-    "whose weights {method} would replace by its own packed modules, which accelerate's offload "
-    "cannot hold: use rtn or gptq (qbench's roundings onload one block at a time), or a "
-    "device_map that keeps every module on a GPU"
-)
-
-
-def check_quantizable(model: nn.Module, method: str, library: bool) -> None:
-    """Raise QBenchError when a library's rounding (`library`, named `method`) would meet
-    offloaded weights (what a device_map strategy such as `auto` offloaded shows only once the
-    model is loaded); qbench's own steps onload them (qbench.quant.walk.onload)."""
-    offloaded = offloaded_modules(model)
-    if offloaded and library:
-        raise QBenchError(
-            f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
-            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
-        )
 
 
 def offload_refusal(device_map: str | dict[str, Any] | None, method: str) -> str | None:
@@ -84,6 +48,21 @@ def offload_refusal(device_map: str | dict[str, Any] | None, method: str) -> str
         f"offloads {len(offloaded)} modules to {devices} (e.g. {offloaded[0] or 'the model'}), "
         f"{CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
     )
+
+
+def check_gpus(device_map: dict[str, Any]) -> None:
+    """Every GPU a device_map names exists here; QBenchError naming the first that does not."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for module, where in device_map.items():
+        index = where if isinstance(where, int) else None
+        if isinstance(where, str) and where.startswith("cuda"):
+            index = int(where.partition(":")[2] or 0)
+        if index is not None and index >= count:
+            have = f"{count} CUDA devices" if count else "no CUDA device"
+            raise QBenchError(
+                f"'{module or '(the whole model)'}' goes to GPU {index}, but this machine has "
+                f"{have}; map it to cpu, or remove device_map"
+            )
 
 
 def check_module_map(device_map: dict[str, Any], skeleton: nn.Module) -> None:

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.checkpoints.dispatch import check_quantizable
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.context import StepContext
 from qbench.quant.methods.rtn import round_embeddings, untie_word_embeddings
 from qbench.quant.refusal import refusal_of
@@ -29,6 +28,7 @@ from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
 from qbench.quant.walk.kvcache import quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.onload import check_quantizable
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -96,7 +96,7 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     where = f"quantizer '{quantizer.name}'"
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
-        raise QBenchError(problem)
+        raise RefusedError(problem)
     check_quantizable(model, quantizer.rounding.method, quantizer.rounding.library)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qbench.errors import QBenchError
+from qbench.errors import RefusedError
 from qbench.quant.methods.folding import scale_norm_group
 from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
@@ -59,7 +59,7 @@ def smoothable_groups(
     unsmoothed = sum(len(b.direct_readers) for b in structure.blocks)
     unsmoothed += sum(len(g.readers) for g in groups if g not in usable)
     if not usable:
-        raise QBenchError(
+        raise RefusedError(
             f"smoothquant: no norm with a per-channel scale feeds the linears of {model_type} "
             "(post-norm only, or norms without a weight): nothing to smooth; use rtn, gptq or "
             "rotation"

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from qbench.checkpoints.dispatch import input_device
 from qbench.quant.walk.inventory import Inventory
+from qbench.quant.walk.onload import input_device
 
 
 @torch.no_grad()

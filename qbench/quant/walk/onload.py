@@ -47,7 +47,49 @@ from accelerate.utils import (
 )
 from torch import nn
 
+from qbench.errors import RefusedError
+
 STORES_ATTRIBUTE = "qbench_offload_stores"  # on the root model: the stores made for it
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the input embedding's execution device (its hook's, when
+    accelerate dispatched it; an offloaded embedding's weight is on the meta device)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return embedding.weight.device
+
+
+def offloaded_modules(model: nn.Module) -> list[str]:
+    """Modules whose weights accelerate keeps off their execution device (cpu / disk)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "_hf_hook", None), "offload", False)
+    ]
+
+
+# Why a library's rounding cannot run where modules are offloaded, after what is offloaded.
+CANNOT_QUANTIZE_OFFLOADED = (
+    "whose weights {method} would replace by its own packed modules, which accelerate's offload "
+    "cannot hold: use rtn or gptq (qbench's roundings onload one block at a time), or a "
+    "device_map that keeps every module on a GPU"
+)
+
+
+def check_quantizable(model: nn.Module, method: str, library: bool) -> None:
+    """Raise RefusedError when a library's rounding (`library`, named `method`) would meet
+    offloaded weights (what a device_map strategy such as `auto` offloaded shows only once the
+    model is loaded); qbench's own steps onload them (`onloaded` below)."""
+    offloaded = offloaded_modules(model)
+    if offloaded and library:
+        raise RefusedError(
+            f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
+            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
+        )
 
 
 @dataclass

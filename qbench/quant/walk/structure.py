@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qbench.checkpoints.dispatch import input_device
 from qbench.quant.walk.inventory import Inventory, Target, inventory
+from qbench.quant.walk.onload import input_device
 
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
