@@ -133,7 +133,6 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         context = context_length(config, skeleton)
         _check_context(recipe, source, checkpoint, context)
         found = inventory(skeleton)
-        offloaded = offload_refusal(checkpoint.device_map)
         unloadable = _memory_refusal(i, checkpoint, config, skeleton)
         fp_key = None
         for index, quantizer in enumerate([None, *recipe.quantizers]):
@@ -147,7 +146,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             refusal = unloadable or (
                 quantizer
                 and (
-                    _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
+                    _offload_refusal(quantizer, index - 1, i, checkpoint)
                     or refusal_of(
                         quantizer,
                         f"quantizers[{index - 1}] '{quantizer.name}'",
@@ -321,14 +320,13 @@ def _skeleton(
 
 
 def _offload_refusal(
-    quantizer: QuantizerConfig,
-    index: int,
-    i: int,
-    checkpoint: CheckpointSpec,
-    offloaded: str | None,
+    quantizer: QuantizerConfig, index: int, i: int, checkpoint: CheckpointSpec
 ) -> str | None:
-    """The refusal of `quantizer` (recipe entry `index`) on checkpoint `i`, whose device_map
-    offloads modules (`offloaded`: dispatch.offload_refusal's reason), else None."""
+    """The refusal of library-rounding `quantizer` (recipe entry `index`) on checkpoint `i`,
+    whose device_map offloads modules, else None (qbench's own steps onload them)."""
+    if not quantizer.rounding.library:
+        return None
+    offloaded = offload_refusal(checkpoint.device_map, quantizer.rounding.method)
     if offloaded is None:
         return None
     return (

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.dispatch import check_quantizable, device_label
+from qbench.checkpoints.dispatch import device_label
 from qbench.checkpoints.load import Stamps, load_identified
 from qbench.environment import cache_dir
 from qbench.errors import QBenchError, describe, storage_problem
@@ -37,6 +37,7 @@ from qbench.plan import Cell
 from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import find_blocks
+from qbench.quant.walk.onload import check_quantizable
 from qbench.quant.walk.restore import Pristine
 from qbench.recipe import Recipe
 from qbench.record import OK, Record
@@ -128,7 +129,8 @@ class Worker:
             context = self.context(cell)
             fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
             if cell.quantizer:  # what a string device_map offloaded shows only once loaded
-                check_quantizable(context.model)
+                rounding = cell.quantizer.rounding
+                check_quantizable(context.model, rounding.method, rounding.library)
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
                 record = run_cell(

@@ -13,10 +13,15 @@ from torch import nn
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.spec import WeightQuant
 from qbench.quant.methods.awq import awq, search_clip
-from qbench.quant.walk.inventory import linear_conv1d
+from qbench.quant.walk.blockwise import BlockInputs
+from qbench.quant.walk.inventory import inventory, linear_conv1d
 
 W4G16 = WeightQuant(bits=4, group=16)
 IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _inputs(model: nn.Module, batch_size: int) -> BlockInputs:
+    return BlockInputs(model, inventory(model), IDS, batch_size)
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -57,7 +62,7 @@ def test_mlp_scales_equal_the_reference_loop_on_one_block():
     model = family_model("llama")
     expected = _direct_mlp_scales(copy.deepcopy(model))
     norm = model.model.layers[0].post_attention_layernorm.weight.detach().clone()
-    awq(model, IDS, batch_size=4, weights=W4G16, clip=False)
+    awq(model, _inputs(model, 4), weights=W4G16, clip=False)
     found = norm / model.model.layers[0].post_attention_layernorm.weight.detach()
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
 
@@ -67,7 +72,7 @@ def test_scaling_without_clip_is_lossless(family):
     model = family_model(family)
     linear_conv1d(model)
     before = _logits(model)
-    awq(model, IDS, batch_size=2, weights=W4G16, clip=False)
+    awq(model, _inputs(model, 2), weights=W4G16, clip=False)
     after = _logits(model)
     assert float((after - before).norm() / before.norm()) < 1e-5
 
@@ -106,7 +111,7 @@ def test_awq_then_rtn_loses_less_than_rtn_at_w3():
 
     rtn = rounded(family_model("llama"))
     scaled = family_model("llama")
-    awq(scaled, IDS, batch_size=4, weights=w3)
+    awq(scaled, _inputs(scaled, 4), weights=w3)
     error = {name: float((x - fp).norm()) for name, x in (("rtn", rtn), ("awq", rounded(scaled)))}
     assert error["awq"] < 0.9 * error["rtn"], error
 
@@ -124,7 +129,7 @@ def test_a_scaling_that_changes_the_float_block_is_an_error(monkeypatch):
     monkeypatch.setattr(awq_module, "scale_pair", broken)
     model = family_model("llama")
     with pytest.raises(QBenchError, match="awq: scaling decoder block 0 changed its float output"):
-        awq(model, IDS, batch_size=2, weights=W4G16, clip=False)
+        awq(model, _inputs(model, 2), weights=W4G16, clip=False)
 
 
 def test_awq_cells_run_from_a_recipe(tmp_path, llama_dir):

@@ -1,5 +1,6 @@
-"""Checkpoints dispatched by a device_map: evaluation equals the whole model's, quantizers that
-would meet offloaded weights refuse, and bad maps fail at plan time."""
+"""Checkpoints dispatched by a device_map: evaluation and every quantizer equal the whole model's
+(offloaded blocks onloaded one at a time), libraries that would meet offloaded weights refuse,
+and bad maps fail at plan time."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import torch
 from conftest import write_recipe
 
 from qbench.api import quantizer
-from qbench.checkpoints.dispatch import (
-    CANNOT_QUANTIZE_OFFLOADED,
-    input_device,
-    offload_refusal,
-    offloaded_modules,
-)
+from qbench.checkpoints.dispatch import CANNOT_QUANTIZE_OFFLOADED, input_device, offload_refusal
 from qbench.checkpoints.load import load_checkpoint
 from qbench.eval.diagnostics import layer_sqnr
 from qbench.plan import plan
+from qbench.quant.walk.onload import offloaded_modules
 from qbench.recipe import RecipeError, load_recipe
 from qbench.record import OK, REFUSED
 from qbench.runner import Worker
@@ -42,7 +39,7 @@ HALF_ON_DISK = {
 RELATIVE_TOLERANCE = 1e-6
 
 
-def _recipe(tmp_path, device_map: str, quantizers: str = "[]"):
+def _recipe(tmp_path, device_map: str, quantizers: str = "[]", diagnostics: bool = True):
     text = (
         "name: d\ncheckpoints:\n"
         f"  - {{name: whole, random: {RANDOM}}}\n"
@@ -52,7 +49,7 @@ def _recipe(tmp_path, device_map: str, quantizers: str = "[]"):
         "eval:\n  perplexity: [{data: embedded, seq_len: 128, max_windows: 6}]\n"
         "  tasks: [{name: embedded_mc, limit: 12}]\n"
         "  task_options: {batch_size: 4, bootstrap_iters: 0}\n"
-        "  diagnostics: {samples: 2, seq_len: 64}\n"
+        + ("  diagnostics: {samples: 2, seq_len: 64}\n" if diagnostics else "")
     )
     path = write_recipe(tmp_path / "d.yaml", text)
     return load_recipe(path), plan(load_recipe(path), path)
@@ -106,14 +103,17 @@ def test_sqnr_of_offloaded_linears_equals_the_whole_models(tmp_path):
     assert found == pytest.approx(expected, rel=RELATIVE_TOLERANCE)
 
 
-def test_a_quantized_cell_on_an_offloading_map_is_refused_at_plan_time(tmp_path):
-    quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
-    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
+BITSANDBYTES = "[{name: nf4, method: bitsandbytes, scheme: nf4}]"
+
+
+def test_a_library_rounding_on_an_offloading_map_is_refused_at_plan_time(tmp_path):
+    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), BITSANDBYTES, diagnostics=False)
     refusals = {(c.checkpoint.name, c.quantizer_name): c.refusal for c in cells}
-    assert refusals["whole", "w4a4"] is None and refusals["dispatched", "fp"] is None
-    assert refusals["dispatched", "w4a4"] == (
-        "quantizers[0] 'w4a4' on checkpoint 'dispatched': checkpoints[1].device_map offloads "
-        f"3 modules to disk (e.g. model.embed_tokens), {CANNOT_QUANTIZE_OFFLOADED}"
+    assert refusals["whole", "nf4"] is None and refusals["dispatched", "fp"] is None
+    assert refusals["dispatched", "nf4"] == (
+        "quantizers[0] 'nf4' on checkpoint 'dispatched': checkpoints[1].device_map offloads "
+        f"3 modules to disk (e.g. model.embed_tokens), "
+        f"{CANNOT_QUANTIZE_OFFLOADED.format(method='bitsandbytes')}"
     )
     worker = Worker(progress=False)
     records = {
@@ -122,15 +122,14 @@ def test_a_quantized_cell_on_an_offloading_map_is_refused_at_plan_time(tmp_path)
         if c.checkpoint.name == "dispatched"
     }
     assert records["fp"].status == OK
-    assert records["w4a4"].status == REFUSED and records["w4a4"].error.type == "RefusedError"
+    assert records["nf4"].status == REFUSED and records["nf4"].error.type == "RefusedError"
     assert worker.loads == 1  # the refused cell loaded nothing
 
 
-def test_weights_offloaded_at_load_refuse_the_quantized_cell_at_run_time(tmp_path):
-    """What a strategy (device_map: auto) offloads shows only once loaded: the quantized cell
+def test_weights_offloaded_at_load_refuse_a_library_cell_at_run_time(tmp_path):
+    """What a strategy (device_map: auto) offloads shows only once loaded: a library's cell
     is refused (refused_at run) before anything is written or quantized, the model unchanged."""
-    quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
-    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
+    recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), BITSANDBYTES, diagnostics=False)
     fp, quantized = (replace(c, refusal=None) for c in cells if c.checkpoint.name == "dispatched")
     worker = Worker(progress=False)
     before = worker.execute(fp, recipe, tmp_path / "r")
@@ -138,8 +137,8 @@ def test_weights_offloaded_at_load_refuse_the_quantized_cell_at_run_time(tmp_pat
     assert failed.status == REFUSED and failed.error.type == "RefusedError"
     assert failed.refused_at == "run" and failed.stands  # not retried by the same qbench
     assert "device_map offloads 19 modules to cpu/disk" in failed.error.message
-    assert failed.error.message.endswith(CANNOT_QUANTIZE_OFFLOADED)
-    assert worker._context.pristine is None  # no pristine copy of meta placeholders
+    assert failed.error.message.endswith(CANNOT_QUANTIZE_OFFLOADED.format(method="bitsandbytes"))
+    assert worker._context.pristine is None  # refused before the pristine copy
     again = worker.execute(fp, recipe, tmp_path / "again")
     assert again.metrics.perplexity == before.metrics.perplexity and worker.loads == 1
 
@@ -157,7 +156,7 @@ def test_weights_offloaded_at_load_refuse_the_quantized_cell_at_run_time(tmp_pat
     ],
 )
 def test_what_a_map_offloads_is_known_before_loading(device_map, offloaded):
-    reason = offload_refusal(device_map)
+    reason = offload_refusal(device_map, "bitsandbytes")
     if offloaded is None:
         assert reason is None
     else:

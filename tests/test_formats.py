@@ -281,6 +281,56 @@ def test_clip_search_minimises_gptqs_error_norm(norm, symmetric):
     torch.testing.assert_close(fake_quant(rows, spec), expected, rtol=1e-6, atol=1e-6)
 
 
+def _loop_clip_search(rows, bits, symmetric, rule="qmax", norm=2.4) -> torch.Tensor:
+    """The clip search as qbench computed it before the batched, screened one: one pass over
+    every row per ratio, the first best kept (the reference the fast search must equal)."""
+    best_clip = torch.ones(rows.shape[0], 1)
+    best_error = torch.full_like(best_clip, float("inf"))
+    for step in range(80):
+        clip = 1 - step / 100
+        error = (quantize_int(rows, bits, symmetric, clip, rule) - rows).abs().pow(norm)
+        error = error.sum(1, keepdim=True)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_clip = torch.where(better, torch.full_like(best_clip, clip), best_clip)
+    return best_clip
+
+
+def _rows(kind: str, shape: tuple[int, int]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    if kind == "gaussian":
+        return torch.randn(*shape, generator=generator)
+    if kind == "heavy":  # Student-t with 3 degrees of freedom: a few large values per row
+        normal = torch.randn(*shape, generator=generator)
+        chi2 = torch.randn(3, *shape, generator=generator).pow(2).sum(0)
+        return normal / (chi2 / 3).sqrt()
+    if kind == "on-grid":  # already on a 4-bit grid, with a zero row
+        rows = torch.randint(-8, 8, shape, generator=generator).float() * 0.05
+        rows[0] = 0
+        return rows
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy", "on-grid"])
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "rule", "norm", "width"),
+    [
+        (4, True, "qmax", 2.4, 4096),  # screened: rows of SCREEN_WIDTH or more
+        (4, True, "half-range", 2.4, 2048),
+        (3, True, "qmax", 2.0, 1024),
+        (8, True, "qmax", 2.4, 1536),
+        (4, True, "qmax", 1.5, 2048),
+        (4, True, "qmax", 2.4, 128),  # short rows: batched, not screened
+        (4, False, "qmax", 2.4, 2048),  # asymmetric: batched, not screened
+    ],
+)
+def test_fast_clip_search_equals_the_loop(kind, bits, symmetric, rule, norm, width):
+    rows = _rows(kind, (48, width))
+    found = search_clip_int(rows, bits, symmetric, rule, norm)
+    expected = _loop_clip_search(rows, bits, symmetric, rule, norm)
+    assert torch.equal(found, expected)
+
+
 def test_clip_search_exponent_changes_the_chosen_clip():
     rows = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) ** 3
     p24 = search_clip_int(rows, 3, True)

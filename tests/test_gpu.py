@@ -21,7 +21,7 @@ RANDOM = (
     "{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
     "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 600}"
 )
-METHODS = """
+QBENCH_METHODS = """
   - {name: rtn-w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4, clip: 0.9}}
   - {name: sq-nvfp4, method: smoothquant, weights: {format: nvfp4}, activations: {format: nvfp4},
      calibration: {data: embedded, sequences: 8, seq_len: 128}}
@@ -32,11 +32,14 @@ METHODS = """
   - {name: awq-w4, method: awq, weights: {bits: 4, group: 32}, calibration: {data: embedded,
      sequences: 8, seq_len: 128}}
   - {name: kv4, method: rtn, kv: {bits: 4}}
+"""
+LIBRARY_METHODS = """
   - {name: bnb-int8, method: bitsandbytes, scheme: int8}
   - {name: bnb-nf4, method: bitsandbytes, scheme: nf4}
   - {name: quanto-w8a8, method: quanto, weight_qtype: qint8, activation_qtype: qint8,
      calibration: {data: embedded, sequences: 8, seq_len: 128}}
 """
+METHODS = QBENCH_METHODS + LIBRARY_METHODS.lstrip("\n")
 # CUDA against CPU, same fp32 weights: the fast path may move an element at a rounding tie to
 # the next grid point, and the kernels sum in other orders (bitsandbytes' int8 product among
 # them), so perplexities agree closely, not bit for bit.
@@ -87,4 +90,37 @@ def test_device_map_auto_quantizes_like_the_undispatched_model(tmp_path):
     auto = _perplexities(tmp_path, "auto", f"{{name: m, random: {RANDOM}, device_map: auto}}", rtn)
     for name in ("fp", "w4a4"):
         expected, found = (r[name]["metrics"]["perplexity"]["embedded"] for r in (whole, auto))
+        assert found == pytest.approx(expected, rel=1e-5), name
+
+
+def test_every_method_on_a_cpu_offloaded_map_on_cuda_equals_the_whole_model(tmp_path):
+    """Half the blocks offloaded to CPU memory beside the GPU: qbench's own steps onload one
+    block at a time to the GPU (qbench.quant.walk.onload) and give the whole model's numbers."""
+    device_map = (
+        "{model.embed_tokens: 0, model.layers.0: 0, model.layers.1: cpu, model.norm: 0, "
+        "model.rotary_emb: 0, lm_head: cpu}"
+    )
+    whole = _perplexities(tmp_path, "whole", f"{{name: m, random: {RANDOM}}}", QBENCH_METHODS)
+    checkpoint = f"{{name: m, random: {RANDOM}, device_map: {device_map}}}"
+    offloaded = _perplexities(tmp_path, "offloaded", checkpoint, QBENCH_METHODS)
+    assert set(offloaded) == set(whole) and len(whole) == 7
+    for name, record in offloaded.items():
+        assert record["device"] == "device_map: 0, cpu"
+        expected, found = (r["metrics"]["perplexity"]["embedded"] for r in (whole[name], record))
+        assert found == pytest.approx(expected, rel=1e-5), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_quantize_like_one(tmp_path):
+    """A map over two GPUs: every block is changed on its own GPU, activations follow."""
+    device_map = (
+        "{model.embed_tokens: 0, model.layers.0: 0, model.layers.1: 1, model.norm: 1, "
+        "model.rotary_emb: 0, lm_head: 1}"
+    )
+    whole = _perplexities(tmp_path, "whole", f"{{name: m, random: {RANDOM}}}", QBENCH_METHODS)
+    checkpoint = f"{{name: m, random: {RANDOM}, device_map: {device_map}}}"
+    spread = _perplexities(tmp_path, "spread", checkpoint, QBENCH_METHODS)
+    for name, record in spread.items():
+        assert record["device"] == "device_map: 0, 1"
+        expected, found = (r["metrics"]["perplexity"]["embedded"] for r in (whole[name], record))
         assert found == pytest.approx(expected, rel=1e-5), name

@@ -19,6 +19,7 @@ from qbench.quant.methods.smoothquant import (
 from qbench.quant.pipeline import transform
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.linear import QuantLinear
+from qbench.quant.walk.structure import probe_ids, trace_structure
 
 KINDS = ["llama", "qwen2", "qk-norm", *VARIANTS]
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32}
@@ -67,20 +68,27 @@ def test_gatednorm_gate_sees_the_same_input_after_smoothing(tiny_model, tokenize
 def test_scales_follow_the_formula_and_flatten_activation_outliers(tiny_model, tokenizer_dir):
     model = tiny_model("llama")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    ids = sample_windows(tokenizer, CalibrationSpec.model_validate(CALIBRATION), seed=0)
-    group = smoothable_groups(model, print)[3]  # block 1's post_attention_layernorm -> gate, up
+    spec = CalibrationSpec.model_validate({**CALIBRATION, "batch_size": 2})
+    structure = trace_structure(model, probe_ids(model))
+    group = smoothable_groups(structure, "llama", print)[3]  # block 1's post-attention norm
     assert group.norm is model.model.layers[1].post_attention_layernorm
     assert {r.name for r in group.readers} == {
         "model.layers.1.mlp.gate_proj",
         "model.layers.1.mlp.up_proj",
     }
-    (x_max,) = norm_output_absmax(model, [group], ids, batch_size=2)
+    (x_max,) = norm_output_absmax(StepContext(model, _config(), tokenizer), [group], spec)
+    ids = sample_windows(tokenizer, spec, seed=0)
+    seen = []
+    hook = group.norm.register_forward_hook(lambda _, __, y: seen.append(y.abs().amax((0, 1))))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    torch.testing.assert_close(x_max, seen[0], rtol=0, atol=0)  # the capture saw the same text
     w_max = torch.stack([r.module.weight.abs().amax(0) for r in group.readers]).amax(0)
     torch.testing.assert_close(smoothing_scales(x_max, group, 0.5), x_max.sqrt() / w_max.sqrt())
     torch.manual_seed(0)
     transform(StepContext(model, _config(alpha=1.0), tokenizer))
-    (smoothed,) = norm_output_absmax(model, [group], ids, batch_size=2)
+    (smoothed,) = norm_output_absmax(StepContext(model, _config(), tokenizer), [group], spec)
     # alpha 1 moves everything into the weights: every channel's max becomes 1
     torch.testing.assert_close(smoothed, torch.ones_like(smoothed), rtol=1e-4, atol=1e-4)
 

@@ -4,6 +4,9 @@ transformers' `from_pretrained(device_map=...)` hands the model to accelerate's
 `dispatch_model`: each module of the map runs on its device; modules mapped to "cpu" (when
 a GPU executes) or "disk" keep their weights off the device (on the meta device in the
 model, in a CPU or disk store) and an `AlignDevicesHook` loads them for each forward.
+What the quantizers need of a dispatched model (`input_device`, `offloaded_modules`,
+`check_quantizable`) lives in qbench.quant.walk.onload, which qbench.quant may import
+(qbench.checkpoints imports qbench.quant, not the reverse: tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -14,28 +17,9 @@ import torch
 from accelerate.utils import check_device_map
 from torch import nn
 
-from qbench.errors import QBenchError, RefusedError
+from qbench.errors import QBenchError
+from qbench.quant.walk.onload import CANNOT_QUANTIZE_OFFLOADED, input_device
 from qbench.registry import did_you_mean
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the input embedding's execution device (its hook's, when
-    accelerate dispatched it; an offloaded embedding's weight is on the meta device)."""
-    embedding = model.get_input_embeddings()
-    hook = getattr(embedding, "_hf_hook", None)
-    execution = getattr(hook, "execution_device", None)
-    if execution is not None:
-        return torch.device(execution)
-    return embedding.weight.device
-
-
-def offloaded_modules(model: nn.Module) -> list[str]:
-    """Modules whose weights accelerate keeps off their execution device (cpu / disk)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "_hf_hook", None), "offload", False)
-    ]
 
 
 def device_label(model: nn.Module) -> str:
@@ -47,30 +31,12 @@ def device_label(model: nn.Module) -> str:
     return str(input_device(model))
 
 
-# Why a quantized cell cannot run where modules are offloaded, after what is offloaded.
-CANNOT_QUANTIZE_OFFLOADED = (
-    "whose weights the quantizers cannot rewrite in place (an offloaded module's weight is a "
-    "meta placeholder its hook fills at each forward): evaluate it unquantized (fp) only, or "
-    "give a device_map that keeps every module on a GPU"
-)
-
-
-def check_quantizable(model: nn.Module) -> None:
-    """Raise RefusedError when a quantizer would meet offloaded weights (what a device_map
-    strategy such as `auto` offloaded shows only once the model is loaded)."""
-    offloaded = offloaded_modules(model)
-    if offloaded:
-        raise RefusedError(
-            f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
-            f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED}"
-        )
-
-
-def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
+def offload_refusal(device_map: str | dict[str, Any] | None, method: str) -> str | None:
     """'offloads N modules to ... (e.g. name), ...' when a device_map mapping itself offloads
-    modules: to "disk", or to "cpu" beside a GPU (accelerate's dispatch_model executes on the
-    first GPU of the map and offloads its "cpu" modules then); None for no map, a strategy
-    name (what it offloads depends on the memory found at load) or a map without offload."""
+    modules (to "disk", or to "cpu" beside a GPU: accelerate's dispatch_model executes on the
+    first GPU of the map and offloads its "cpu" modules then) and library rounding `method`
+    would meet them; None for no map, a strategy name (what it offloads depends on the memory
+    found at load) or a map without offload."""
     if not isinstance(device_map, dict):
         return None
     gpu = any(where not in ("cpu", "disk") for where in device_map.values())
@@ -80,7 +46,7 @@ def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
     devices = "/".join(sorted({str(device_map[m]) for m in offloaded}))
     return (
         f"offloads {len(offloaded)} modules to {devices} (e.g. {offloaded[0] or 'the model'}), "
-        f"{CANNOT_QUANTIZE_OFFLOADED}"
+        f"{CANNOT_QUANTIZE_OFFLOADED.format(method=method)}"
     )
 
 

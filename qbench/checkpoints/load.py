@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
-from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.dispatch import input_device
 from qbench.checkpoints.gguf import gguf_config, gguf_file, gguf_folder, hub_gguf, read_gguf
 from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
@@ -365,8 +365,7 @@ def load_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(
         source, trust_remote_code=spec.trust_remote_code, **hub
     )
-    if not offloaded_modules(model):  # an offloaded Conv1D's hook holds its [in, out] weight
-        linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
+    linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     if spec.device_map is None:
         model.to(device())
     check_causal(model.eval())

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
 from qbench.eval.specs import DiagnosticsSpec
@@ -58,6 +58,7 @@ from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import inventory
 from qbench.quant.walk.kvcache import eager_attention
+from qbench.quant.walk.onload import offloaded_modules
 from qbench.quant.walk.select import quantized_targets
 from qbench.quant.walk.structure import trace_structure
 

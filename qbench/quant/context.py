@@ -25,6 +25,8 @@ from qbench.data.calibration import CalibrationSpec
 from qbench.data.sources import load_text
 from qbench.errors import QBenchError
 from qbench.quant.steps.base import transforms_key
+from qbench.quant.walk.blockwise import BlockInputs
+from qbench.quant.walk.inventory import inventory
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -42,7 +44,8 @@ class StepContext:
     calibrates); seed: the cell's seed; before: the transforms applied so far; shared: a store
     the cells of one checkpoint share (see `statistic`); notes, caveats: the cell's notes and
     the subset of them that qualify its label (`note`);
-    generator: random draws of the steps (seeded with `seed` once per quantizer run).
+    generator: random draws of the steps (seeded with `seed` once per quantizer run);
+    captures: the decoder blocks' calibration inputs of this run (`block_inputs`).
     """
 
     model: nn.Module
@@ -54,6 +57,7 @@ class StepContext:
     notes: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
+    captures: dict[str, BlockInputs] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -95,6 +99,32 @@ class StepContext:
             raise QBenchError(f"{step} calibrates on text: pass the checkpoint's tokenizer")
         key = ("calibration_ids", spec.model_dump_json(exclude={"batch_size"}), self.seed)
         return self._memo(key, lambda: sample_windows(self.tokenizer, spec, self.seed))
+
+    def block_inputs(
+        self,
+        spec: CalibrationSpec,
+        step: str,
+        produces: dict[nn.Module, Callable[[torch.Tensor], None]] | None = None,
+    ) -> BlockInputs:
+        """The decoder blocks' calibration inputs on `spec`'s windows, at block 0 as the model
+        computes them now: captured once per quantizer run (the blocks' arguments) and
+        restarted for each later step that calibrates on the same windows
+        (qbench.quant.walk.blockwise). `produces`: observers of the capture pass (a new one).
+        """
+        key = spec.model_dump_json()
+        inputs = self.captures.get(key)
+        if inputs is None or produces:
+            ids = self.calibration_ids(spec, step)
+            inputs = BlockInputs(self.model, inventory(self.model), ids, spec.batch_size, produces)
+            self.captures[key] = inputs
+        else:
+            inputs.restart()
+        return inputs
+
+    def release_activations(self) -> None:
+        """Drop the cached calibration activations (kept: the blocks' arguments)."""
+        for inputs in self.captures.values():
+            inputs.release()
 
     def _memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         if key not in self.shared:

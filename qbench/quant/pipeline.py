@@ -28,6 +28,7 @@ from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
 from qbench.quant.walk.kvcache import quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.onload import check_quantizable
 from qbench.quant.walk.select import quantized_targets
 from qbench.quant.walk.structure import applied_outside_forward
 
@@ -76,6 +77,7 @@ def run(
                 "mixers' recurrent states (conv and SSM states) stay in float",
                 caveat=True,
             )
+    context.release_activations()
     report = coverage(model, before, quantizer)
     check_complete(report, quantizer, model_name(model))
     return report
@@ -87,6 +89,7 @@ def transform(context: StepContext) -> StepContext:
     transforms = tuple(context.quantizer.transforms)
     for i, step in enumerate(transforms):
         step.apply(context.after(transforms[:i]))
+        context.release_activations()
     return context.after(transforms)
 
 
@@ -107,6 +110,7 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
         raise RefusedError(problem)
     if problem := _outside_forward(quantizer, model, found):
         raise RefusedError(f"{where} on {model_name(model)}: {problem}")
+    check_quantizable(model, quantizer.rounding.method, quantizer.rounding.library)
 
 
 def _outside_forward(quantizer: QuantizerConfig, model: nn.Module, found: Inventory) -> str | None:

@@ -10,6 +10,7 @@ Two conventions for the symmetric scale (`scale_rule` of a recipe's int spec):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,10 @@ from qbench.quant.formats.spec import CLIP_SEARCH_NORM
 IntScaleRule = Literal["qmax", "half-range"]
 CLIP_SEARCH_GRID = 100  # GPTQ's quant.py: grid=100, maxshrink=0.8, norm=2.4
 CLIP_SEARCH_MAX_SHRINK = 0.8
+SEARCH_CHUNK = 1 << 20  # elements of a batch of rows the clip search evaluates at once
+SCREEN_WIDTH = 1024  # rows this long (and symmetric) are screened by histogram first
+SCREEN_BINS = 16384  # the screen's nodes over the row's unclipped grid
+SCREEN_BAND = 1e-3  # ratios within this of the smallest estimate are computed exactly
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ def int_grid(
     symmetric: bool,
     clip: float | torch.Tensor,
     scale_rule: IntScaleRule = "qmax",
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> IntGrid:
     """The grid of each row of a 2-D float tensor at `bits` bits.
 
@@ -53,20 +59,30 @@ def int_grid(
     d = 2^(b-1) - 1 (`scale_rule` "qmax") or (2^b - 1) / 2 ("half-range"; see the module).
     Asymmetric: the row's range [min(x, 0), max(x, 0)], shrunk by `clip`, maps onto
     [0, 2^b - 1] with an integer zero point round(-min / s). A row of zeros gets scale 1.
-    `clip` is one ratio, or one per row ([rows, 1]).
+    `clip` is one ratio, or one per row ([rows, 1]); `ranges`: the rows' `row_ranges`, when
+    the caller has them (the clip search, for every ratio).
     """
+    low, high = ranges if ranges is not None else row_ranges(rows, symmetric)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         divisor = (2**bits - 1) / 2 if scale_rule == "half-range" else qmax
-        scale = clip * rows.abs().amax(dim=1, keepdim=True) / divisor
+        scale = clip * high / divisor
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return IntGrid(scale, 0.0, -qmax - 1, qmax)
     qmax = 2**bits - 1
-    low = clip * rows.amin(dim=1, keepdim=True).clamp(max=0)
-    high = clip * rows.amax(dim=1, keepdim=True).clamp(min=0)
+    low, high = clip * low, clip * high
     scale = (high - low) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return IntGrid(scale, torch.round(-low / scale), 0, qmax)
+
+
+def row_ranges(rows: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) [rows, 1] of each row's grid before the clip: (-max|x|, max|x|), or
+    asymmetric (min(x, 0), max(x, 0))."""
+    if symmetric:
+        absmax = rows.abs().amax(dim=1, keepdim=True)
+        return -absmax, absmax
+    return rows.amin(dim=1, keepdim=True).clamp(max=0), rows.amax(dim=1, keepdim=True).clamp(min=0)
 
 
 def quantize_int(
@@ -96,14 +112,80 @@ def search_clip_int(
     1 - (that - 1)/grid), first best kept; the shrunk range gets its own scale and, when
     asymmetric, a recomputed zero point (as `int_grid` computes them). Defaults: theirs
     (norm 2.4, grid 100, max_shrink 0.8); norm 2 is the squared error.
+
+    Fast and equal to that loop: rows are searched in batches of about SEARCH_CHUNK elements,
+    all ratios of a batch while it is in cache, each ratio's error computed as the loop
+    computes it. Symmetric rows of SCREEN_WIDTH elements or more are first screened: every
+    ratio's error estimated from the row's histogram (`screened_errors`: one pass over the
+    row and one matrix product, where the loop takes one pass per ratio), and only the
+    ratios within SCREEN_BAND of the row's smallest estimate are computed exactly. The
+    screen's error, below 1e-4 relative on Gaussian and Student-t rows (tests/test_formats),
+    is far inside the band, so the choice is the loop's.
     """
-    best_clip = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-    best_error = torch.full_like(best_clip, float("inf"))
-    for step in range(int(max_shrink * grid)):
-        clip = 1 - step / grid
-        rounded = quantize_int(rows, bits, symmetric, clip, scale_rule)
-        error = (rounded - rows).abs().pow(norm).sum(1, keepdim=True)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_clip = torch.where(better, torch.full_like(best_clip, clip), best_clip)
-    return best_clip
+    ratios = [1 - step / grid for step in range(int(max_shrink * grid))]
+    errors = torch.full(
+        (rows.shape[0], len(ratios)), float("inf"), dtype=rows.dtype, device=rows.device
+    )
+    per = max(1, SEARCH_CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], per):
+        x = rows[start : start + per]
+        ranges = row_ranges(x, symmetric)
+        screened = None
+        if symmetric and rows.shape[1] >= SCREEN_WIDTH:
+            estimate = screened_errors(x, ranges[1], bits, scale_rule, norm, ratios)
+            screened = estimate <= estimate.amin(dim=1, keepdim=True) * (1 + SCREEN_BAND)
+        for g, clip in enumerate(ratios):
+            index = None if screened is None else screened[:, g].nonzero().squeeze(1)
+            if index is not None and not index.numel():
+                continue
+            sub = x if index is None else x[index]
+            bounds = ranges if index is None else (ranges[0][index], ranges[1][index])
+            rounded = int_grid(sub, bits, symmetric, clip, scale_rule, bounds).round(sub)
+            error = (rounded - sub).abs().pow(norm).sum(1)
+            if index is None:
+                errors[start : start + per, g] = error
+            else:
+                errors[start + index, g] = error
+    best = errors.argmin(dim=1, keepdim=True)  # the first smallest, as the loop keeps it
+    return torch.tensor(ratios, dtype=rows.dtype, device=rows.device)[best]
+
+
+def screened_errors(
+    rows: torch.Tensor,
+    absmax: torch.Tensor,
+    bits: int,
+    scale_rule: IntScaleRule,
+    norm: float,
+    ratios: list[float],
+) -> torch.Tensor:
+    """[rows, ratios] estimates of sum |q_c(x) - x|^norm for a symmetric grid: with s the
+    unclipped scale and u = x / s in [-d, d], q_c(x) - x = s (c clamp(round(u / c)) - u), so
+    the error is s^norm times a sum of one function of u per ratio. Each row's u are spread
+    over SCREEN_BINS nodes (linear interpolation weights); the sums are then one product with
+    that function's table at the nodes (float64, cached per grid)."""
+    qmax = 2 ** (bits - 1) - 1
+    divisor = (2**bits - 1) / 2 if scale_rule == "half-range" else qmax
+    scale = absmax / divisor  # [rows, 1]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u = (rows / scale).float()
+    position = ((u + divisor) * ((SCREEN_BINS - 1) / (2 * divisor))).clamp_(0, SCREEN_BINS - 1)
+    low = position.floor().clamp_(max=SCREEN_BINS - 2)
+    weight = position - low
+    index = low.long() + torch.arange(rows.shape[0], device=rows.device)[:, None] * SCREEN_BINS
+    histogram = torch.zeros(rows.shape[0] * SCREEN_BINS, device=rows.device)
+    histogram.index_add_(0, index.reshape(-1), (1 - weight).reshape(-1))
+    histogram.index_add_(0, (index + 1).reshape(-1), weight.reshape(-1))
+    table = _error_table(bits, divisor, norm, tuple(ratios)).to(rows.device)
+    sums = histogram.reshape(rows.shape[0], SCREEN_BINS) @ table  # [rows, ratios]
+    return sums * scale.float().pow(norm)
+
+
+@functools.lru_cache(maxsize=16)
+def _error_table(bits: int, divisor: float, norm: float, ratios: tuple[float, ...]) -> torch.Tensor:
+    """|c clamp(round(u / c), -2^(b-1), 2^(b-1) - 1) - u|^norm at SCREEN_BINS nodes u spread
+    evenly over [-divisor, divisor], one column per ratio c (float32 of float64 values)."""
+    qmax = 2 ** (bits - 1) - 1
+    u = torch.linspace(-divisor, divisor, SCREEN_BINS, dtype=torch.float64)[:, None]
+    c = torch.tensor(ratios, dtype=torch.float64)[None]
+    levels = torch.clamp(torch.round(u / c), -qmax - 1, qmax)
+    return (levels * c - u).abs().pow(norm).float()

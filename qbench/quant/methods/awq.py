@@ -29,7 +29,10 @@ Expert weights held as 3-D tensors take the norm scaling (their gate/up slices),
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,64 +46,64 @@ from qbench.quant.methods.folding import (
     relative_error,
     scale_norm_group,
 )
-from qbench.quant.walk.blockwise import BlockInputs, observe
-from qbench.quant.walk.inventory import Target, inventory, set_weight
+from qbench.quant.walk.blockwise import BlockInputs
+from qbench.quant.walk.inventory import Target, set_weight
+from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.structure import BlockStructure, probe_ids, trace_structure
 
 CLIP_TOKENS = 512  # tokens sampled per linear for the clip search (the reference's n_sample_token)
 SKIPPED_IN_CLIP = ("q_", "k_")  # the reference's rule: queries and keys are not clipped
-CLIP_CHUNK = 1 << 24  # elements of x a chunk of output channels multiplies at once
+CLIP_CHUNK = 1 << 24  # elements of the per-step products a chunk of output channels holds
 
 
 @torch.no_grad()
 def awq(
     model: nn.Module,
-    ids: torch.Tensor,
-    batch_size: int,
+    inputs: BlockInputs,
     weights: WeightQuant,
     grid: int = 20,
     duo_scaling: bool = False,
     clip: bool = True,
     max_shrink: float = 0.5,
 ) -> None:
-    """Scale (and clip) `model` in place, block by block, for rounding with `weights`.
-
-    ids: [sequences, tokens] calibration token ids, run in batches of `batch_size`.
-    """
+    """Scale (and clip) `model` in place, block by block on the calibration inputs `inputs`
+    (at block 0), for rounding with `weights`; each block onloaded meanwhile where the model
+    is offloaded (qbench.quant.walk.onload)."""
     structure = trace_structure(model, probe_ids(model))
-    inputs = BlockInputs(model, inventory(model), ids, batch_size)
     for block in structure.blocks:
-        reference = list(inputs.run())
-        groups = [g for g in block.norms if g.spec is not None and g.spec.scale is not None]
-        means = _input_means(
-            inputs, [g.norm for g in groups] + [d.module for _, d in block.gated_pairs]
-        )
-        for group, mean in zip(groups, means, strict=False):
-            scales = search_scales(inputs, reference, _rounded(group.readers), mean, weights, grid,
-                                   duo_scaling)  # fmt: skip
-            scale_norm_group(group, scales)
-        for (up, down), mean in zip(block.gated_pairs, means[len(groups) :], strict=True):
-            scales = search_scales(inputs, reference, [down], mean, weights, grid, duo_scaling)
-            scale_pair(up, down, scales)
-        check_scaling(inputs, reference)
-        if clip:
-            clip_block(inputs, block, weights, grid, max_shrink)
-        inputs.advance()
+        with onloaded(model, structure.inventory.block_path(block.index)):
+            _awq_block(inputs, block, weights, grid, duo_scaling, clip, max_shrink)
+            inputs.advance()
+    inputs.release()
 
 
-def check_scaling(inputs: BlockInputs, reference: list[torch.Tensor]) -> None:
-    """QBenchError when the scaled block's float output moved from `reference` (its output
-    before scaling) beyond the rotation's LOSSLESS_TOLERANCE (relative L2): the scaling must be
-    lossless, so a clipped AWQ cell's transformed stage still vouches for it."""
-    pairs = zip(inputs.run(), reference, strict=True)
-    error = max(relative_error(out, ref) for out, ref in pairs)
-    dtype = reference[0].dtype
-    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
-    if not error <= tolerance:
-        raise QBenchError(
-            f"awq: scaling decoder block {inputs.index} changed its float output by {error:.2e} "
-            f"(relative L2, allowed {tolerance:g} in {dtype}): the scaling is not lossless here"
-        )
+def _awq_block(
+    inputs: BlockInputs,
+    block: BlockStructure,
+    weights: WeightQuant,
+    grid: int,
+    duo_scaling: bool,
+    clip: bool,
+    max_shrink: float,
+) -> None:
+    """Scale each group of the block in turn (norm groups, then gated pairs), check that the
+    float block is unchanged, then clip (see the module docstring)."""
+    groups = [g for g in block.norms if g.spec is not None and g.spec.scale is not None]
+    units = [(_rounded(g.readers), g.norm, lambda s, g=g: scale_norm_group(g, s)) for g in groups]
+    units += [([down], down.module, lambda s, u=up, d=down: scale_pair(u, d, s))
+              for up, down in block.gated_pairs]  # fmt: skip
+    first = _reference_pass(inputs, [(producer, readers) for readers, producer, _ in units])
+    for (readers, _, apply), mean in zip(units, first.means, strict=True):
+        replay = _Replay.record(inputs, first.upstream(readers, block), readers)
+        scales = search_scales(inputs, first.outputs, readers, mean, weights, grid, duo_scaling,
+                               replay)  # fmt: skip
+        apply(scales)
+    linears = {t.name: t.module for t in _block_linears(block)} if clip else {}
+    samples = check_scaling(inputs, first.outputs, linears)
+    for name, linear in linears.items():
+        maxima = search_clip(linear.weight.detach(), samples[name], weights, grid, max_shrink)
+        rows = linear.weight.detach().reshape(*maxima.shape[:2], -1)
+        set_weight(linear.weight, torch.clamp(rows, -maxima, maxima).reshape(linear.weight.shape))
 
 
 def _rounded(readers: list[Target]) -> list[Target]:
@@ -108,24 +111,189 @@ def _rounded(readers: list[Target]) -> list[Target]:
     return [r for r in readers if r.kind != "router"]
 
 
-def _input_means(inputs: BlockInputs, modules: list[nn.Module]) -> list[torch.Tensor]:
-    """Mean |x| per channel of what each module outputs (norms) or receives (down linears)
-    over the block's calibration inputs."""
+@dataclass
+class _FirstPass:
+    """What the block's first pass saw: its float outputs per batch, the mean |x| per channel
+    of each group's input, and when each submodule's calls started (first) and ended (last) in
+    the first batch (a counter of module calls), to tell which modules run before a group's
+    readers."""
+
+    outputs: list[torch.Tensor]
+    means: list[torch.Tensor]
+    starts: dict[nn.Module, int]
+    ends: dict[nn.Module, int]
+
+    def upstream(self, readers: list[Target], block: BlockStructure) -> list[nn.Module]:
+        """The largest submodules of the block holding a target whose every call ends before
+        the first of `readers` starts: their outputs do not depend on the readers' weights."""
+        if not readers:
+            return []
+        start = min(self.starts.get(r.module, -1) for r in readers)
+        targets = {id(t.module) for t in _block_targets(block)}
+        readers_in = {id(r.module) for r in readers}
+        chosen: list[nn.Module] = []
+        for module, end in sorted(self.ends.items(), key=lambda item: self.starts[item[0]]):
+            inside = {id(m) for m in module.modules()}
+            if end >= start or not inside & targets or inside & readers_in:
+                continue
+            if not any(module in list(c.modules()) for c in chosen):
+                chosen.append(module)
+        return chosen
+
+
+def _block_targets(block: BlockStructure) -> list[Target]:
+    """The targets the block's structure names (readers, writers, gated pairs)."""
+    targets = [t for g in block.norms for t in [*g.readers, *g.inner]] + block.direct_readers
+    return targets + block.writers + block.post_normed + [t for p in block.gated_pairs for t in p]
+
+
+def _reference_pass(
+    inputs: BlockInputs, groups: list[tuple[nn.Module, list[Target]]]
+) -> _FirstPass:
+    """One pass of the float block: its outputs, each group's input means (what a norm outputs,
+    what a gated pair's down linear receives) and the order of the submodules' calls."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
+    starts: dict[nn.Module, int] = {}
+    ends: dict[nn.Module, int] = {}
+    clock = iter(range(1 << 62))
 
-    def adder(index: int) -> Callable[[torch.Tensor], None]:
-        def add(x: torch.Tensor) -> None:
-            x = x.detach().reshape(-1, x.shape[-1]).abs().double()
-            sums[index] = sums.get(index, 0) + x.sum(0)
-            counts[index] = counts.get(index, 0) + x.shape[0]
+    def add(index: int, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).abs().double()
+        sums[index] = sums.get(index, 0) + x.sum(0)
+        counts[index] = counts.get(index, 0) + x.shape[0]
 
-        return add
+    def start(module: nn.Module, _: tuple) -> None:
+        starts.setdefault(module, next(clock))
 
-    linear = {m: adder(i) for i, m in enumerate(modules) if isinstance(m, nn.Linear)}
-    norms = {m: adder(i) for i, m in enumerate(modules) if not isinstance(m, nn.Linear)}
-    observe(inputs, receives=linear, produces=norms)
-    return [(sums[i] / counts[i]).float() for i in range(len(modules))]
+    def end(module: nn.Module, _: tuple, __: object) -> None:
+        ends[module] = next(clock)
+
+    block = inputs.blocks[inputs.index]
+    order = []  # the call order is read in the first batch (every batch calls alike)
+    for module in block.modules():
+        if module is not block:
+            order += [module.register_forward_pre_hook(start), module.register_forward_hook(end)]
+    handles = []
+    for index, (producer, _) in enumerate(groups):
+        if isinstance(producer, nn.Linear):  # a gated pair's down: what it receives
+            hook = producer.register_forward_pre_hook(lambda _, a, i=index: add(i, a[0]))
+        else:  # a norm: what it outputs
+            hook = producer.register_forward_hook(
+                lambda _, __, y, i=index: add(i, y[0] if isinstance(y, tuple) else y)
+            )
+        handles.append(hook)
+    outputs = []
+    try:
+        for output in inputs.run():
+            outputs.append(output)
+            for handle in order:
+                handle.remove()
+    finally:
+        for handle in handles + order:
+            handle.remove()
+    means = [(sums[i] / counts[i]).float() for i in range(len(groups))]
+    return _FirstPass(outputs, means, starts, ends)
+
+
+class _Replay:
+    """Submodules answering each call with the output they gave in a recorded pass, so that a
+    grid point runs only what a group's readers feed (exactly: those outputs do not depend on
+    the readers' weights). Outputs are recorded per call, over one pass of all batches."""
+
+    def __init__(self, outputs: dict[nn.Module, list[Any]]) -> None:
+        self.outputs = outputs
+        self.next: dict[nn.Module, Iterator[Any]] = {}
+
+    @classmethod
+    def record(
+        cls, inputs: BlockInputs, modules: list[nn.Module], readers: list[Target]
+    ) -> _Replay | None:
+        """Their outputs over a pass of the block that stops as the first of `readers`
+        starts (None when there are none)."""
+        if not modules:
+            return None
+        outputs: dict[nn.Module, list[Any]] = {m: [] for m in modules}
+        handles = [m.register_forward_hook(lambda m, _, y: outputs[m].append(y)) for m in modules]
+        handles += [r.module.register_forward_pre_hook(_enough) for r in readers]
+        block = inputs.blocks[inputs.index]
+        try:
+            for hidden, arguments in zip(inputs.hidden, inputs.arguments, strict=True):
+                rest, kwargs = arguments[inputs.index]
+                with contextlib.suppress(_Enough):
+                    block(hidden, *rest, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls(outputs)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Inside the block, the modules replay their recorded outputs (`rewind` before each
+        pass over the batches)."""
+        saved = {m: vars(m).get("forward") for m in self.outputs}
+        for module in self.outputs:
+            vars(module)["forward"] = lambda *_, __m=module, **___: _copy(next(self.next[__m]))
+        try:
+            yield
+        finally:
+            for module, forward in saved.items():
+                if forward is None:
+                    vars(module).pop("forward", None)
+                else:
+                    vars(module)["forward"] = forward
+
+    def rewind(self) -> None:
+        self.next = {m: iter(outputs) for m, outputs in self.outputs.items()}
+
+
+class _Enough(Exception):
+    """Raised as a group's first reader starts: what the replay records has run."""
+
+
+def _enough(*_: object) -> None:
+    raise _Enough
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a recorded output (tensors cloned: the block may change them in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def check_scaling(
+    inputs: BlockInputs, reference: list[torch.Tensor], linears: dict[str, nn.Module]
+) -> dict[str, torch.Tensor]:
+    """QBenchError when the scaled block's float output moved from `reference` (its output
+    before scaling) beyond the rotation's LOSSLESS_TOLERANCE (relative L2): the scaling must be
+    lossless, so a clipped AWQ cell's transformed stage still vouches for it. In the same pass,
+    up to CLIP_TOKENS evenly spaced input rows [tokens, in] of each of `linears` (the clip
+    search's samples)."""
+    tokens = sum(h.shape[:-1].numel() for h in inputs.hidden)
+    stride = max(1, tokens // CLIP_TOKENS)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    handles = [
+        m.register_forward_pre_hook(lambda _, a, n=n: seen[n].append(
+            a[0].reshape(-1, a[0].shape[-1])[::stride]))
+        for n, m in linears.items()
+    ]  # fmt: skip
+    try:
+        pairs = zip(inputs.run(), reference, strict=True)
+        error = max(relative_error(out, ref) for out, ref in pairs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    dtype = reference[0].dtype
+    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    if not error <= tolerance:
+        raise QBenchError(
+            f"awq: scaling decoder block {inputs.index} changed its float output by {error:.2e} "
+            f"(relative L2, allowed {tolerance:g} in {dtype}): the scaling is not lossless here"
+        )
+    return {name: torch.cat(rows)[:CLIP_TOKENS] for name, rows in seen.items()}
 
 
 def search_scales(
@@ -136,25 +304,30 @@ def search_scales(
     weights: WeightQuant,
     grid: int,
     duo_scaling: bool = False,
+    replay: _Replay | None = None,
 ) -> torch.Tensor:
     """The scales s [in] whose Q(W diag(s)) diag(s)^-1 readers give the block output closest
-    to `reference` (mean squared error), over the grid of ratios (see the module docstring)."""
+    to `reference` (mean squared error), over the grid of ratios (see the module docstring).
+    `replay`: modules upstream of the readers, replaying their outputs at each grid point."""
     matrices = [m for reader in readers for _, m in reader.input_matrices()]
     saved = [m.detach().clone() for m in matrices]
     w_mean = _weight_mean(saved, weights) if duo_scaling else None
     best, best_error = torch.ones_like(x_mean), float("inf")
-    for step in range(grid):
-        ratio = step / grid
-        scales = x_mean.pow(ratio).clamp(min=1e-4)
-        if w_mean is not None:
-            scales = scales / w_mean.pow(1 - ratio).clamp(min=1e-4)
-        scales = scales / (scales.max() * scales.min()).sqrt()
-        for matrix, original in zip(matrices, saved, strict=True):
-            s = scales.to(matrix.device, matrix.dtype)
-            matrix.copy_(fake_quant(original * s, weights) / s)
-        error = _block_error(inputs, reference)
-        if error < best_error:
-            best, best_error = scales, error
+    with replay.active() if replay is not None else contextlib.nullcontext():
+        for step in range(grid):
+            ratio = step / grid
+            scales = x_mean.pow(ratio).clamp(min=1e-4)
+            if w_mean is not None:
+                scales = scales / w_mean.pow(1 - ratio).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            for matrix, original in zip(matrices, saved, strict=True):
+                s = scales.to(matrix.device, matrix.dtype)
+                matrix.copy_(fake_quant(original * s, weights) / s)
+            if replay is not None:
+                replay.rewind()
+            error = _block_error(inputs, reference)
+            if error < best_error:
+                best, best_error = scales, error
     for matrix, original in zip(matrices, saved, strict=True):
         matrix.copy_(original)
     return best
@@ -185,20 +358,9 @@ def scale_pair(up: Target, down: Target, scales: torch.Tensor) -> None:
     set_weight(down.module.weight, down.module.weight.double() * s.to(down.module.weight.device))
 
 
-def clip_block(
-    inputs: BlockInputs, block: BlockStructure, weights: WeightQuant, grid: int, max_shrink: float
-) -> None:
-    """Clamp each clippable linear of the block to its searched per-group maxima."""
-    linears = {t.name: t.module for t in _block_linears(block)}
-    samples = _sample_inputs(inputs, linears)
-    for name, linear in linears.items():
-        maxima = search_clip(linear.weight.detach(), samples[name], weights, grid, max_shrink)
-        rows = linear.weight.detach().reshape(*maxima.shape[:2], -1)
-        set_weight(linear.weight, torch.clamp(rows, -maxima, maxima).reshape(linear.weight.shape))
-
-
 def _block_linears(block: BlockStructure) -> list[Target]:
-    """Every nn.Linear the block's structure names, but queries and keys."""
+    """Every nn.Linear the block's structure names, but queries and keys (and the readers
+    inside a norm: GatedNorm's gate)."""
     targets = [t for g in block.norms for t in g.readers] + block.direct_readers
     targets += block.writers + block.post_normed + [d for _, d in block.gated_pairs]
     unique = {t.name: t for t in targets if isinstance(t.module, nn.Linear)}
@@ -207,47 +369,36 @@ def _block_linears(block: BlockStructure) -> list[Target]:
     ]
 
 
-def _sample_inputs(inputs: BlockInputs, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Up to CLIP_TOKENS evenly spaced input rows [tokens, in] of each linear."""
-    tokens = sum(h.shape[:-1].numel() for h in inputs.hidden)
-    stride = max(1, tokens // CLIP_TOKENS)
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-
-    def keeper(name: str) -> Callable[[torch.Tensor], None]:
-        return lambda x: seen[name].append(x.reshape(-1, x.shape[-1])[::stride])
-
-    observe(inputs, receives={m: keeper(n) for n, m in linears.items()})
-    return {name: torch.cat(rows)[:CLIP_TOKENS] for name, rows in seen.items()}
-
-
 def search_clip(
     weight: torch.Tensor, x: torch.Tensor, weights: WeightQuant, grid: int, max_shrink: float
 ) -> torch.Tensor:
     """Per (output channel, group) the kept maximum |w| [out, groups, 1] minimizing the mean
-    squared error of that group's partial products on the sampled inputs x [tokens, in];
+    squared error of that group's partial products on the sampled inputs x [tokens, in]:
+    mean over tokens of (x_g (q_g - w_g))^2, one batched product per group and step (BLAS);
     output channels in chunks of about CLIP_CHUNK products."""
     width = weights.group or weight.shape[1]
-    x = x.float().reshape(1, x.shape[0], -1, width)  # [1, tokens, groups, width]
-    chunk = max(1, CLIP_CHUNK // x.numel())
+    xg = x.float().reshape(x.shape[0], -1, width).transpose(0, 1)  # [groups, tokens, width]
+    chunk = max(1, CLIP_CHUNK // (xg.shape[0] * xg.shape[1]))
     return torch.cat(
-        [_clip_rows(weight[i : i + chunk], x, weights, grid, max_shrink)
+        [_clip_rows(weight[i : i + chunk], xg, weights, grid, max_shrink)
          for i in range(0, weight.shape[0], chunk)]
     )  # fmt: skip
 
 
 def _clip_rows(
-    rows: torch.Tensor, x: torch.Tensor, weights: WeightQuant, grid: int, max_shrink: float
+    rows: torch.Tensor, xg: torch.Tensor, weights: WeightQuant, grid: int, max_shrink: float
 ) -> torch.Tensor:
-    w = rows.float().reshape(rows.shape[0], 1, x.shape[2], x.shape[3])  # [out, 1, groups, width]
-    original = w.abs().amax(dim=-1, keepdim=True)  # [out, 1, groups, 1]
-    reference = (x * w).sum(dim=-1)  # [out, tokens, groups]
+    groups, width = xg.shape[0], xg.shape[2]
+    w = rows.float().reshape(rows.shape[0], groups, width)  # [out, groups, width]
+    original = w.abs().amax(dim=-1, keepdim=True)  # [out, groups, 1]
     best, best_error = original.clone(), torch.full_like(original, float("inf"))
     for step in range(int(max_shrink * grid)):
         maxima = original * (1 - step / grid)
         clipped = torch.clamp(w, -maxima, maxima)
         rounded = fake_quant(clipped.reshape(rows.shape), weights).reshape(w.shape)
-        error = ((x * rounded).sum(dim=-1) - reference).pow(2).mean(dim=1, keepdim=True)
-        better = error[..., None] < best_error  # [out, 1, groups, 1]
-        best_error = torch.where(better, error[..., None], best_error)
+        delta = (rounded - w).permute(1, 2, 0)  # [groups, width, out]
+        error = torch.bmm(xg, delta).pow(2).mean(dim=1).T[..., None]  # [out, groups, 1]
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
         best = torch.where(better, maxima, best)
-    return best.squeeze(1)
+    return best

@@ -34,10 +34,11 @@ import torch
 from qbench.quant.formats.fake import fake_quant, int_clip
 from qbench.quant.formats.integer import IntGrid, int_grid
 from qbench.quant.formats.spec import WeightQuant
-from qbench.quant.walk.blockwise import BlockInputs, forward_batches, observe
+from qbench.quant.walk.blockwise import forward_batches, observe
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, inventory
 from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
 if TYPE_CHECKING:
@@ -49,21 +50,22 @@ Key = tuple[str, str]  # (target name, matrix label)
 
 def gptq(context: StepContext, step: GPTQ) -> None:
     """GPTQ-round every target the quantizer selects, block by block on cached inputs (see
-    the module docstring); block 0's Hessians are shared by the cells of a checkpoint alike."""
+    the module docstring), each block onloaded meanwhile where the model is offloaded
+    (qbench.quant.walk.onload); block 0's Hessians are shared by the cells of a checkpoint."""
     model, quantizer = context.model, context.quantizer
     calibration = step.calibration
-    ids = context.calibration_ids(calibration, "gptq")
     found = inventory(model)
     targets = quantized_targets(found, quantizer)
     if convs := {n: t for n, t in targets.items() if t.kind in WEIGHT_ONLY}:
         for name in convs:
-            round_target(model, targets.pop(name), quantizer.weights, None)
+            with onloaded(model, name):
+                round_target(model, targets.pop(name), quantizer.weights, None)
         context.note(
             f"gptq: {len(convs)} depthwise conv1d weights (convs: true) rounded to nearest "
             "(a per-channel filter over a few taps has no input Hessian)",
             caveat=True,
         )
-    inputs = BlockInputs(model, found, ids, calibration.batch_size)
+    inputs = context.block_inputs(calibration, "gptq") if len(found.blocks) else None
     unreached = []  # (target, matrix label) of expert slices no calibration token reached
     for i in range(len(found.blocks)):
         block = {n: t for n, t in found.in_block(i).items() if n in targets}
@@ -71,17 +73,23 @@ def gptq(context: StepContext, step: GPTQ) -> None:
         def compute(block: dict[str, Target] = block) -> dict[Key, torch.Tensor]:
             return input_hessians(block, lambda: observe(inputs))
 
-        if i == 0:  # from the model as the transforms before left it: shared by cells alike
-            key = ("gptq.hessians", tuple(block), calibration.model_dump_json())
-            hessians = context.statistic(key, compute)
-        else:
-            hessians = compute()
-        unreached += _round(context, step, block, hessians)
-        inputs.advance()
-    rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
+        with onloaded(model, found.block_path(i)):
+            if i == 0:  # from the model as the transforms before left it: shared by cells alike
+                key = ("gptq.hessians", tuple(block), calibration.model_dump_json())
+                hessians = context.statistic(key, compute)
+            else:
+                hessians = compute()
+            unreached += _round(context, step, block, hessians)
+            inputs.advance()
+    if inputs is not None:
+        inputs.release()
+    rest = found.outside_blocks(targets)
     if rest:
+        ids = context.calibration_ids(calibration, "gptq")
         run = lambda: forward_batches(model, ids, calibration.batch_size)  # noqa: E731
-        unreached += _round(context, step, rest, input_hessians(rest, run))
+        hessians = input_hessians(rest, run)
+        with onloaded(model, *rest):
+            unreached += _round(context, step, rest, hessians)
     experts = [key for key in unreached if targets[key[0]].experts is not None]
     if experts:
         slices = sum(1 for t in targets.values() if t.experts for _ in t.matrices())

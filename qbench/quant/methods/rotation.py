@@ -47,9 +47,14 @@ from qbench.quant.methods.rtn import untie_word_embeddings
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, replace_module, set_weight
 from qbench.quant.walk.kvcache import kv_sites
-from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
-
-Hadamard = Callable[[int], HadamardTransform]  # width -> an online (fixed-sign) Hadamard
+from qbench.quant.walk.onload import execution_device, input_device, onloaded
+from qbench.quant.walk.structure import (
+    BlockStructure,
+    NormGroup,
+    Structure,
+    probe_ids,
+    trace_structure,
+)
 
 
 class HadamardInput(nn.Module):
@@ -99,56 +104,100 @@ def rotate(
     generator: torch.Generator | None = None,
     note: Callable[..., None] | None = None,
 ) -> None:
-    """Apply QuaRot's float-equivalent rotations to `model` in place.
+    """Apply QuaRot's float-equivalent rotations to `model` in place, region by region (the
+    embeddings, each decoder block, the final norm and what reads it), each onloaded meanwhile
+    where the model is offloaded (qbench.quant.walk.onload).
 
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
     generator: the random signs' (and any random orthogonal base's) draws (default torch's
-    global RNG); note: told the Hadamard construction of every width rotated (as a caveat
-    where no Hadamard matrix of that width exists: a random orthogonal base). Raises
-    QBenchError where the structure cannot be rotated losslessly, or where the rotated model's
-    logits differ from the original's beyond LOSSLESS_TOLERANCE (relative L2).
+    global RNG), drawn before any change in one order (the stream's, each block's online
+    transforms, then the queries' and keys'); note: told the Hadamard construction of every
+    width rotated (as a caveat where no Hadamard matrix of that width exists: a random
+    orthogonal base). Raises QBenchError where the structure cannot be rotated losslessly, or
+    where the rotated model's logits differ from the original's beyond LOSSLESS_TOLERANCE
+    (relative L2).
     """
 
-    def hadamard(n: int, random_signs: bool = False) -> HadamardTransform:
+    def hadamard(n: int, device: torch.device, random_signs: bool = False) -> HadamardTransform:
         transform = HadamardTransform(n, random_signs, generator)
         if note is not None:
             factors = transform.factorization
             note(f"rotation: width {n} rotated by {factors}", caveat=not factors.is_hadamard)
-        return transform
+        return transform.to(device)
 
     ids = probe_ids(model)
     before = model(input_ids=ids).logits.double()
     structure = trace_structure(model, ids)
     _check_rotatable(model, structure)
+    found = structure.inventory
     untie_word_embeddings(model)  # lm_head takes the final norm's scale, the embedding does not
-    if any(g.spec.centers for g in structure.residual_norms):
-        _center_stream(structure)
-    for group in structure.residual_norms:
-        _fold_norm(model, group)
+    centers = any(g.spec.centers for g in structure.residual_norms)
     hidden = structure.embeddings[0][1].weight.shape[1]
-    device = structure.embeddings[0][1].weight.device
-    stream = hadamard(hidden, random_signs=True).to(device)
-    for _, table in structure.embeddings:
-        set_weight(table.weight, stream(table.weight.double()))  # E Q
-    for group in structure.residual_norms:
-        if group.spec.extra:
-            group.norm.stream_rotation = stream
-        for target in [*group.readers, *group.inner]:
-            _rotate_input(target, stream)
-    for target in structure.head_readers:
-        _rotate_input(target, stream)
+    stream = hadamard(hidden, input_device(model), random_signs=True)
+    online = {
+        target.name: hadamard(_output_width(target), execution_device(target.module))
+        for block in structure.blocks
+        for target in [*block.writers, *block.post_normed]
+    }
+    sites = kv_sites(model) if rotate_qk else []
+    queries = {id(s.attention): hadamard(s.head_dim, s.device) for s in sites}
+    with onloaded(model, *(name for name, _ in structure.embeddings)):
+        for _, table in structure.embeddings:
+            if centers:
+                weight = table.weight.double()
+                set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
+            set_weight(table.weight, stream(table.weight.double()))  # E Q
     for block in structure.blocks:
-        for target in block.direct_readers:
+        with onloaded(model, found.block_path(block.index)):
+            _rotate_block(model, block, stream, online, centers)
+            _rotate_queries_and_keys(model.get_submodule(found.block_path(block.index)), queries)
+    if structure.final is not None:
+        final = structure.final
+        with onloaded(model, final.name, *(t.name for t in final.readers)):
+            _rotate_group(model, final, stream)
+    with onloaded(model, *(t.name for t in structure.head_readers)):
+        for target in structure.head_readers:
             _rotate_input(target, stream)
-        for target in block.writers:
-            _rotate_output(target, stream)
-        for name, norm in block.writer_norms:
-            replace_module(model, name, RotatedOutput(norm, stream))
-        for target in [*block.writers, *block.post_normed]:
-            _online_hadamard(model, target, hadamard)
-    if rotate_qk:
-        _rotate_queries_and_keys(model, hadamard)
     _check_lossless(model, ids, before)
+
+
+def _rotate_block(
+    model: nn.Module,
+    block: BlockStructure,
+    stream: HadamardTransform,
+    online: dict[str, HadamardTransform],
+    centers: bool,
+) -> None:
+    """One decoder block: its writers centered (for LayerNorms), its norms folded into their
+    readers, readers rotated by Q, writers by Q^T, post-norms rotated online, and the online
+    Hadamard before every writer."""
+    if centers:
+        for target in block.writers:
+            _center_output(target)
+    for group in block.norms:
+        _rotate_group(model, group, stream)
+    for target in block.direct_readers:
+        _rotate_input(target, stream)
+    for target in block.writers:
+        _rotate_output(target, stream)
+    for name, norm in block.writer_norms:
+        replace_module(model, name, RotatedOutput(norm, stream))
+    for target in [*block.writers, *block.post_normed]:
+        _online_hadamard(model, target, online[target.name])
+
+
+def _rotate_group(model: nn.Module, group: NormGroup, stream: HadamardTransform) -> None:
+    """A residual norm folded into its readers, which then read the rotated stream."""
+    _fold_norm(model, group)
+    if group.spec.extra:
+        group.norm.stream_rotation = stream
+    for target in [*group.readers, *group.inner]:
+        _rotate_input(target, stream)
+
+
+def _output_width(target: Target) -> int:
+    """The input width of a writer's output matrices (what its online Hadamard rotates)."""
+    return target.output_matrices()[0][1].shape[1]
 
 
 def _check_rotatable(model: nn.Module, structure: Structure) -> None:
@@ -177,17 +226,12 @@ def _can_take_bias(target: Target) -> bool:
     )
 
 
-def _center_stream(structure: Structure) -> None:
-    """Make every residual-stream vector zero-mean: center embedding rows and writer outputs."""
-    for _, table in structure.embeddings:
-        weight = table.weight.double()
-        set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
-    for block in structure.blocks:
-        for target in block.writers:
-            for _, matrix in target.output_matrices():  # [out, in]: center over out
-                set_weight(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
-            for bias in _output_biases(target):
-                set_weight(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
+def _center_output(target: Target) -> None:
+    """Make a writer's output zero-mean over the stream: W <- W - 1 mean_out(W), b - mean(b)."""
+    for _, matrix in target.output_matrices():  # [out, in]: center over out
+        set_weight(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
+    for bias in _output_biases(target):
+        set_weight(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
 
 
 def _fold_norm(model: nn.Module, group: NormGroup) -> None:
@@ -250,13 +294,9 @@ def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
         set_weight(bias, rotation(bias.double()))
 
 
-def _online_hadamard(model: nn.Module, target: Target, hadamard: Hadamard) -> None:
+def _online_hadamard(model: nn.Module, target: Target, online: HadamardTransform) -> None:
     """x -> x H before the target's output matrices, W <- W H (H orthogonal, H^-1 = H^T)."""
-    matrices = target.output_matrices()
-    width = matrices[0][1].shape[1]
-    device = matrices[0][1].device
-    online = hadamard(width).to(device)
-    for _, matrix in matrices:
+    for _, matrix in target.output_matrices():
         set_weight(matrix, online(matrix.double()))  # W H
     if target.experts is None:
         replace_module(model, target.name, HadamardInput(target.module, online))
@@ -265,11 +305,14 @@ def _online_hadamard(model: nn.Module, target: Target, hadamard: Hadamard) -> No
         set_input_step(target.module, parameter, "rotate", lambda x, _e, t=online: t(x))
 
 
-def _rotate_queries_and_keys(model: nn.Module, hadamard: Hadamard) -> None:
-    for site in kv_sites(model):
-        rotation = hadamard(site.head_dim).to(site.device)
-        site.transform.qk_rotation = rotation
-        key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
+def _rotate_queries_and_keys(block: nn.Module, queries: dict[int, HadamardTransform]) -> None:
+    """The per-head Hadamard of queries and keys of the attention modules in `block`."""
+    for module in block.modules():
+        rotation = queries.get(id(module))
+        if rotation is None:
+            continue
+        module.kv_transform.qk_rotation = rotation
+        key_slot = getattr(module, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
             set_weight(key_slot, rotation(key_slot.double()))
 

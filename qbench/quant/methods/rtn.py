@@ -10,8 +10,9 @@ from torch import nn
 
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.spec import WeightQuant
-from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, inventory
+from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, Target, inventory, module_path
 from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.select import quantized_targets
 
 if TYPE_CHECKING:
@@ -20,8 +21,19 @@ if TYPE_CHECKING:
 
 def round_to_nearest(model: nn.Module, quantizer: QuantizerConfig) -> None:
     """Round every target the quantizer selects to nearest, in place (as its `weights:` and
-    `activations:` say)."""
-    targets = quantized_targets(inventory(model), quantizer)
+    `activations:` say), decoder block by decoder block, each onloaded meanwhile where the
+    model is offloaded (qbench.quant.walk.onload), then the targets outside the blocks."""
+    found = inventory(model)
+    targets = quantized_targets(found, quantizer)
+    for i in range(len(found.blocks)):
+        with onloaded(model, found.block_path(i)):
+            _round(model, {n: t for n, t in found.in_block(i).items() if n in targets}, quantizer)
+    for name, target in found.outside_blocks(targets).items():
+        with onloaded(model, name):
+            _round(model, {name: target}, quantizer)
+
+
+def _round(model: nn.Module, targets: dict[str, Target], quantizer: QuantizerConfig) -> None:
     while targets:  # popped, so each float weight is freed as soon as it is replaced
         _, target = targets.popitem()
         round_target(model, target, quantizer.weights, quantizer.activations)
@@ -29,9 +41,9 @@ def round_to_nearest(model: nn.Module, quantizer: QuantizerConfig) -> None:
 
 def round_embeddings(model: nn.Module, weights: WeightQuant) -> None:
     """Round the input embedding table, per row as `weights` says (into a new Parameter, so a
-    tied lm_head keeps its own float weight)."""
+    tied lm_head keeps its own float weight; onloaded meanwhile where it is offloaded)."""
     embed = model.get_input_embeddings()
-    with torch.no_grad():
+    with onloaded(model, module_path(model, embed)), torch.no_grad():
         embed.weight = nn.Parameter(fake_quant(embed.weight.detach(), weights), False)
     setattr(embed, ROUNDING_ATTRIBUTE, (weights.label(), None))
 
@@ -45,6 +57,7 @@ def untie_word_embeddings(model: nn.Module) -> None:
     """
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        with onloaded(model, module_path(model, head)):
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False

@@ -18,12 +18,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from qbench.errors import RefusedError
 from qbench.quant.methods.folding import scale_norm_group
-from qbench.quant.walk.blockwise import forward_batches
-from qbench.quant.walk.structure import NormGroup, probe_ids, trace_structure
+from qbench.quant.walk.onload import onloaded
+from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
 
 if TYPE_CHECKING:
     from qbench.data.calibration import CalibrationSpec
@@ -31,32 +30,39 @@ if TYPE_CHECKING:
 
 
 def smoothquant(context: StepContext, alpha: float, calibration: CalibrationSpec) -> None:
-    """Smooth every usable norm group of `context.model` in place, with ranges taken on
-    `calibration`'s windows from the model as the transforms before left it (shared by the
-    cells of a checkpoint alike)."""
-    groups = smoothable_groups(context.model, context.note)
-    ids = context.calibration_ids(calibration, "smoothquant")
+    """Smooth every usable norm group of `context.model` in place, decoder block by decoder
+    block (each onloaded meanwhile where the model is offloaded: qbench.quant.walk.onload),
+    with ranges taken on `calibration`'s windows from the model as the transforms before left
+    it (shared by the cells of a checkpoint alike)."""
+    model = context.model
+    structure = trace_structure(model, probe_ids(model))
+    groups = smoothable_groups(structure, model.config.model_type, context.note)
     absmax = context.statistic(
         ("smoothquant.absmax", calibration.model_dump_json()),
-        lambda: norm_output_absmax(context.model, groups, ids, calibration.batch_size),
+        lambda: norm_output_absmax(context, groups, calibration),
     )
-    for group, x_max in zip(groups, absmax, strict=True):
-        smooth(group, x_max, alpha)
+    ranges = {id(g.norm): x_max for g, x_max in zip(groups, absmax, strict=True)}
+    for i, block in enumerate(structure.blocks):
+        with onloaded(model, structure.inventory.block_path(i)):
+            for group in block.norms:
+                if id(group.norm) in ranges:
+                    smooth(group, ranges[id(group.norm)], alpha)
 
 
-def smoothable_groups(model: nn.Module, note: Callable[..., None]) -> list[NormGroup]:
+def smoothable_groups(
+    structure: Structure, model_type: str, note: Callable[..., None]
+) -> list[NormGroup]:
     """The residual norms inside the decoder blocks that can take 1/s, with their readers
     (`note`: the cell's, told how many targets read the stream without a norm)."""
-    structure = trace_structure(model, probe_ids(model))
     groups = [g for block in structure.blocks for g in block.norms]
     usable = [g for g in groups if g.spec is not None and g.spec.scale is not None and g.readers]
     unsmoothed = sum(len(b.direct_readers) for b in structure.blocks)
     unsmoothed += sum(len(g.readers) for g in groups if g not in usable)
     if not usable:
         raise RefusedError(
-            f"smoothquant: no norm with a per-channel scale feeds the linears of "
-            f"{model.config.model_type} (post-norm only, or norms without a weight): nothing to "
-            "smooth; use rtn, gptq or rotation"
+            f"smoothquant: no norm with a per-channel scale feeds the linears of {model_type} "
+            "(post-norm only, or norms without a weight): nothing to smooth; use rtn, gptq or "
+            "rotation"
         )
     if unsmoothed:
         note(f"smoothquant: {unsmoothed} targets read the residual stream without a norm to "
@@ -66,25 +72,23 @@ def smoothable_groups(model: nn.Module, note: Callable[..., None]) -> list[NormG
 
 @torch.no_grad()
 def norm_output_absmax(
-    model: nn.Module, groups: list[NormGroup], ids: torch.Tensor, batch_size: int
+    context: StepContext, groups: list[NormGroup], calibration: CalibrationSpec
 ) -> list[torch.Tensor]:
-    """Per-channel max|x| of each group's norm output over `ids` (float32)."""
+    """Per-channel max|x| of each group's norm output over `calibration`'s windows (float32),
+    observed in the float model's capture pass of the blocks' calibration inputs
+    (StepContext.block_inputs), which later steps on the same windows reuse."""
     absmax: dict[int, torch.Tensor] = {}
 
-    def observer(i: int):
-        def hook(_: nn.Module, __: tuple, output: torch.Tensor) -> None:
+    def observer(i: int) -> Callable[[torch.Tensor], None]:
+        def observe(output: torch.Tensor | tuple) -> None:
             x = output[0] if isinstance(output, tuple) else output
             batch_max = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             absmax[i] = torch.maximum(absmax[i], batch_max) if i in absmax else batch_max
 
-        return hook
+        return observe
 
-    handles = [g.norm.register_forward_hook(observer(i)) for i, g in enumerate(groups)]
-    try:
-        forward_batches(model, ids, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observers = {g.norm: observer(i) for i, g in enumerate(groups)}
+    context.block_inputs(calibration, "smoothquant", produces=observers)
     return [absmax[i] for i in range(len(groups))]
 
 

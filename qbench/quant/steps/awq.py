@@ -44,6 +44,6 @@ class AWQ(Transform):
     def apply(self, context: StepContext) -> None:
         from qbench.quant.methods.awq import awq
 
-        ids = context.calibration_ids(self.calibration, "awq")
-        awq(context.model, ids, self.calibration.batch_size, context.quantizer.weights,
-            self.grid, self.duo_scaling, self.clip, self.max_shrink)  # fmt: skip
+        inputs = context.block_inputs(self.calibration, "awq")
+        awq(context.model, inputs, context.quantizer.weights, self.grid, self.duo_scaling,
+            self.clip, self.max_shrink)  # fmt: skip

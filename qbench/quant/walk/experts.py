@@ -22,6 +22,7 @@ statistics), "quantize" (fake quantization).
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -51,11 +52,16 @@ def set_input_step(module: nn.Module, parameter: str, kind: str, step: Step | No
         steps.get(parameter, {}).pop(kind, None)
     else:
         steps.setdefault(parameter, {})[kind] = step
+    # under an accelerate hook (a dispatched model) the hook's wrapper calls `_old_forward`
+    slot = "_old_forward" if "_hf_hook" in module.__dict__ else "forward"
     if any(steps.values()):
-        module.forward = functools.partial(_forward_with_steps, module)
-    else:
+        module.__dict__[slot] = functools.partial(_forward_with_steps, module)
+        return
+    module.__dict__.pop(STEPS_ATTRIBUTE, None)
+    if slot == "forward":
         module.__dict__.pop("forward", None)
-        module.__dict__.pop(STEPS_ATTRIBUTE, None)
+    else:
+        module.__dict__[slot] = types.MethodType(type(module).forward, module)
 
 
 def _forward_with_steps(module: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:

@@ -146,8 +146,17 @@ class Inventory:
 
     def in_block(self, index: int) -> dict[str, Target]:
         """The targets inside decoder block `index`."""
-        prefix = f"{self.blocks_path}.{index}."
+        prefix = f"{self.block_path(index)}."
         return {n: t for n, t in self.targets.items() if n.startswith(prefix)}
+
+    def block_path(self, index: int) -> str:
+        """The dotted path of decoder block `index` (e.g. model.layers.3)."""
+        return f"{self.blocks_path}.{index}"
+
+    def outside_blocks(self, targets: dict[str, Target]) -> dict[str, Target]:
+        """The targets of `targets` outside the decoder blocks (lm_head, others)."""
+        inside = f"{self.blocks_path}." if self.blocks_path else None
+        return {n: t for n, t in targets.items() if inside is None or not n.startswith(inside)}
 
     def sizes(self) -> dict[str, tuple[Kind, int]]:
         """{target: (kind, weight elements)}, counted now (a quantizer may free the weights)."""
@@ -210,14 +219,27 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def linear_conv1d(model: nn.Module) -> int:
     """Replace every transformers Conv1D (weight [in, out]) by the equal nn.Linear (weight
     [out, in]), in place; the number replaced. The output changes by float rounding only
-    (addmm and F.linear sum in another order)."""
+    (addmm and F.linear sum in another order). An offloaded Conv1D is onloaded meanwhile and
+    its Linear offloaded after (qbench.quant.walk.onload)."""
+    from qbench.quant.walk.onload import onloaded
+
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in found:
-        linear = nn.Linear(conv.nx, conv.nf, device="meta")
-        linear.weight = nn.Parameter(conv.weight.detach().T.contiguous(), conv.weight.requires_grad)
-        linear.bias = conv.bias
-        replace_module(model, name, linear)
+        with onloaded(model, name):
+            weight = conv.weight.detach().T.contiguous()
+            linear = nn.Linear(conv.nx, conv.nf, device="meta")
+            linear.weight = nn.Parameter(weight, conv.weight.requires_grad)
+            linear.bias = conv.bias
+            replace_module(model, name, linear)
     return len(found)
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """The dotted path of `module` inside `model` (ValueError if it is not there)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a module of {type(model).__name__}")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

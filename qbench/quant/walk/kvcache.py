@@ -96,7 +96,10 @@ class KVSite:
 
     @property
     def device(self) -> torch.device:
-        return next(self.attention.parameters()).device
+        """Where attention computes (its execution device where accelerate dispatched it)."""
+        from qbench.quant.walk.onload import execution_device
+
+        return execution_device(self.attention)
 
 
 def kv_sites(model: nn.Module) -> list[KVSite]:

@@ -20,6 +20,11 @@ keeps the linear's Parameter; experts and routers are rounded slice by slice): t
 then refers to the very tensors the quantized model uses. A module whose weights a library
 replaced (bitsandbytes, quanto) is put back with its original Parameter objects, which the
 restore refills.
+
+A model dispatched with offload (qbench.quant.walk.onload) is restored the same way: its
+resident weights as above; its offloaded modules get their original meta placeholders and
+accelerate hooks back, which read the original offloaded weights (never written: the
+quantizer wrote its own store, which the restore drops).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from qbench.quant.walk.onload import close_stores, freeze_stores
 
 # safetensors dtype names (the file's header) of the dtypes qbench models use
 _DTYPES = {
@@ -69,6 +76,7 @@ class Pristine:
 
     def __init__(self, model: nn.Module, folder: Path) -> None:
         self.model = model
+        self.stores = freeze_stores(model)
         self.modules = [_snapshot(m) for m in model.modules()]
         self.configs = {id(c): (c, dict(vars(c))) for c in _configs(model)}
         handle, name = tempfile.mkstemp(dir=folder, prefix="pristine-", suffix=".safetensors")
@@ -87,7 +95,9 @@ class Pristine:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the module tree, configs and every weight back as they were at load."""
+        """Put the module tree, configs and every weight back as they were at load, and drop
+        the offload stores the quantizer wrote (its offloaded weights)."""
+        close_stores(self.model, keep=self.stores)
         for state in self.modules:
             _put_back(state)
         for config, attributes in self.configs.values():
@@ -153,12 +163,13 @@ def _configs(model: nn.Module) -> list[object]:
 
 
 def _tensor_names(model: nn.Module) -> dict[str, list[str]]:
-    """{first name: [names]} per distinct tensor (tied weights share one entry)."""
+    """{first name: [names]} per distinct tensor (tied weights share one entry); offloaded
+    tensors (meta placeholders) have none: their stores are never written."""
     groups: dict[int, list[str]] = {}
     named = list(model.named_parameters(remove_duplicate=False))
     named += list(model.named_buffers(remove_duplicate=False))
     for name, tensor in named:
-        if tensor is None:
+        if tensor is None or tensor.device.type == "meta":
             continue
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"cannot keep {name}: dtype {tensor.dtype} has no safetensors name")

@@ -32,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from qbench.quant.walk.inventory import Inventory, Target, inventory
+from qbench.quant.walk.onload import input_device
 
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
@@ -125,12 +126,12 @@ class Structure:
 
 
 def probe_ids(model: nn.Module, batch: int = 2, tokens: int = 16) -> torch.Tensor:
-    """[batch, tokens] fixed token ids (not from torch's global RNG) on the model's device,
-    for passes that read the model's structure or check a transform."""
+    """[batch, tokens] fixed token ids (not from torch's global RNG) on the model's input
+    device, for passes that read the model's structure or check a transform."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
-    return ids.to(model.get_input_embeddings().weight.device)
+    return ids.to(input_device(model))
 
 
 @torch.no_grad()
@@ -170,7 +171,10 @@ def norm_spec(norm: nn.Module) -> NormSpec | None:
         scale = "weight" if "weight" in own else None
         return NormSpec(scale, False, "bias" in own, extra, eps)
     width = own["weight"].shape[0] if "weight" in own else 64
-    probe = copy.deepcopy(norm).to(device="cpu", dtype=torch.float64)
+    probe = _copy_without_hooks(norm)
+    if any(t.device.type == "meta" for t in probe.parameters()):  # offloaded: values unused
+        probe = probe.to_empty(device="cpu")
+    probe = probe.to(device="cpu", dtype=torch.float64)
     x = 100 * torch.randn(3, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     centered = x - x.mean(-1, keepdim=True)
     rms = x / x.pow(2).mean(-1, keepdim=True).sqrt()
@@ -193,6 +197,18 @@ def norm_spec(norm: nn.Module) -> NormSpec | None:
         if torch.allclose(y, expected, atol=1e-4, rtol=1e-4):
             return NormSpec(scale, centers, "bias" in own, (), eps)
     return None
+
+
+_HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")  # what accelerate puts on a module
+
+
+def _copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` without accelerate's hook (whose weights map it would copy)."""
+    saved = {k: vars(module).pop(k) for k in _HOOK_ATTRIBUTES if k in vars(module)}
+    try:
+        return copy.deepcopy(module)
+    finally:
+        vars(module).update(saved)
 
 
 # ---------------------------------------------------------------- the trace
@@ -361,7 +377,7 @@ def trace_structure(model: nn.Module, ids: torch.Tensor) -> Structure:
         for hook in _hooks(model, inv, norms, trace):
             stack.callback(hook.remove)
         with _Follow(trace):
-            model(input_ids=ids.to(next(model.parameters()).device))
+            model(input_ids=ids.to(input_device(model)))
     return _derive(model, inv, norms, trace)
 
 
