@@ -59,7 +59,10 @@ class Cell:
 
     @property
     def stage(self) -> str:
-        return "quantized" if self.quantizer else "fp"
+        """ "fp", "quantized", or "ablation" (ablations alone: a changed float model)."""
+        if self.quantizer is None:
+            return "fp"
+        return "ablation" if self.quantizer.rounding.float_only else "quantized"
 
     @property
     def precision(self) -> str:

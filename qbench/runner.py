@@ -32,6 +32,7 @@ from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.meters import measured
 from qbench.quant.walk.restore import Pristine
 from qbench.recipe import Recipe
 from qbench.record import OK, Record
@@ -186,9 +187,10 @@ def run_cell(
     transformed_eval_s = 0.0
 
     def evaluate_transformed(model: PreTrainedModel) -> None:
-        """The float model after smoothing / rotation: its perplexity, checked against fp."""
+        """The float model after smoothing / rotation: its perplexity, checked against fp (not
+        for ablations alone: the transformed model is the cell's model)."""
         nonlocal transformed_eval_s
-        if not quantizer.has_transform:
+        if not quantizer.has_transform or quantizer.rounding.float_only:
             return
         eval_start = time.perf_counter()
         scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
@@ -223,6 +225,7 @@ def run_cell(
         if recipe.eval.tasks
         else {"metrics": {}, "details": {}}
     )
+    coverage = measured(coverage, model) if coverage is not None else None  # tokens kept fp
     return Record.ok(
         cell,
         recipe,

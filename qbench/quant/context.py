@@ -6,7 +6,8 @@ to the rounding step, in order, each time with `before` set to the transforms al
 context alone: no global RNG (random draws come from `generator`, seeded by `seed`;
 calibration windows are a function of the seed and the text), no global state (statistics the
 cells of one checkpoint share live in `shared`, the runner's store for that checkpoint;
-what a step did beyond its label goes to `notes`, which the cell's record keeps).
+what a step did beyond its label goes to `notes`, which the cell's record keeps, and in numbers
+to `facts`, which its coverage report keeps).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class StepContext:
     (its formats, which targets it rounds); tokenizer: the checkpoint's (None where no step
     calibrates); seed: the cell's seed; before: the transforms applied so far; shared: a store
     the cells of one checkpoint share (see `statistic`); notes: the cell's notes (`note`);
-    generator: random draws of the steps (seeded with `seed` once per quantizer run).
+    generator: random draws of the steps (seeded with `seed` once per quantizer run); facts:
+    what the steps did, in numbers, by key (the coverage report carries them: an ablation's
+    zeroed weights); float_weights: (row, column) entries of each target (by name) that the
+    rounding keeps in float (`keep_float.super_weights`).
     """
 
     model: nn.Module
@@ -51,6 +55,8 @@ class StepContext:
     shared: dict[Hashable, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    float_weights: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.generator is None:

@@ -15,6 +15,7 @@ from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.bootstrap import BootstrapSpec
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
+from qbench.report.interventions import intervention_section, is_intervention
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -39,14 +40,19 @@ def write_leaderboard(
 
 
 def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
-    """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp.
+    """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp; the
+    interventions (ablations) in a block of their own.
 
     A failed cell shows `failed` in place of its numbers and is listed with its error."""
     columns = [spec.column for spec in recipe.eval.perplexity]
-    staged = any(q.has_transform for q in recipe.quantizers)
+    staged = any(q.has_transform and not q.ablation for q in recipe.quantizers)
     rows = []
     for checkpoint in recipe.checkpoints:
-        group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
+        group = [
+            c
+            for c in table.cells
+            if c.checkpoint.name == checkpoint.name and not is_intervention(c)
+        ]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
             record = table.finished(cell)
@@ -88,6 +94,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
             *_column_notes(recipe),
             "",
+            *intervention_section(recipe, table),
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),

@@ -17,7 +17,9 @@ Hessians come from its inputs as the already rounded blocks 0..i-1 produce them,
 in two block passes per block. Every target of the inventory takes part: linears, routers
 when asked, and each expert's slices of 3-D expert weights, whose Hessian is taken over the
 tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
-and the cell's notes say how many). Targets outside the blocks (lm_head when asked) see a full
+and the cell's notes say how many). Weights a quantizer keeps in float (`keep_float.super_weights`)
+are held out: 0 while their matrix is solved (no error of theirs feeds back), then put back.
+Targets outside the blocks (lm_head when asked) see a full
 forward pass of the rounded model. Block 0's Hessians come from the fp model alone, so
 (without rotation) the GPTQ cells of a checkpoint share them.
 """
@@ -35,7 +37,7 @@ from qbench.quant.formats.spec import WeightQuant
 from qbench.quant.walk.blockwise import BlockInputs, forward_batches, observe
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, inventory
-from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.linear import hold_out, round_target
 from qbench.quant.walk.select import quantized_targets
 
 if TYPE_CHECKING:
@@ -83,17 +85,21 @@ def _round(
     unreached = 0
     for name, target in targets.items():
         rounded = {}
+        kept = context.float_weights.get(name, [])
         for label, matrix in target.matrices():
             hessian = hessians.get((name, label))
             if hessian is None:  # no calibration token reached this expert
                 unreached += 1
                 rounded[label] = fake_quant(matrix.detach(), weights)
                 continue
-            rounded[label] = gptq_round(
-                matrix.detach(), hessian, weights, step.damp, step.block_size,
-                step.act_order, step.static_groups,
-            )  # fmt: skip
-        round_target(context.model, target, weights, context.quantizer.activations, rounded)
+
+            def solve(w: torch.Tensor, h: torch.Tensor = hessian) -> torch.Tensor:
+                return gptq_round(
+                    w, h, weights, step.damp, step.block_size, step.act_order, step.static_groups
+                )
+
+            rounded[label] = hold_out(matrix, kept, solve) if kept else solve(matrix.detach())
+        round_target(context.model, target, weights, context.quantizer.activations, rounded, kept)
     if unreached:
         context.note(
             f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest"

@@ -18,13 +18,18 @@ if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
 
 
-def round_to_nearest(model: nn.Module, quantizer: QuantizerConfig) -> None:
+def round_to_nearest(
+    model: nn.Module,
+    quantizer: QuantizerConfig,
+    float_weights: dict[str, list[tuple[int, int]]] | None = None,
+) -> None:
     """Round every target the quantizer selects to nearest, in place (as its `weights:` and
-    `activations:` say)."""
+    `activations:` say); `float_weights`: (row, column) entries kept in float, by target."""
     targets = quantized_targets(inventory(model), quantizer)
     while targets:  # popped, so each float weight is freed as soon as it is replaced
-        _, target = targets.popitem()
-        round_target(model, target, quantizer.weights, quantizer.activations)
+        name, target = targets.popitem()
+        kept = (float_weights or {}).get(name, [])
+        round_target(model, target, quantizer.weights, quantizer.activations, kept=kept)
 
 
 def round_embeddings(model: nn.Module, weights: WeightQuant) -> None:
