@@ -261,7 +261,7 @@ def check_transformed(
     transform changes the float model by design: a note in `notes` says so)."""
     if not quantizer.lossless:
         lossy = ", ".join(t.transform for t in quantizer.transforms if not t.is_lossless())
-        notes.append(f"transformed stage not compared with fp: {lossy} changes the float weights")
+        notes.append(f"transformed stage not compared with fp: {lossy} changes the float model")
         return
     if fp is None or fp.status != OK:
         return

@@ -31,6 +31,7 @@ from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
 from qbench.quant.walk.kvcache import kv_sites, quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.meters import reset_meters
 from qbench.quant.walk.tokens import exempt_tokens
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def run(
     if keep is not None and keep.tokens:
         sites = kv_sites(model) if quantizer.kv is not None else []
         exempt_tokens(model, inventory(model), keep, sites)
+    reset_meters(model)  # they count the quantized model's evaluation from here
     report = coverage(model, before, quantizer) | context.facts
     check_complete(report, quantizer, model_name(model))
     return report

@@ -56,7 +56,8 @@ def intervention_section(recipe: Recipe, table: ResultsTable) -> list[str]:
         ' 2024, "Massive Activations": clip the residual stream; the attention sink removed: '
         "the first key masked for every later query, attention renormalised). Each asks whether "
         "an outlier acts as a rescaling factor or as a contributor; none is a quantizer. A "
-        "precision other than `fp (ablation)` is a quantizer applied after the ablation. ×fp: "
+        "precision other than `fp (ablation)` is a quantizer applied after the ablation (in "
+        "brackets beside its perplexity: the ablated float model's, before rounding). ×fp: "
         "perplexity over the same checkpoint unquantized, with the paired bootstrap interval of "
         "the table above. `failed`: the cell failed (see Failed cells).",
         "",
@@ -68,9 +69,13 @@ def _perplexity(table: ResultsTable, cell: Cell, column: str, recipe: Recipe) ->
     if record is None:
         return ["failed" if table.record(cell) else "missing", ""]
     value = record.metrics.perplexity[column]
+    text = f"{value:.3f}"
+    stage = (record.stages or {}).get("transformed", {}).get("perplexity", {})
+    if column in stage:  # a quantizer after the ablation: the ablated float model's too
+        text += f" (float {stage[column]:.3f})"
     if fp is None:
-        return [f"{value:.3f}", ""]
-    return [f"{value:.3f}", delta_cells(record, fp, column, recipe.report.bootstrap)[1]]
+        return [text, ""]
+    return [text, delta_cells(record, fp, column, recipe.report.bootstrap)[1]]
 
 
 def what_it_did(coverage: dict[str, Any]) -> str:

@@ -135,7 +135,10 @@ def _column_notes(recipe: Recipe) -> list[str]:
 _ROUNDED_NOTE = [
     "`rounded`: the share of the targeted linear-like weights (attention, MLP, experts; lm_head",
     "and routers when asked) the cell's model holds rounded (W) and with rounded inputs (A),",
-    "counted from its modules; what stays in float and why follows `float:`.",
+    "counted from its modules; what stays in float and why follows `float:`. A quantizer's",
+    "`keep_float:` shows as `N super weights fp` (weights held out of the rounding) and `fp tokens",
+    "(A+KV): x%` (the share of the tokens of the cell's evaluation whose activations and KV stayed",
+    "in float; the precision says which tokens, e.g. `W4A4 (first 1 token fp)`).",
 ]
 
 _STAGE_NOTE = [

@@ -123,6 +123,9 @@ class ClipMeter:
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
         self.clipped = self.total = 0
         self.channels: dict[int, int] = {}
 

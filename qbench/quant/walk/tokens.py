@@ -44,8 +44,11 @@ class TokenExemption:
         self.rule, self.decoder, self.blocks, self.roles = rule, decoder, blocks, roles
         self.current: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
-        self.kept = self.total = 0
         self._detecting = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.kept = self.total = 0
 
     # ------------------------------------------------------------ what the rounding reads
 
