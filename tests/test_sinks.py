@@ -165,6 +165,7 @@ def test_coverage_counts_the_tokens_kept_and_the_label_says_so():
     report = measured(report, model)
     assert report["float_tokens"]["tokens"] == [3, 48]  # 2 + 1 sequences of 16 tokens
     assert report["float_tokens"]["roles"] == ["activations", "kv"]
+    assert report["float_tokens"]["rule"] == "first 1 token"
     assert "fp tokens (A+KV): 6.25%" in coverage_label(report)
 
 

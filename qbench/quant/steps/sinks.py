@@ -112,9 +112,15 @@ class KeepFloat(StrictModel):
     def label(self) -> str:
         """The leaderboard's description, e.g. 'fp: first 1 token, outlier tokens
         (max|h| > 64x median), super weights (≤4, spike ≥100x median channel)'."""
-        parts = [self.token_rule().replace(" + outlier tokens", "")] if self.first_tokens else []
-        if self.outlier_tokens is not None:
-            parts.append(f"outlier tokens (max|h| > {self.outlier_tokens.ratio:g}x median)")
+        parts = [self.tokens_label()] if self.tokens else []
         if self.super_weights is not None:
             parts.append(f"super weights ({self.super_weights.search_label()})")
         return "fp: " + ", ".join(parts)
+
+    def tokens_label(self) -> str:
+        """Which tokens, with the rule's figures: 'first 1 token, outlier tokens (max|h| >
+        64x median)' ('' if none)."""
+        parts = [self.token_rule().replace(" + outlier tokens", "")] if self.first_tokens else []
+        if self.outlier_tokens is not None:
+            parts.append(f"outlier tokens (max|h| > {self.outlier_tokens.ratio:g}x median)")
+        return ", ".join(parts)

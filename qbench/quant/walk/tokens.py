@@ -148,7 +148,8 @@ class TokenExemption:
     def report(self) -> dict[str, Any]:
         """{rule, roles (activations / kv: what the rule keeps in float), tokens: [kept,
         total]} over every call so far."""
-        return {"rule": self.rule.label(), "roles": self.roles, "tokens": [self.kept, self.total]}
+        rule = self.rule.tokens_label()
+        return {"rule": rule, "roles": self.roles, "tokens": [self.kept, self.total]}
 
 
 def _cached_tokens(cache: Any) -> int:
