@@ -189,9 +189,9 @@ QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): k
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
     """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
-    version of that layout; `targets:` / `ignore:` only where given (keys from before they
-    existed stay valid)."""
-    unset = {f for f in ("targets", "ignore") if not getattr(quantizer, f)}
+    version of that layout; `targets:` / `ignore:` / `keep_float:` only where given (keys from
+    before they existed stay valid)."""
+    unset = {f for f in ("targets", "ignore", "keep_float") if not getattr(quantizer, f)}
     return {
         "schema": QUANTIZER_SCHEMA,
         **quantizer.model_dump(exclude={"name", "method", *unset}),

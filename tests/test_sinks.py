@@ -278,3 +278,12 @@ def test_experts_inputs_refuse_kept_tokens():
         )
         is None
     )
+
+
+def test_keys_of_quantizers_without_keep_float_stay_as_they_were():
+    from qbench.plan import _quantizer_identity
+
+    plain = _quantizer(method="rtn", weights={"bits": 4}, activations={"bits": 4})
+    assert "keep_float" not in _quantizer_identity(plain)
+    kept = _w4a4({"first_tokens": 1})
+    assert _quantizer_identity(kept)["keep_float"]["first_tokens"] == 1
