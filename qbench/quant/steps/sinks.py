@@ -111,16 +111,18 @@ class KeepFloat(StrictModel):
 
     def label(self) -> str:
         """The leaderboard's description, e.g. 'fp: first 1 token, outlier tokens
-        (max|h| > 64x median), super weights (≤4, spike ≥100x median channel)'."""
+        (residual peak > 64x median token's), super weights (≤4, spike ≥100x median
+        channel)' (no '|': it reads in a markdown table)."""
         parts = [self.tokens_label()] if self.tokens else []
         if self.super_weights is not None:
             parts.append(f"super weights ({self.super_weights.search_label()})")
         return "fp: " + ", ".join(parts)
 
     def tokens_label(self) -> str:
-        """Which tokens, with the rule's figures: 'first 1 token, outlier tokens (max|h| >
-        64x median)' ('' if none)."""
+        """Which tokens, with the rule's figures: 'first 1 token, outlier tokens (residual
+        peak > 64x median token's)' ('' if none)."""
         parts = [self.token_rule().replace(" + outlier tokens", "")] if self.first_tokens else []
         if self.outlier_tokens is not None:
-            parts.append(f"outlier tokens (max|h| > {self.outlier_tokens.ratio:g}x median)")
+            ratio = self.outlier_tokens.ratio
+            parts.append(f"outlier tokens (residual peak > {ratio:g}x median token's)")
         return ", ".join(parts)
