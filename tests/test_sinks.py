@@ -288,3 +288,16 @@ def test_keys_of_quantizers_without_keep_float_stay_as_they_were():
     assert "keep_float" not in _quantizer_identity(plain)
     kept = _w4a4({"first_tokens": 1})
     assert _quantizer_identity(kept)["keep_float"]["first_tokens"] == 1
+
+
+def test_lm_eval_tasks_run_with_kept_tokens_and_count_them(tokenizer_dir):
+    """lm-eval's HFLM calls the model with positional ids: the kept tokens follow it."""
+    from qbench.api import evaluate
+
+    model = planted_llama(massive_token=True)
+    report = quantize_(model, _w4a4({"first_tokens": 1, "outlier_tokens": {}}, kv={"bits": 4}))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    metrics = evaluate(model, tokenizer, tasks=[{"name": "embedded_mc", "limit": 5}])
+    assert metrics.tasks["embedded_mc"].value is not None
+    kept, total = measured(report, model)["float_tokens"]["tokens"]
+    assert 0 < kept < total
