@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from qbench.api import quantize_
 from qbench.cli import main
-from qbench.errors import QBenchError
+from qbench.errors import RefusedError
 from qbench.plan import plan
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import inventory
@@ -154,7 +154,7 @@ def test_removing_the_sink_zeroes_key_0_for_later_queries_and_renormalises(token
 
 
 def test_no_spike_no_super_weight_says_how_far(tokenizer_dir):
-    with pytest.raises(QBenchError, match=r"no super weight: no MLP output spike reaches"):
+    with pytest.raises(RefusedError, match=r"no super weight: no MLP output spike reaches"):
         _ablation(tokenizer_dir, planted_llama(super_weight=False), method="zero_super_weights")
 
 

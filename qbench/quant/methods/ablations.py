@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qbench.errors import QBenchError
+from qbench.errors import RefusedError
 from qbench.quant.methods.superweights import (
     SuperWeight,
     find_super_weights,
@@ -34,7 +34,7 @@ def _record(context: StepContext, transform: str, **facts: Any) -> None:
 
 
 def _super_weights(context: StepContext, search: SuperWeightSearch, step: str) -> list:
-    """The super weights found, or a QBenchError saying how far the largest spike is from
+    """The super weights found, or a RefusedError saying how far the largest spike is from
     `min_ratio` (an ablation that zeroes nothing would be the fp model under another name)."""
     found = find_super_weights(context, search, step)
     if found:
@@ -44,7 +44,7 @@ def _super_weights(context: StepContext, search: SuperWeightSearch, step: str) -
     candidates = spikes(model, mlp_writers(model), ids, search.calibration.batch_size)
     top = max(candidates, key=lambda s: s.ratio, default=None)
     largest = f"{top.ratio:.1f} at {top.where()}" if top else "no MLP output projection"
-    raise QBenchError(
+    raise RefusedError(
         f"{step}: no super weight: no MLP output spike reaches min_ratio {search.min_ratio:g} x "
         f"the median output channel's (largest {largest}); lower min_ratio to take it"
     )
@@ -166,7 +166,7 @@ def remove_attention_sink(context: StepContext) -> None:
     sites = kv_sites(model)
     routed = getattr(model.config, "_attn_implementation", None) or ""
     if not routed.startswith(KV_ATTENTION_PREFIX):
-        raise QBenchError(
+        raise RefusedError(
             f"remove_attention_sink: {model.config.model_type}'s attention does not run through "
             "transformers' AttentionInterface, whose mask it changes"
         )

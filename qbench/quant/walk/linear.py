@@ -10,6 +10,7 @@ and through `float_weights(module)` how many of its weight elements a quantizer 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,7 +21,9 @@ from qbench.quant.formats.fake import fake_quant, fake_quant_except
 from qbench.quant.formats.spec import ActivationQuant, WeightQuant
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, Target, replace_module
-from qbench.quant.walk.tokens import TokenExemption
+
+if TYPE_CHECKING:
+    from qbench.quant.walk.tokens import TokenExemption
 
 FLOAT_WEIGHTS_ATTRIBUTE = "qbench_float_weights"  # [(row, column)] a rounded module keeps float
 Coordinates = list[tuple[int, int]]  # (row, column) entries of a weight matrix
