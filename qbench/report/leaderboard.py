@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from qbench.checkpoints.gguf import dequantized_from, gguf_versions
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions, grid_caveat
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
@@ -153,7 +153,8 @@ def _column_notes(recipe: Recipe) -> list[str]:
 
 
 def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
-    """What the float weights of GGUF checkpoints are: the file's dequantized tensors."""
+    """What the float weights of GGUF checkpoints are: the file's dequantized tensors, and
+    which weight-only cells measure the file's own block grid (grid_caveat)."""
     notes = []
     for checkpoint in recipe.checkpoints:
         cell = next((c for c in table.cells if c.checkpoint.name == checkpoint.name), None)
@@ -168,7 +169,8 @@ def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
         notes.append(
             f"- `{checkpoint.name}`: GGUF file `{file}` (sha256 {identity.gguf[:12]}…; tensors "
             f"{counts}): its {checkpoint.dtype} weights are {what}"
-            + (", not the weights the file was quantized from." if origin else ".")
+            + (", not the weights the file was quantized from" if origin else "")
+            + (f"; {caveat}." if (caveat := grid_caveat(types)) else ".")
         )
     return notes
 
