@@ -67,7 +67,10 @@ class Cell:
 
     @property
     def stage(self) -> str:
-        return "quantized" if self.quantizer else "fp"
+        """ "fp", "quantized", or "ablation" (ablations alone: a changed float model)."""
+        if self.quantizer is None:
+            return "fp"
+        return "ablation" if self.quantizer.rounding.float_only else "quantized"
 
     @property
     def precision(self) -> str:
@@ -233,9 +236,9 @@ QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): k
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
     """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
-    version of that layout; `targets:` / `ignore:` / `convs:` only where given (keys from
-    before they existed stay valid)."""
-    unset = {f for f in ("targets", "ignore", "convs") if not getattr(quantizer, f)}
+    version of that layout; `targets:` / `ignore:` / `convs:` / `keep_float:` only where given
+    (keys from before they existed stay valid)."""
+    unset = {f for f in ("targets", "ignore", "convs", "keep_float") if not getattr(quantizer, f)}
     return {
         "schema": QUANTIZER_SCHEMA,
         **quantizer.model_dump(exclude={"name", "method", *unset}),

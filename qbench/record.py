@@ -17,8 +17,10 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
                       content: train digest, hub commit or file sha256s; see
                       qbench.checkpoints.load.CheckpointIdentity)}
     quantizer         {name ("fp" for the unquantized cell), config (its recipe entry, or null)}
-    stage             "fp" or "quantized"
-    precision         e.g. "W4A8", "W4A4KV4"; the checkpoint's dtype for fp cells
+    stage             "fp", "quantized", or "ablation" (the papers' interventions alone: a
+                      changed float model, qbench.quant.steps.ablations)
+    precision         e.g. "W4A8", "W4A4KV4", "W4A4 (first 1 token fp)", "fp (ablation)"; the
+                      checkpoint's dtype for fp cells
     seed              the recipe's seed
     metrics           (ok) perplexity: {column: token perplexity, finite};
                       tasks: {task: {metric, value, stderr, higher_is_better}} (with tasks);
@@ -37,7 +39,12 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
                       (attention, mlp, ssm, experts, router, conv, norm, lm_head, other,
                       embeddings; conv and embeddings: weights only);
                       targeted: the kinds it rounds; float: {kind: why it stays in float};
-                      null for fp cells
+                      float_weights: {kind: weight elements kept in float on purpose};
+                      super_weights: those kept (module, row, column, value, spikes);
+                      float_tokens: {rule, roles, tokens: [kept in float, total]} counted
+                      over the cell's evaluation; ablations: what each did (zeroed weights);
+                      clipped: {threshold, elements: [clipped, total], channels}; null for fp
+                      cells
     notes             what a method did beyond its label (e.g. experts no calibration token
                       reached, rounded to nearest; linears without a norm, not smoothed)
     caveats           the notes that say the label alone claims more than was done (the two
@@ -140,7 +147,7 @@ class Record(_Schema):
     key: Key
     checkpoint: CheckpointEntry
     quantizer: QuantizerEntry
-    stage: Literal["fp", "quantized"]
+    stage: Literal["fp", "quantized", "ablation"]
     precision: str
     seed: int
     status: Literal["ok", "failed", "refused"] = OK  # records before statuses: ok ones

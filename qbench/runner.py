@@ -37,6 +37,7 @@ from qbench.plan import Cell
 from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import find_blocks
+from qbench.quant.walk.meters import measured
 from qbench.quant.walk.onload import check_quantizable
 from qbench.quant.walk.restore import Pristine
 from qbench.recipe import Recipe
@@ -214,9 +215,10 @@ def run_cell(
     label = f"{cell.checkpoint.name} x {cell.quantizer_name}: quantizing"
 
     def evaluate_transformed(model: PreTrainedModel) -> None:
-        """The float model after smoothing / rotation: its perplexity, checked against fp."""
+        """The float model after smoothing / rotation: its perplexity, checked against fp (not
+        for ablations alone: the transformed model is the cell's model)."""
         nonlocal transformed_eval_s
-        if not quantizer.has_transform:
+        if not quantizer.has_transform or quantizer.rounding.float_only:
             return
         eval_start = time.perf_counter()
         with passes.paused():
@@ -254,6 +256,7 @@ def run_cell(
         if recipe.eval.tasks
         else {"metrics": {}, "details": {}}
     )
+    coverage = measured(coverage, model) if coverage is not None else None  # tokens kept fp
     return Record.ok(
         cell,
         recipe,
@@ -332,7 +335,7 @@ def check_transformed(
     transform changes the float model by design: a note in `notes` says so)."""
     if not quantizer.lossless:
         lossy = ", ".join(t.transform for t in quantizer.transforms if not t.is_lossless())
-        notes.append(f"transformed stage not compared with fp: {lossy} changes the float weights")
+        notes.append(f"transformed stage not compared with fp: {lossy} changes the float model")
         return
     if fp is None or fp.status != OK:
         return

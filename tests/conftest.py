@@ -356,3 +356,26 @@ def tiny_model():
         return randomize(QBenchForCausalLM(QBenchConfig(**sizes, **options)), 0)
 
     return build
+
+
+# A planted super weight: W[PLANTED_ROW, PLANTED_COLUMN] of layer 0's down_proj, with its input
+# channel made loud (gate and up rows x30), so that output channel PLANTED_ROW spikes (about
+# 100, some 120x the median channel's largest |y|): a massive activation in the residual stream.
+PLANTED_ROW, PLANTED_COLUMN = 7, 5
+MASSIVE_TOKEN = 11  # a token id whose embedding carries one huge channel (an outlier token)
+
+
+def planted_llama(super_weight: bool = True, massive_token: bool = False) -> torch.nn.Module:
+    """The tiny random Llama (TINY_SHAPE, fp32, eval) with a planted super weight and/or a
+    token (MASSIVE_TOKEN) whose residual stream is massive in channel 3 from the embedding on."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_SHAPE)).eval()
+    with torch.no_grad():
+        if super_weight:
+            mlp = model.model.layers[0].mlp
+            mlp.gate_proj.weight[PLANTED_COLUMN] *= 30
+            mlp.up_proj.weight[PLANTED_COLUMN] *= 30
+            mlp.down_proj.weight[PLANTED_ROW, PLANTED_COLUMN] = 2.0
+        if massive_token:
+            model.model.embed_tokens.weight[MASSIVE_TOKEN, 3] = 500.0
+    return model

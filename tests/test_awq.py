@@ -162,7 +162,7 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 4}}]}}
     fp = records["fp"].metrics.perplexity["embedded"]
     clipped, scaled = records["awq"], records["awq-gptq"]
     assert clipped.precision == scaled.precision == "W3A16"
-    assert any("awq changes the float weights" in n for n in clipped.notes)
+    assert any("awq changes the float model" in n for n in clipped.notes)
     assert clipped.stages["transformed"]["perplexity"]["embedded"] != fp
     transformed = scaled.stages["transformed"]["perplexity"]["embedded"]
     assert transformed == pytest.approx(fp, rel=1e-4)  # clip: false is lossless and checked

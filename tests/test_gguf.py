@@ -21,7 +21,7 @@ from gguf import (
 )
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from qbench.checkpoints.gguf import dequantized_from, read_gguf
+from qbench.checkpoints.gguf import dequantized_from, grid_caveat, read_gguf
 from qbench.checkpoints.load import checkpoint_identity, load_checkpoint
 from qbench.cli import main
 from qbench.errors import QBenchError
@@ -188,6 +188,10 @@ def test_gguf_identity_is_its_sha256_and_the_folder_is_converted_once(gguf_path,
     assert identity.gguf == hashlib.sha256(path.read_bytes()).hexdigest()
     assert identity.gguf_types == {"Q8_0": 14, "F32": 6}  # 2 x 7 linears; norms and embedding
     assert dequantized_from(identity.gguf_types) == "Q8_0"
+    assert grid_caveat({"F16": 3}) is None  # float tensors: no grid to find again
+    assert "4-bit grid of groups of 32 (a scale and a minimum" in grid_caveat(
+        {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    )
     load_checkpoint(spec)
     calls = []
     monkeypatch.setattr(gguf_module, "_convert", lambda *args: calls.append(args))
@@ -219,6 +223,7 @@ def test_recipe_with_a_gguf_checkpoint_says_what_its_weights_are(tmp_path, gguf_
     assert all(r["checkpoint"]["identity"]["gguf_types"]["Q8_0"] == 14 for r in records)
     board = (results / "gguf-run" / "LEADERBOARD.md").read_text()
     assert "dequantized from Q8_0" in board and "tiny.Q8_0.gguf" in board and "gguf 0." in board
+    assert "Q8_0 tensors already lie on a 8-bit grid of groups of 32" in board
 
 
 def test_a_changed_gguf_file_is_refused_at_load(tmp_path, source_model, tokenizer_dir):

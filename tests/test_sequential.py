@@ -79,9 +79,10 @@ def test_smoothquant_gptq_calibrates_once_and_equals_separate_passes(tmp_path, t
     torch.testing.assert_close(_logits(model), _logits(separate), rtol=0, atol=0)
     # per calibration batch: one capture through every block (SmoothQuant's ranges), GPTQ's
     # restart at block 0 (stopped as block 0 starts), then two passes of each block (GPTQ's
-    # Hessians, after the smoothing, and its outputs); plus the probe tracing the structure
+    # Hessians, after the smoothing, and its outputs); plus two probes: the one finding
+    # linears applied outside their forward (activations:) and the one tracing the structure
     layers, batches = len(model.model.layers), 2
-    assert len(forwards) == batches * (layers + 1 + 2 * layers) + layers
+    assert len(forwards) == batches * (layers + 1 + 2 * layers) + 2 * layers
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,33 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
+# ggml's legacy block types: (bits, weights per block, what each block stores beside them)
+BLOCK_GRIDS = {
+    "Q4_0": (4, 32, "a scale"),
+    "Q4_1": (4, 32, "a scale and a minimum"),
+    "Q5_0": (5, 32, "a scale"),
+    "Q5_1": (5, 32, "a scale and a minimum"),
+    "Q8_0": (8, 32, "a scale"),
+}
+
+
+def grid_caveat(tensor_types: dict[str, int] | None) -> str | None:
+    """Why weight-only quantization on the grid of the file's main block type (the type of
+    most tensors among BLOCK_GRIDS) measures the file, not the method: e.g. Q4_1's weights lie
+    on a 4-bit grid of groups of 32 with a scale and a minimum each, which a 4-bit asymmetric
+    quantizer with group 32 finds again. None for a file without such a type."""
+    kind = next((t for t in tensor_types or {} if t in BLOCK_GRIDS), None)
+    if kind is None:
+        return None
+    bits, block, stored = BLOCK_GRIDS[kind]
+    return (
+        f"its {kind} tensors already lie on a {bits}-bit grid of groups of {block} ({stored} "
+        f"per group), so weight-only quantization with {bits} or more bits and group {block} "
+        "(or a divisor of it) rounds them back nearly losslessly by construction: such a cell "
+        "measures the file's grid, not the method (read per-channel or larger groups)"
+    )
+
+
 def dequantized_from(tensor_types: dict[str, int] | None) -> str | None:
     """The quantized ggml types of a file, most tensors first ("Q4_1 / Q8_0"); None for a
     file of float tensors only (or no GGUF)."""

@@ -6,8 +6,9 @@ to the rounding step, in order, each time with `before` set to the transforms al
 context alone: no global RNG (random draws come from `generator`, seeded by `seed`;
 calibration windows are a function of the seed and the text), no global state (statistics the
 cells of one checkpoint share live in `shared`, the runner's store for that checkpoint;
-what a step did beyond its label goes to `notes`, which the cell's record keeps, and where it
-did less than its label says also to `caveats`, which the leaderboard shows beside the cell).
+what a step did beyond its label goes to `notes`, which the cell's record keeps, where it
+did less than its label says also to `caveats`, which the leaderboard shows beside the cell,
+and in numbers to `facts`, which its coverage report keeps).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class StepContext:
     the cells of one checkpoint share (see `statistic`); notes, caveats: the cell's notes and
     the subset of them that qualify its label (`note`);
     generator: random draws of the steps (seeded with `seed` once per quantizer run);
-    captures: the decoder blocks' calibration inputs of this run (`block_inputs`).
+    captures: the decoder blocks' calibration inputs of this run (`block_inputs`); facts:
+    what the steps did, in numbers, by key (the coverage report carries them: an ablation's
+    zeroed weights); float_weights: (row, column) entries of each target (by name) that the
+    rounding keeps in float (`keep_float.super_weights`).
     """
 
     model: nn.Module
@@ -58,6 +62,8 @@ class StepContext:
     caveats: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
     captures: dict[str, BlockInputs] = field(default_factory=dict, repr=False)
+    facts: dict[str, Any] = field(default_factory=dict)
+    float_weights: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.generator is None:

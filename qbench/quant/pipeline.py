@@ -7,9 +7,12 @@
 2. one `StepContext` for the whole run, each transform applied in order with the transforms
    before it;
 3. `on_transformed(model)`: the float model after the transforms (the runner evaluates it);
-4. the rounding step, the embedding table (`embeddings: true`), the KV cache;
-5. the coverage report, counted against the inventory taken before step 2, with an error where
-   a targeted weight stayed in float.
+4. `keep_float.super_weights`: the super weights of the transformed model, which the rounding
+   keeps in float; the rounding step, the embedding table (`embeddings: true`), the KV cache;
+   `keep_float`'s tokens (their activations and KV stay in float from now on);
+5. the coverage report, counted against the inventory taken before step 2, with the steps'
+   facts (an ablation's zeroed weights, the super weights kept), and an error where a targeted
+   weight stayed in float.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from qbench.quant.methods.rtn import round_embeddings, untie_word_embeddings
 from qbench.quant.refusal import refusal_of
 from qbench.quant.walk.coverage import check_complete, coverage
 from qbench.quant.walk.inventory import Inventory, inventory
-from qbench.quant.walk.kvcache import quantize_kv_cache
+from qbench.quant.walk.kvcache import kv_sites, quantize_kv_cache
 from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.meters import reset_meters
 from qbench.quant.walk.onload import check_quantizable
 from qbench.quant.walk.select import quantized_targets
 from qbench.quant.walk.structure import applied_outside_forward
+from qbench.quant.walk.tokens import exempt_tokens
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
@@ -65,6 +70,11 @@ def run(
         on_transformed(model)
     if quantizer.lm_head or quantizer.embeddings:
         untie_word_embeddings(model)  # they get different weights
+    keep = quantizer.keep_float
+    if keep is not None and keep.super_weights is not None:
+        from qbench.quant.methods.superweights import keep_super_weights
+
+        keep_super_weights(context, keep.super_weights)
     if quantizer.quantizes_linears:
         quantizer.rounding.round(context)
     if quantizer.embeddings:
@@ -78,7 +88,11 @@ def run(
                 caveat=True,
             )
     context.release_activations()
-    report = coverage(model, before, quantizer)
+    if keep is not None and keep.tokens:
+        sites = kv_sites(model) if quantizer.kv is not None else []
+        exempt_tokens(model, inventory(model), keep, sites)
+    reset_meters(model)  # they count the quantized model's evaluation from here
+    report = coverage(model, before, quantizer) | context.facts
     check_complete(report, quantizer, model_name(model))
     return report
 

@@ -9,11 +9,15 @@
 `method:` is shorthand for the common pipelines (`SHORTHANDS`), its fields given beside it as
 before: `method: rotation` is the rotation transform then rtn, `method: gptq, rotate: true` is
 rotation then gptq, `method: awq` is awq then rtn, `method: smoothquant, alpha: 0.8` is
-smoothquant then rtn. A shorthand's fields go to the step that owns them; the quantizer keeps
-the shorthand's name for its labels. The list is validated as a whole at load time: one
-transform of a kind, at most one channel-scaling transform (smoothquant, awq), and none after
-a rotation (it would re-introduce the per-channel scales the rotation spreads out), gptq's int
-weights, awq's weights, a library's own fields instead of `weights:` / `activations:`.
+smoothquant then rtn, `method: zero_super_weights` is that ablation alone (then `rounding:
+none`: qbench.quant.steps.ablations). A shorthand's fields go to the step that owns them; the
+quantizer keeps the shorthand's name for its labels. The list is validated as a whole at load
+time: one transform of a kind, at most one channel-scaling transform (smoothquant, awq), and
+none after a rotation (it would re-introduce the per-channel scales the rotation spreads out),
+gptq's int weights, awq's weights, a library's own fields instead of `weights:` /
+`activations:`, ablations first. `keep_float:` (qbench.quant.steps.sinks) keeps sink tokens'
+activations and KV, and super weights, unrounded; the precision label says so ('W4A4 (first 1
+token fp)').
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from qbench.config import StrictModel
 from qbench.data.calibration import CalibrationSpec
 from qbench.quant.formats.spec import ActivationQuant, KVQuant, WeightQuant
 from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
+from qbench.quant.steps.sinks import KeepFloat
 from qbench.quant.walk.select import KINDS, pattern_problem, quantized_targets
 from qbench.registry import Registry, did_you_mean
 
@@ -50,14 +55,15 @@ AnyRounding = Annotated[
 SCALING = ("smoothquant", "awq")  # transforms that move per-channel scales into the weights
 COMMON = (
     "name", "method", "weights", "activations", "kv", "lm_head", "embeddings", "routers",
-    "convs", "targets", "ignore",
+    "convs", "targets", "ignore", "keep_float",
 )  # fmt: skip
 
 
 class QuantizerConfig(StrictModel):
     """One named quantizer of a recipe: transforms, rounding, formats, what it targets.
 
-    `kv` quantizes the KV cache after the rounding, whatever the steps. lm_head, MoE routers
+    `kv` quantizes the KV cache after the rounding, whatever the steps; `keep_float` keeps sink
+    tokens' activations and KV, and super weights, unrounded. lm_head, MoE routers
     and the depthwise conv1d of state-space mixers (Mamba, Jamba, Falcon-H1, ...; under 1% of
     their weights) stay in float unless `lm_head: true` / `routers: true` / `convs: true`
     (`convs` rounds each channel's taps with `weights:`, a row of its own: a group or block
@@ -81,6 +87,7 @@ class QuantizerConfig(StrictModel):
     convs: bool = False
     targets: list[str] | None = Field(default=None, min_length=1)
     ignore: list[str] = Field(default_factory=list)
+    keep_float: KeepFloat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -157,7 +164,8 @@ class QuantizerConfig(StrictModel):
     @model_validator(mode="after")
     def _valid_pipeline(self) -> QuantizerConfig:
         specs = (self.weights, self.activations, self.kv)
-        if all(spec is None for spec in specs) and not self.rounding.library:
+        rounds = not (self.rounding.library or self.rounding.float_only)
+        if all(spec is None for spec in specs) and rounds:
             raise ValueError("set weights:, activations: and/or kv: (the fp reference is implicit)")
         if problem := pipeline_problem(self):
             raise ValueError(problem)
@@ -176,9 +184,16 @@ class QuantizerConfig(StrictModel):
         return "+".join([*names, self.rounding.method])
 
     def precision(self) -> str:
-        """The label of leaderboards, e.g. 'W4A8', 'W4A4KV4' (16 for what stays in float)."""
+        """The label of leaderboards, e.g. 'W4A8', 'W4A4KV4' (16 for what stays in float), with
+        what it keeps in float ('W4A4 (first 1 token fp)'); 'fp (ablation)' for ablations
+        alone, 'W4A4 (ablation)' for a quantizer after an ablation."""
+        if self.rounding.float_only:
+            return "fp (ablation)"
         w, a = self.linear_bits()
-        return f"W{w}A{a}" + (f"KV{self.kv.bits}" if self.kv else "")
+        qualifiers = self.keep_float.qualifiers() if self.keep_float else []
+        qualifiers += ["ablation"] if self.ablation else []
+        text = f"W{w}A{a}" + (f"KV{self.kv.bits}" if self.kv else "")
+        return text + (f" ({', '.join(qualifiers)})" if qualifiers else "")
 
     def linear_bits(self) -> tuple[int, int]:
         """(weight bits, activation bits) of the rounded targets; 16 for float."""
@@ -187,8 +202,16 @@ class QuantizerConfig(StrictModel):
     def label(self) -> str:
         """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token / kv int4 head',
         with what the patterns leave out ('...; ignore: re:.*down_proj')."""
+        if self.rounding.float_only:
+            return self.ablations_label()
         text = self.linear_label() + (f" / kv {self.kv.label()}" if self.kv else "")
+        text += f"; {self.keep_float.label()}" if self.keep_float else ""
+        text += f"; {self.ablations_label()}" if self.ablation else ""
         return text + (f"; {self.patterns_label()}" if self.patterns_label() else "")
+
+    def ablations_label(self) -> str:
+        """What its ablations do, e.g. 'clip the residual stream at ±1000 after every block'."""
+        return "; ".join(t.label() for t in self.transforms if t.ablation)
 
     def patterns_label(self) -> str:
         """The `targets:` / `ignore:` patterns, e.g. 'ignore: re:.*down_proj' ('' if none)."""
@@ -218,6 +241,12 @@ class QuantizerConfig(StrictModel):
     def has_transform(self) -> bool:
         """Whether it changes the float model before rounding (a "transformed" stage)."""
         return bool(self.transforms)
+
+    @property
+    def ablation(self) -> bool:
+        """Whether it holds an ablation (an intervention on the float model, not a quantizer
+        step): its cells are reported apart from the quantizers'."""
+        return any(t.ablation for t in self.transforms)
 
     @property
     def lossless(self) -> bool:
@@ -254,6 +283,8 @@ class QuantizerConfig(StrictModel):
         (its tasks then run one request per call: qbench.eval.tasks)."""
         if self.activations is not None and self.activations.granularity == "tensor":
             return "activations: granularity tensor takes one dynamic scale per sequence"
+        if self.keep_float is not None and self.keep_float.outlier_tokens is not None:
+            return "keep_float.outlier_tokens compares each token with its sequence's median token"
         return self.rounding.tokens_share_scales()
 
     def refusal(self, found: Inventory) -> str | None:
@@ -267,6 +298,19 @@ class QuantizerConfig(StrictModel):
         if self.quantizes_linears and not quantized_targets(found, self):
             kinds = ", ".join(sorted(self.targeted_kinds()))
             return f"the model has no weights of the kinds it rounds ({kinds}): nothing to quantize"
+        if (
+            self.keep_float is not None
+            and self.keep_float.tokens
+            and self.activations is not None
+            and {t.kind for t in quantized_targets(found, self).values()} & {"experts", "router"}
+        ):
+            return (
+                "keep_float tokens on expert and router inputs: those see routed or flattened "
+                "tokens, not the sequence's; leave routers in float, or drop keep_float's tokens"
+            )
+        for transform in self.transforms:
+            if problem := transform.refusal(found):
+                return problem
         if (
             self.activations is not None
             and self.activations.granularity == "tensor"
@@ -337,12 +381,43 @@ def pipeline_problem(quantizer: QuantizerConfig) -> str | None:
         return f"{rounding.method} takes {rounding.OWN_FIELDS}, not {key}: (remove {key})"
     if rounding.library and quantizer.embeddings:
         return f"{rounding.method} quantizes linear layers only: remove embeddings"
+    ablations = [t.ablation for t in quantizer.transforms]
+    if ablations != sorted(ablations, reverse=True):
+        late = next(t for i, t in enumerate(quantizer.transforms) if t.ablation and i > 0)
+        return (
+            f"transforms: {late.transform} is an ablation: put it before the quantizer's "
+            "transforms (they then see the ablated model)"
+        )
     for step in [*quantizer.transforms, rounding]:
         if problem := step.problem_with(quantizer):
             return problem
+    if problem := keep_float_problem(quantizer):
+        return problem
     if scaling and not quantizer.quantizes_linears:
         return (
             f"transforms: {scaling[0]} scales channels for rounded weights and activations, and "
             "this quantizer rounds neither: add weights: / activations:, or drop it"
+        )
+    return None
+
+
+def keep_float_problem(quantizer: QuantizerConfig) -> str | None:
+    """Why `keep_float:` cannot go with the rest of the quantizer, or None."""
+    keep = quantizer.keep_float
+    if keep is None:
+        return None
+    if quantizer.rounding.library:
+        return f"keep_float: {quantizer.rounding.method} rounds in its own modules: remove it"
+    if keep.tokens and quantizer.activations is None and quantizer.kv is None:
+        return (
+            "keep_float: tokens keep float activations and KV, and this quantizer rounds "
+            "neither: add activations: / kv:, or keep only super_weights"
+        )
+    if keep.super_weights is not None and quantizer.weights is None:
+        return "keep_float.super_weights: this quantizer rounds no weights: add weights:"
+    if keep.super_weights is not None and "rotation" in [t.transform for t in quantizer.transforms]:
+        return (
+            "keep_float.super_weights: a rotation spreads every weight over whole rows and "
+            "columns, so there is no single weight to keep: drop the rotation or super_weights"
         )
     return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from qbench.checkpoints.gguf import dequantized_from, gguf_versions
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions, grid_caveat
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
@@ -16,6 +16,7 @@ from qbench.recipe import Recipe
 from qbench.recipe.schema import BootstrapSpec
 from qbench.record import FAILED, MISSING, REFUSED, ResultsTable
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
+from qbench.report.interventions import intervention_section, is_intervention
 from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -40,17 +41,22 @@ def write_leaderboard(
 
 
 def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
-    """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp.
+    """Markdown: one row per (checkpoint, quantizer), fp first, deltas against that fp; the
+    interventions (ablations) in a block of their own.
 
     A failed cell shows `failed` in place of its numbers and is listed with its error; a cell
     whose record has caveats (what its label alone would overstate) carries their numbers
     after its label, and the caveats follow the table."""
     columns = [spec.column for spec in recipe.eval.perplexity]
-    staged = any(q.has_transform for q in recipe.quantizers)
+    staged = any(q.has_transform and not q.ablation for q in recipe.quantizers)
     caveats: dict[str, int] = {}  # caveat text -> its number under the table
     rows = []
     for checkpoint in recipe.checkpoints:
-        group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
+        group = [
+            c
+            for c in table.cells
+            if c.checkpoint.name == checkpoint.name and not is_intervention(c)
+        ]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
             record = table.finished(cell)
@@ -98,6 +104,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *_column_notes(recipe),
             *_checkpoint_notes(recipe, table),
             "",
+            *intervention_section(recipe, table),
             *verdict_section(recipe, table),
             *_failure_section(table, source),
             *seed_section(recipe, table),
@@ -166,7 +173,8 @@ def _column_notes(recipe: Recipe) -> list[str]:
 
 
 def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
-    """What the float weights of GGUF checkpoints are: the file's dequantized tensors."""
+    """What the float weights of GGUF checkpoints are: the file's dequantized tensors, and
+    which weight-only cells measure the file's own block grid (grid_caveat)."""
     notes = []
     for checkpoint in recipe.checkpoints:
         cell = next((c for c in table.cells if c.checkpoint.name == checkpoint.name), None)
@@ -181,7 +189,8 @@ def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
         notes.append(
             f"- `{checkpoint.name}`: GGUF file `{file}` (sha256 {identity.gguf[:12]}…; tensors "
             f"{counts}): its {checkpoint.dtype} weights are {what}"
-            + (", not the weights the file was quantized from." if origin else ".")
+            + (", not the weights the file was quantized from" if origin else "")
+            + (f"; {caveat}." if (caveat := grid_caveat(types)) else ".")
         )
     return notes
 
@@ -190,7 +199,10 @@ _ROUNDED_NOTE = [
     "`rounded`: the share of the targeted linear-like weights (attention, MLP, state-space",
     "mixers, experts; lm_head, routers and Mamba convs when asked) the cell's model holds",
     "rounded (W) and with rounded inputs (A), counted from its modules; what stays in float",
-    "and why follows `float:`.",
+    "and why follows `float:`. A quantizer's `keep_float:` shows as `N super weights fp`",
+    "(weights held out of the rounding) and `fp tokens (A+KV): x%` (the share of the tokens of",
+    "the cell's evaluation whose activations and KV stayed in float; the precision says which",
+    "tokens, e.g. `W4A4 (first 1 token fp)`).",
 ]
 
 _STAGE_NOTE = [

@@ -63,3 +63,14 @@ def fake_quant(x: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
     out = ARITHMETIC[spec.format](rows.float(), spec)
     return out.reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_except(x: torch.Tensor, spec: TensorQuant, keep: torch.Tensor) -> torch.Tensor:
+    """`fake_quant(x, spec)` but for the rows `keep` marks, which stay as they are and enter no
+    scale: they are zeroed for the rounding (zeros move no absmax, and every grid holds 0), so
+    a per-sequence scale is that of the other rows.
+
+    x: [..., rows, features]; keep: bool, broadcastable to x.shape[:-1].
+    """
+    rows = keep.unsqueeze(-1)
+    return torch.where(rows, x, fake_quant(x.masked_fill(rows, 0), spec))

@@ -19,9 +19,10 @@ when asked, and each expert's slices of 3-D expert weights, whose Hessian is tak
 tokens routed to that expert (an expert no calibration token reached is rounded to nearest,
 and the cell's notes say how many); a state-space conv (`convs: true`) and a linear whose
 parent applies its weight itself (Mamba-1's dt_proj) are rounded to nearest (noted too).
-Targets outside the blocks (lm_head when asked) see a full forward pass of the rounded model.
-Block 0's Hessians come from the fp model alone, so (without rotation) the GPTQ cells of a
-checkpoint share them.
+Weights a quantizer keeps in float (`keep_float.super_weights`) are held out: 0 while their
+matrix is solved (no error of theirs feeds back), then put back. Targets outside the blocks
+(lm_head when asked) see a full forward pass of the rounded model. Block 0's Hessians come
+from the fp model alone, so (without rotation) the GPTQ cells of a checkpoint share them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from qbench.quant.formats.spec import WeightQuant
 from qbench.quant.walk.blockwise import forward_batches, observe
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, inventory
-from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.linear import hold_out, round_target
 from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.select import WEIGHT_ONLY, quantized_targets
 
@@ -117,17 +118,21 @@ def _round(
     unreached = []
     for name, target in targets.items():
         rounded = {}
+        kept = context.float_weights.get(name, [])
         for label, matrix in target.matrices():
             hessian = hessians.get((name, label))
             if hessian is None:  # an expert no token reached, or a weight applied as x @ W
                 unreached.append((name, label))
                 rounded[label] = fake_quant(matrix.detach(), weights)
                 continue
-            rounded[label] = gptq_round(
-                matrix.detach(), hessian, weights, step.damp, step.block_size,
-                step.act_order, step.static_groups,
-            )  # fmt: skip
-        round_target(context.model, target, weights, context.quantizer.activations, rounded)
+
+            def solve(w: torch.Tensor, h: torch.Tensor = hessian) -> torch.Tensor:
+                return gptq_round(
+                    w, h, weights, step.damp, step.block_size, step.act_order, step.static_groups
+                )
+
+            rounded[label] = hold_out(matrix, kept, solve) if kept else solve(matrix.detach())
+        round_target(context.model, target, weights, context.quantizer.activations, rounded, kept)
     return unreached
 
 

@@ -19,24 +19,36 @@ if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
 
 
-def round_to_nearest(model: nn.Module, quantizer: QuantizerConfig) -> None:
+def round_to_nearest(
+    model: nn.Module,
+    quantizer: QuantizerConfig,
+    float_weights: dict[str, list[tuple[int, int]]] | None = None,
+) -> None:
     """Round every target the quantizer selects to nearest, in place (as its `weights:` and
     `activations:` say), decoder block by decoder block, each onloaded meanwhile where the
-    model is offloaded (qbench.quant.walk.onload), then the targets outside the blocks."""
+    model is offloaded (qbench.quant.walk.onload), then the targets outside the blocks;
+    `float_weights`: (row, column) entries kept in float, by target."""
     found = inventory(model)
     targets = quantized_targets(found, quantizer)
     for i in range(len(found.blocks)):
         with onloaded(model, found.block_path(i)):
-            _round(model, {n: t for n, t in found.in_block(i).items() if n in targets}, quantizer)
+            block = {n: t for n, t in found.in_block(i).items() if n in targets}
+            _round(model, block, quantizer, float_weights)
     for name, target in found.outside_blocks(targets).items():
         with onloaded(model, name):
-            _round(model, {name: target}, quantizer)
+            _round(model, {name: target}, quantizer, float_weights)
 
 
-def _round(model: nn.Module, targets: dict[str, Target], quantizer: QuantizerConfig) -> None:
+def _round(
+    model: nn.Module,
+    targets: dict[str, Target],
+    quantizer: QuantizerConfig,
+    float_weights: dict[str, list[tuple[int, int]]] | None,
+) -> None:
     while targets:  # popped, so each float weight is freed as soon as it is replaced
-        _, target = targets.popitem()
-        round_target(model, target, quantizer.weights, quantizer.activations)
+        name, target = targets.popitem()
+        kept = (float_weights or {}).get(name, [])
+        round_target(model, target, quantizer.weights, quantizer.activations, kept=kept)
 
 
 def round_embeddings(model: nn.Module, weights: WeightQuant) -> None:

@@ -1,6 +1,7 @@
 """Every step a quantizer can be made of, registered as its module is imported (see base)."""
 
 from qbench.quant.steps import (  # noqa: F401  (each registers its steps)
+    ablations,
     awq,
     bitsandbytes,
     gptq,

@@ -1,8 +1,9 @@
 """The steps a quantizer is made of: float transforms, then one rounding step.
 
 A quantizer (qbench.quant.quantizer.QuantizerConfig) is an ordered list of transforms
-(`Transform`: smoothquant, awq, rotation) followed by one rounding step (`Rounding`: rtn,
-gptq, bitsandbytes, quanto), then optionally the KV cache, in the spirit of llm-compressor's
+(`Transform`: smoothquant, awq, rotation; the papers' ablations) followed by one rounding step
+(`Rounding`: rtn, gptq, bitsandbytes, quanto; none), then optionally the KV cache and what
+stays in float (`keep_float:`, qbench.quant.steps.sinks), in the spirit of llm-compressor's
 recipes (an ordered list of typed modifiers, validated as a whole). Each step is a strict
 config, data only and free of torch (recipes validate without it), that registers itself
 under its name where it is defined (`register_transform` / `register_rounding`, with the
@@ -29,9 +30,14 @@ if TYPE_CHECKING:
 
 
 class Transform(StrictModel):
-    """A change of the float model before rounding (a quantizer's "transformed" stage)."""
+    """A change of the float model before rounding (a quantizer's "transformed" stage).
+
+    `ablation`: an intervention that changes the float model on purpose (qbench.quant.steps.
+    ablations), reported apart from the quantizers.
+    """
 
     transform: str
+    ablation: ClassVar[bool] = False
 
     def apply(self, context: StepContext) -> None:
         """Change `context.model` in place (after the transforms `context.before`)."""
@@ -50,6 +56,14 @@ class Transform(StrictModel):
         fp cell); a transform that clips weights (AWQ's clip search) is not."""
         return True
 
+    def refusal(self, found: Inventory) -> str | None:
+        """Why the step cannot run on a model with inventory `found` (None: it can)."""
+        return None
+
+    def label(self) -> str:
+        """What it does, for the leaderboard (its name unless it says more)."""
+        return self.transform
+
 
 class Rounding(StrictModel):
     """The rounding step: what turns the (transformed) float targets into quantized ones.
@@ -57,12 +71,13 @@ class Rounding(StrictModel):
     `library`: the step hands the targets to a quantization library's modules and takes that
     library's own fields instead of the quantizer's `weights:` / `activations:`.
     `diagnosable`: outlier diagnostics can read the rounded model (not where a library keeps its
-    weights packed in its own storage).
+    weights packed in its own storage). `float_only`: it rounds nothing (`rounding: none`).
     """
 
     method: str
     library: ClassVar[bool] = False
     diagnosable: ClassVar[bool] = True
+    float_only: ClassVar[bool] = False
 
     def round(self, context: StepContext) -> None:
         """Round the quantizer's targets of `context.model` in place."""
@@ -110,14 +125,17 @@ SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {}
 T = TypeVar("T", bound=type)
 
 
-def register_transform(name: str, shorthand: bool = True) -> Callable[[T], T]:
+def register_transform(
+    name: str, shorthand: bool = True, rounding: str = "rtn"
+) -> Callable[[T], T]:
     """Class decorator: register a Transform under `name` (its `transform:` literal); with
-    `shorthand`, `method: <name>` in a recipe stands for this transform, then rtn."""
+    `shorthand`, `method: <name>` in a recipe stands for this transform, then `rounding` (rtn;
+    an ablation's is none)."""
 
     def add(step: T) -> T:
         TRANSFORMS.register(name)(step)
         if shorthand:
-            SHORTHANDS[name] = ((name,), "rtn")
+            SHORTHANDS[name] = ((name,), rounding)
         return step
 
     return add

@@ -20,4 +20,4 @@ class RTN(Rounding):
     def round(self, context: StepContext) -> None:
         from qbench.quant.methods.rtn import round_to_nearest
 
-        round_to_nearest(context.model, context.quantizer)
+        round_to_nearest(context.model, context.quantizer, context.float_weights)

@@ -2,10 +2,13 @@
 
 `coverage` walks the inventory taken before the quantizer ran (so a target's path names it
 even after a transform wrapped it) and asks each module what it holds
-(`qbench.quant.linear.rounding`). It counts weight elements per kind: rounded weights, weights
-whose inputs are fake-quantized, and the total, and says why each kind it did not target stays
-in float. `check_complete` turns a targeted weight left in float into an error, so no record
-claims a precision its model does not have.
+(`qbench.quant.linear.rounding`, `float_weights`). It counts weight elements per kind: rounded
+weights, weights whose inputs are fake-quantized, and the total, and says why each kind it did
+not target stays in float. `check_complete` turns a targeted weight left in float into an
+error, so no record claims a precision its model does not have. What a quantizer keeps in
+float on purpose is counted apart: super weights (`float_weights`, per kind), and the tokens
+whose activations and KV stay in float, measured while the model is evaluated (the model's
+live counters: qbench.quant.walk.meters).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from qbench.errors import QBenchError
-from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.linear import float_weights, rounding
 from qbench.quant.walk.select import WEIGHT_ONLY, selected
 
 LEFT_IN_FLOAT = {
@@ -40,14 +43,18 @@ def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) 
     targeted = config.targeted_kinds()
     counts: dict[str, dict[str, list[int]]] = {}
     ignored: dict[str, int] = {}  # kind -> weight elements the patterns leave in float
+    kept: dict[str, int] = {}  # kind -> weight elements kept in float on purpose
     left_out = 0  # modules the patterns leave in float
     for name, (kind, numel) in before.items():
-        held = rounding(model.get_submodule(name))
+        module = model.get_submodule(name)
+        held, floats = rounding(module), float_weights(module)
         roles = ("weights",) if kind in WEIGHT_ONLY else ("weights", "activations")
         entry = counts.setdefault(kind, {role: [0, 0] for role in roles})
         for role, label in zip(roles, held or (None, None), strict=False):
-            entry[role][0] += numel if label else 0
+            entry[role][0] += (numel - (floats if role == "weights" else 0)) if label else 0
             entry[role][1] += numel
+        if floats:
+            kept[kind] = kept.get(kind, 0) + floats
         if kind in targeted and not selected(name, config.targets, config.ignore):
             ignored[kind] = ignored.get(kind, 0) + numel
             left_out += 1
@@ -62,6 +69,8 @@ def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) 
     report = {"kinds": counts, "float": floats, "targeted": sorted(targeted & present)}
     if ignored:
         report["ignored"] = {"patterns": config.patterns_label(), "modules": left_out, **ignored}
+    if kept:
+        report["float_weights"] = kept
     return report
 
 
@@ -74,11 +83,12 @@ def check_complete(report: dict[str, Any], config: Any, checkpoint: str) -> None
     ]
     kinds = [*report["targeted"], *(["embeddings"] if config.embeddings else [])]
     left_out = report.get("ignored", {})
+    kept = report.get("float_weights", {})
     gaps = []
     for kind in kinds:
         for role, asked in wanted:
             rounded, total = report["kinds"][kind].get(role, [0, 0])
-            total -= left_out.get(kind, 0)
+            total -= left_out.get(kind, 0) + (kept.get(kind, 0) if role == "weights" else 0)
             if asked and total and rounded < total:
                 gaps.append(f"{kind} {role} {100 * rounded / total:.0f}% of {total:,}")
     if gaps:
@@ -104,6 +114,13 @@ def coverage_label(report: dict[str, Any] | None) -> str:
     if ignored := report.get("ignored"):
         weights = sum(v for k, v in ignored.items() if k not in ("patterns", "modules"))
         text += f"; left out by {ignored['patterns']}: {ignored['modules']} ({_count(weights)})"
+    if kept := sum(report.get("float_weights", {}).values()):
+        text += f"; {kept} super weight{'s' if kept > 1 else ''} fp"
+    if tokens := report.get("float_tokens"):
+        kept_tokens, total = tokens["tokens"]
+        share = f"{100 * kept_tokens / total:.2f}%" if total else "no tokens yet"
+        roles = "+".join({"activations": "A", "kv": "KV"}[r] for r in tokens["roles"])
+        text += f"; fp tokens ({roles}): {share}"
     return text + (f"; float: {', '.join(sorted(report['float']))}" if report["float"] else "")
 
 

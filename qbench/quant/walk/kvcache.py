@@ -4,8 +4,11 @@
 which comes before RoPE), shaped [batch, heads, tokens, head_dim], before GQA repeats the KV
 heads: it rotates q and k by a per-head Hadamard H when rotation asks for it (QK^T is
 unchanged), then fake-quantizes k and v as the recipe's `kv:` says, dynamically per token,
-as a KV cache would store them. Rounding is per token, so rounding the whole cache again at
-every generation step equals rounding each token once.
+as a KV cache would store them, but for the tokens `keep_float:` keeps in float
+(qbench.quant.walk.tokens). Rounding is per token, so rounding the whole cache again at
+every generation step equals rounding each token once. Where an ablation removes the
+attention sink (`drop_first_key`), the attention mask of transformers' attention functions
+hides the first key from every later query (`KVTransform.mask`).
 
 How it reaches attention, found by one probe forward pass (`kv_sites`), whatever the model:
 - transformers models whose attention calls the function registered in transformers'
@@ -47,10 +50,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qbench.errors import QBenchError, RefusedError
-from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.fake import fake_quant, fake_quant_except
 from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.formats.spec import KVQuant
 from qbench.quant.walk.inventory import inventory
+from qbench.quant.walk.tokens import TokenExemption
 
 KV_ATTENTION_PREFIX = "qbench_kv_"
 _ATTENTION_CLASS = re.compile(r"Attention", re.IGNORECASE)
@@ -60,12 +64,16 @@ _SEEN: contextvars.ContextVar[dict[int, tuple[nn.Module, int]] | None] = context
 
 
 class KVTransform(nn.Module):
-    """q, k, v after RoPE -> (q H, k H, v) rounded as `quant` says (each step optional)."""
+    """q, k, v after RoPE -> (q H, k H, v) rounded as `quant` says (each step optional), the
+    tokens `float_tokens` keeps in float left as they are; `drop_first_key`: `mask` hides the
+    first key from the queries after it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.qk_rotation: HadamardTransform | None = None
         self.quant: KVQuant | None = None
+        self.float_tokens: TokenExemption | None = None
+        self.drop_first_key = False
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -76,11 +84,41 @@ class KVTransform(nn.Module):
         """(q H, k H rounded): [..., tokens, head_dim] each."""
         if self.qk_rotation is not None:
             query, key = self.qk_rotation(query), self.qk_rotation(key)
-        return query, fake_quant(key, self.quant) if self.quant is not None else key
+        return query, self._round(key)
 
     def values(self, value: torch.Tensor) -> torch.Tensor:
         """v rounded: [..., tokens, head_dim]."""
-        return fake_quant(value, self.quant) if self.quant is not None else value
+        return self._round(value)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys or values [batch, heads, tokens, head_dim] rounded, the float tokens' rows
+        (keep_float) left as they are."""
+        if self.quant is None:
+            return x
+        if self.float_tokens is None:
+            return fake_quant(x, self.quant)
+        return fake_quant_except(x, self.quant, self.float_tokens.key_rows(x))  # [b, 1, t]
+
+    def mask(
+        self, attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The attention mask, with the first key hidden from every query after it where
+        `drop_first_key` (bool masks: False; additive float masks: the dtype's minimum; None, a
+        causal mask left to the kernel: an explicit causal bool mask). Softmax over the keys
+        left renormalises each row. Queries sit at the last positions of the keys."""
+        if not self.drop_first_key:
+            return attention_mask
+        queries, keys = query.shape[-2], key.shape[-2]
+        position = torch.arange(keys - queries, keys, device=query.device)  # [q]
+        width = keys if attention_mask is None else attention_mask.shape[-1]
+        hide = torch.zeros(queries, width, dtype=torch.bool, device=query.device)
+        hide[:, 0] = position > 0  # [q, k]: key 0, for the queries past position 0
+        if attention_mask is None:
+            causal = torch.arange(keys, device=query.device) <= position[:, None]  # [q, k]
+            return (causal & ~hide)[None, None]
+        if attention_mask.dtype == torch.bool:
+            return attention_mask & ~hide
+        return attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
 
     def extra_repr(self) -> str:
         return f"kv={self.quant.label() if self.quant else 'fp'}"
@@ -294,6 +332,9 @@ def _kv_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     query, key, value = _apply(module, query, key, value)
+    transform = getattr(module, "kv_transform", None)
+    if transform is not None:
+        attention_mask = transform.mask(attention_mask, query, key)
     if base == "eager":  # no registered function: each modeling file defines its own
         attend = sys.modules[type(module).__module__].eager_attention_forward
     else:

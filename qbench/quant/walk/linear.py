@@ -1,23 +1,33 @@
 """Rounding a target of any layout: QuantLinear, experts slices in place, routers in place.
 
 Every rounded module says what it got through `rounding(module)`: (weights label, activations
-label), None for what stays in float, or None altogether for a module qbench did not round.
-The coverage count of a cell (qbench.quant.coverage) reads it, so a label can only claim what
-the modules say they hold.
+label), None for what stays in float, or None altogether for a module qbench did not round;
+and through `float_weights(module)` how many of its weight elements a quantizer kept in float
+(super weights: `keep_float.super_weights`). The coverage count of a cell
+(qbench.quant.coverage) reads both, so a label can only claim what the modules say they hold.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from qbench.quant.formats import fused
-from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.fake import fake_quant, fake_quant_except
 from qbench.quant.formats.spec import ActivationQuant, WeightQuant
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, Target, replace_module
 from qbench.quant.walk.select import WEIGHT_ONLY
+
+if TYPE_CHECKING:
+    from qbench.quant.walk.tokens import TokenExemption
+
+FLOAT_WEIGHTS_ATTRIBUTE = "qbench_float_weights"  # [(row, column)] a rounded module keeps float
+Coordinates = list[tuple[int, int]]  # (row, column) entries of a weight matrix
 
 
 class QuantLinear(nn.Module):
@@ -25,7 +35,8 @@ class QuantLinear(nn.Module):
     Parameter), and its input at every call.
 
     The input's fake-quant and the matmul run compiled (qbench.quant.fused) on CUDA, or
-    everywhere with QBENCH_FAST_QUANT=1; eagerly (the reference) otherwise.
+    everywhere with QBENCH_FAST_QUANT=1; eagerly (the reference) otherwise, and wherever
+    `float_tokens` (qbench.quant.walk.tokens) keeps some tokens' inputs in float.
     """
 
     def __init__(
@@ -47,10 +58,14 @@ class QuantLinear(nn.Module):
                 self.weight.copy_(fake_quant(self.weight, weights))
         self.bias = linear.bias
         self.weights, self.activations = weights, activations
+        self.float_tokens: TokenExemption | None = None
         fused.fast_quant_mode()  # a bad QBENCH_FAST_QUANT fails here, before any forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.float_tokens is not None:
+            x = fake_quant_except(x, self.activations, self.float_tokens.rows(x))
             return F.linear(x, self.weight, self.bias)
         if fused.use_fast_path(x):
             return fused.quantized_linear(x, self.weight, self.bias, self.activations)
@@ -72,10 +87,40 @@ def rounding(module: nn.Module) -> tuple[str | None, str | None] | None:
     A module wrapped for an online transform (rotation's HadamardInput) answers for the linear
     inside it.
     """
+    return getattr(_answering(module), ROUNDING_ATTRIBUTE, None)
+
+
+def float_weights(module: nn.Module) -> int:
+    """How many weight elements of a rounded target a quantizer kept in float (0 if none)."""
+    return len(getattr(_answering(module), FLOAT_WEIGHTS_ATTRIBUTE, ()))
+
+
+def rounded_linear(module: nn.Module) -> QuantLinear | None:
+    """The QuantLinear a target module is (or wraps for an online transform), else None."""
+    module = _answering(module)
+    return module if isinstance(module, QuantLinear) else None
+
+
+def _answering(module: nn.Module) -> nn.Module:
+    """The module that says what a target holds: the linear inside an online wrapper."""
     inner = getattr(module, "linear", None)
     if isinstance(inner, nn.Module) and not hasattr(module, ROUNDING_ATTRIBUTE):
-        module = inner
-    return getattr(module, ROUNDING_ATTRIBUTE, None)
+        return inner
+    return module
+
+
+def hold_out(
+    weight: torch.Tensor, kept: Coordinates, round_: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """round_(weight with the `kept` entries set to 0), those entries then put back as they
+    were: they set no scale and, for GPTQ, feed no error back (0 is on every grid)."""
+    rows, columns = (torch.tensor(index, device=weight.device) for index in zip(*kept, strict=True))
+    held = weight.detach().clone()
+    values = held[rows, columns].clone()
+    held[rows, columns] = 0
+    rounded = round_(held)
+    rounded[rows, columns] = values.to(rounded.dtype)
+    return rounded
 
 
 def round_target(
@@ -84,6 +129,7 @@ def round_target(
     weights: WeightQuant | None,
     activations: ActivationQuant | None,
     rounded: dict[str, torch.Tensor] | None = None,
+    kept: Coordinates = (),
 ) -> None:
     """Round one target in place as the specs say.
 
@@ -92,11 +138,18 @@ def round_target(
     its own forward (Llama 4's router returns scores and logits) keep their module, their
     weights rounded in place and their inputs fake-quantized per token before each product; a
     state-space conv (kind conv) gets its weights rounded only (`select.WEIGHT_ONLY`).
+    `kept`: (row, column) entries of a linear's weight kept in float (`hold_out`; a `rounded`
+    weight holds them already).
     """
     module = target.module
     if target.replaceable:
         weight = rounded.get("weight") if rounded else None
-        replace_module(model, target.name, QuantLinear(module, weights, activations, weight))
+        if kept and weight is None and weights is not None:
+            weight = hold_out(module.weight, kept, lambda w: fake_quant(w, weights))
+        linear = QuantLinear(module, weights, activations, weight)
+        if kept:
+            setattr(linear, FLOAT_WEIGHTS_ATTRIBUTE, list(kept))
+        replace_module(model, target.name, linear)
         return
     if target.kind in WEIGHT_ONLY:
         activations = None
