@@ -1,4 +1,5 @@
-"""Recipe -> cells: every checkpoint x (fp + each quantizer), each with a result key.
+"""Recipe -> cells: every checkpoint x (fp + each quantizer and its breakdown's parts), each
+with a result key.
 
 Planning reads only configs and text, never weights, so that every cross-field error
 (a group size that does not divide a layer, a window longer than the model's context,
@@ -125,7 +126,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         found = inventory(skeleton)
         offloaded = offload_refusal(checkpoint.device_map)
         fp_key = None
-        for index, quantizer in enumerate([None, *recipe.quantizers]):
+        for index, quantizer in [(None, None), *recipe.cell_quantizers()]:
             determinants = {
                 "checkpoint": identity.model_dump(),
                 "dtype": checkpoint.dtype,
@@ -144,10 +145,10 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             key = hashlib.sha256(blob).hexdigest()
             fp_key = fp_key or key
             refusal = quantizer and (
-                _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
+                _offload_refusal(quantizer, index, i, checkpoint, offloaded)
                 or refusal_of(
                     quantizer,
-                    f"quantizers[{index - 1}] '{quantizer.name}'",
+                    f"quantizers[{index}] '{quantizer.name}'",
                     checkpoint.name,
                     config,
                     found,

@@ -169,7 +169,7 @@ def read_plan(results_root: Path, recipe: Recipe) -> list[Cell] | None:
     if planned.recipe != recipe.name or planned.recipe_digest != recipe_digest(recipe):
         return None
     checkpoints = {c.name: c for c in recipe.checkpoints}
-    quantizers = {q.name: q for q in recipe.quantizers}
+    quantizers = {q.name: q for _, q in recipe.cell_quantizers()}
     cells = [
         Cell(
             recipe.name,
@@ -181,7 +181,8 @@ def read_plan(results_root: Path, recipe: Recipe) -> list[Cell] | None:
         for c in planned.cells
         if c.checkpoint in checkpoints and (c.quantizer == "fp" or c.quantizer in quantizers)
     ]
-    return cells if len(cells) == len(recipe.checkpoints) * (1 + len(recipe.quantizers)) else None
+    expected = len(recipe.checkpoints) * (1 + len(quantizers))
+    return cells if len(cells) == expected else None
 
 
 def _planned_dtype(checkpoint: CheckpointSpec, dtype: str | None) -> CheckpointSpec:

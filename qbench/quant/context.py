@@ -6,7 +6,8 @@ to the rounding step, in order, each time with `before` set to the transforms al
 context alone: no global RNG (random draws come from `generator`, seeded by `seed`;
 calibration windows are a function of the seed and the text), no global state (statistics the
 cells of one checkpoint share live in `shared`, the runner's store for that checkpoint;
-what a step did beyond its label goes to `notes`, which the cell's record keeps).
+what a step did beyond its label goes to `notes`, which the cell's record keeps; what a step
+learned is kept in `artifacts`, beside the cell's records, for a rerun to load).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qbench.errors import QBenchError
 from qbench.quant.steps.base import transforms_key
 
 if TYPE_CHECKING:
+    from qbench.quant.artifacts import Artifacts
     from qbench.quant.quantizer import QuantizerConfig
     from qbench.quant.steps.base import Transform
 
@@ -40,7 +42,9 @@ class StepContext:
     (its formats, which targets it rounds); tokenizer: the checkpoint's (None where no step
     calibrates); seed: the cell's seed; before: the transforms applied so far; shared: a store
     the cells of one checkpoint share (see `statistic`); notes: the cell's notes (`note`);
-    generator: random draws of the steps (seeded with `seed` once per quantizer run).
+    generator: random draws of the steps (seeded with `seed` once per quantizer run);
+    artifacts: where learned tensors are kept (qbench.quant.artifacts; None: nowhere, a step
+    learns them again each time); progress: whether long steps show a progress bar.
     """
 
     model: nn.Module
@@ -51,6 +55,8 @@ class StepContext:
     shared: dict[Hashable, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
+    artifacts: Artifacts | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.generator is None:

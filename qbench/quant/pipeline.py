@@ -30,6 +30,7 @@ from qbench.quant.walk.kvcache import quantize_kv_cache
 from qbench.quant.walk.linear import rounding
 
 if TYPE_CHECKING:
+    from qbench.quant.artifacts import Artifacts
     from qbench.quant.quantizer import QuantizerConfig
 
 
@@ -41,6 +42,8 @@ def run(
     shared: dict[Hashable, Any] | None = None,
     notes: list[str] | None = None,
     on_transformed: Callable[[nn.Module], None] | None = None,
+    artifacts: Artifacts | None = None,
+    progress: bool = False,
 ) -> dict:
     """Quantize `model` in place as `quantizer` says (see the module docstring and
     `QuantizerConfig.apply`); the coverage report."""
@@ -53,6 +56,8 @@ def run(
         seed,
         shared={} if shared is None else shared,
         notes=[] if notes is None else notes,
+        artifacts=artifacts,
+        progress=progress,
     )
     before = found.sizes()
     context = transform(context)

@@ -14,7 +14,9 @@ from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.bootstrap import BootstrapSpec
+from qbench.report.breakdown import breakdown_section, part_names
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
+from qbench.report.learned import learned_section
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -44,9 +46,14 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     A failed cell shows `failed` in place of its numbers and is listed with its error."""
     columns = [spec.column for spec in recipe.eval.perplexity]
     staged = any(q.has_transform for q in recipe.quantizers)
+    parts = part_names(recipe)  # the breakdown's cells have their own section
     rows = []
     for checkpoint in recipe.checkpoints:
-        group = [c for c in table.cells if c.checkpoint.name == checkpoint.name]
+        group = [
+            c
+            for c in table.cells
+            if c.checkpoint.name == checkpoint.name and c.quantizer_name not in parts
+        ]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
             record = table.finished(cell)
@@ -88,6 +95,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
             *_column_notes(recipe),
             "",
+            *breakdown_section(recipe, table),
+            *learned_section(table),
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),

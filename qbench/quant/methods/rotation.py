@@ -36,6 +36,7 @@ and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,10 +47,10 @@ from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, rel
 from qbench.quant.methods.rtn import untie_word_embeddings
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, replace_module, set_weight
-from qbench.quant.walk.kvcache import kv_sites
+from qbench.quant.walk.kvcache import KVSite, kv_sites
 from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
 
-Hadamard = Callable[[int], HadamardTransform]  # width -> an online (fixed-sign) Hadamard
+Hadamard = Callable[..., HadamardTransform]  # (width, random_signs=False) -> a Hadamard
 
 
 class HadamardInput(nn.Module):
@@ -107,6 +108,22 @@ def rotate(
     QBenchError where the structure cannot be rotated losslessly, or where the rotated model's
     logits differ from the original's beyond LOSSLESS_TOLERANCE (relative L2).
     """
+    hadamard = hadamard_maker(generator, note)
+    prepared = prepare(model)
+    stream = hadamard(prepared.hidden, random_signs=True).to(prepared.device)
+    online = online_rotations(prepared.structure, hadamard)
+    rotate_stream(model, prepared.structure, stream)
+    fold_online(model, online)
+    if rotate_qk:
+        rotate_queries_and_keys(model, hadamard)
+    check_lossless(model, prepared, "rotation")
+
+
+def hadamard_maker(
+    generator: torch.Generator | None, note: Callable[[str], None] | None
+) -> Hadamard:
+    """width -> a HadamardTransform drawn from `generator` (random signs on request), each
+    construction told to `note`."""
 
     def hadamard(n: int, random_signs: bool = False) -> HadamardTransform:
         transform = HadamardTransform(n, random_signs, generator)
@@ -114,6 +131,33 @@ def rotate(
             note(f"rotation: width {n} rotated by {transform.factorization}")
         return transform
 
+    return hadamard
+
+
+@dataclass
+class Prepared:
+    """A model made ready for a rotation of its residual stream (`prepare`): its structure,
+    the probe tokens and the logits before any change (float64), to check the result."""
+
+    structure: Structure
+    ids: torch.Tensor
+    before: torch.Tensor
+
+    @property
+    def hidden(self) -> int:
+        """The residual stream's width."""
+        return self.structure.embeddings[0][1].weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.structure.embeddings[0][1].weight.device
+
+
+@torch.no_grad()
+def prepare(model: nn.Module) -> Prepared:
+    """Steps 1 and 2 of the module docstring, in place: lm_head untied, the stream made
+    mean-free where LayerNorms center it, every residual norm's scale and bias folded into its
+    readers. The model's function is unchanged. QBenchError where it cannot be rotated."""
     ids = probe_ids(model)
     before = model(input_ids=ids).logits.double()
     structure = trace_structure(model, ids)
@@ -123,9 +167,14 @@ def rotate(
         _center_stream(structure)
     for group in structure.residual_norms:
         _fold_norm(model, group)
-    hidden = structure.embeddings[0][1].weight.shape[1]
-    device = structure.embeddings[0][1].weight.device
-    stream = hadamard(hidden, random_signs=True).to(device)
+    return Prepared(structure, ids, before)
+
+
+@torch.no_grad()
+def rotate_stream(model: nn.Module, structure: Structure, stream: nn.Module) -> None:
+    """Step 3 of the module docstring: the residual stream rotated by the orthogonal `stream`
+    (x -> x Q along the last dimension, with `inverse`: a HadamardTransform, QuaRot's, or a
+    DenseRotation, SpinQuant's learned R1), folded into the weights around it."""
     for _, table in structure.embeddings:
         set_weight(table.weight, stream(table.weight.double()))  # E Q
     for group in structure.residual_norms:
@@ -142,11 +191,53 @@ def rotate(
             _rotate_output(target, stream)
         for name, norm in block.writer_norms:
             replace_module(model, name, RotatedOutput(norm, stream))
+
+
+def online_rotations(structure: Structure, hadamard: Hadamard) -> list[OnlineRotation]:
+    """The online Hadamard of every target writing the stream or a post-norm (step 4), in
+    block order, each of its input width (on the target's device)."""
+    found = []
+    for block in structure.blocks:
         for target in [*block.writers, *block.post_normed]:
-            _online_hadamard(model, target, hadamard)
-    if rotate_qk:
-        _rotate_queries_and_keys(model, hadamard)
-    _check_lossless(model, ids, before)
+            matrix = target.output_matrices()[0][1]
+            found.append(OnlineRotation(target, hadamard(matrix.shape[1]).to(matrix.device)))
+    return found
+
+
+@torch.no_grad()
+def fold_online(model: nn.Module, online: list[OnlineRotation]) -> None:
+    """Step 4: x -> x H before each target's output matrices (online), W <- W H."""
+    for rotation in online:
+        _online_hadamard(model, rotation.target, rotation.hadamard)
+
+
+class DenseRotation(nn.Module):
+    """x -> x @ M along the last dimension, M a dense orthogonal n x n matrix kept in float64
+    (a learned rotation: SpinQuant's R1); `inverse(x)` = x @ M^T, `matrix()` = M."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", matrix.detach().double(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.to(x)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T.to(x)
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return f"dense {self.weight.shape[0]} x {self.weight.shape[1]}"
+
+
+@dataclass(frozen=True)
+class OnlineRotation:
+    """QuaRot's online Hadamard before a target writing the stream (o_proj, down_proj)."""
+
+    target: Target
+    hadamard: HadamardTransform
 
 
 def _check_rotatable(model: nn.Module, structure: Structure) -> None:
@@ -248,13 +339,9 @@ def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
         set_weight(bias, rotation(bias.double()))
 
 
-def _online_hadamard(model: nn.Module, target: Target, hadamard: Hadamard) -> None:
+def _online_hadamard(model: nn.Module, target: Target, online: HadamardTransform) -> None:
     """x -> x H before the target's output matrices, W <- W H (H orthogonal, H^-1 = H^T)."""
-    matrices = target.output_matrices()
-    width = matrices[0][1].shape[1]
-    device = matrices[0][1].device
-    online = hadamard(width).to(device)
-    for _, matrix in matrices:
+    for _, matrix in target.output_matrices():
         set_weight(matrix, online(matrix.double()))  # W H
     if target.experts is None:
         replace_module(model, target.name, HadamardInput(target.module, online))
@@ -263,23 +350,37 @@ def _online_hadamard(model: nn.Module, target: Target, hadamard: Hadamard) -> No
         set_input_step(target.module, parameter, "rotate", lambda x, _e, t=online: t(x))
 
 
-def _rotate_queries_and_keys(model: nn.Module, hadamard: Hadamard) -> None:
-    for site in kv_sites(model):
-        rotation = hadamard(site.head_dim).to(site.device)
+def rotate_queries_and_keys(model: nn.Module, hadamard: Hadamard) -> None:
+    """Step 5: queries and keys rotated per head after RoPE, online (QK^T unchanged)."""
+    install_qk(qk_rotations(model, hadamard))
+
+
+def qk_rotations(model: nn.Module, hadamard: Hadamard) -> list[tuple[KVSite, HadamardTransform]]:
+    """Every attention's KV step (installed where missing) with its per-head Hadamard."""
+    return [(site, hadamard(site.head_dim).to(site.device)) for site in kv_sites(model)]
+
+
+@torch.no_grad()
+def install_qk(rotations: list[tuple[KVSite, HadamardTransform]]) -> None:
+    """Each KV step rotates queries and keys by its Hadamard; a learned key slot alike."""
+    for site, rotation in rotations:
         site.transform.qk_rotation = rotation
         key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
             set_weight(key_slot, rotation(key_slot.double()))
 
 
-def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:
-    after = model(input_ids=ids).logits.double()
-    error = relative_error(after, before)
+@torch.no_grad()
+def check_lossless(model: nn.Module, prepared: Prepared, method: str) -> None:
+    """QBenchError when the logits of the probe tokens moved from `prepared.before` beyond
+    LOSSLESS_TOLERANCE (relative L2) for the model's dtype; `method` names the change."""
+    after = model(input_ids=prepared.ids).logits.double()
+    error = relative_error(after, prepared.before)
     dtype = next(model.parameters()).dtype
     tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
     if not error <= tolerance:
         raise QBenchError(
-            f"rotation changed the logits of {model.config.model_type} by {error:.2e} "
+            f"{method} changed the logits of {model.config.model_type} by {error:.2e} "
             f"(relative L2; allowed {tolerance:g} in {dtype}): qbench's structure trace "
             "misread this model; use smoothquant, gptq or rtn for it"
         )
