@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(command=_train)
 
     probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
-    probe.add_argument("--path", help="a Hugging Face model directory")
+    probe.add_argument("--path", help="a Hugging Face model directory, or a .gguf file")
     probe.add_argument("--recipe", type=Path, help="a recipe, with --checkpoint NAME")
     probe.add_argument("--checkpoint", help="a checkpoint of --recipe (seeded: name@seed)")
     probe.add_argument(
@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--split", help="its split (default: the recipe's, or test)")
     probe.add_argument("--samples", type=int, help="windows of the text to probe")
     probe.add_argument("--seq-len", type=int, help="tokens per window")
+    probe.add_argument(
+        "--windows",
+        choices=["stream", "document"],
+        help="windows cut from the text's stream, or each from a document's start (BOS first)",
+    )
     probe.add_argument("--out", type=Path, help="JSON file (default: under --results)")
     probe.add_argument("--results", type=Path, default=Path("results"))
     probe.set_defaults(command=_probe)
@@ -164,6 +169,7 @@ def _probe(args: argparse.Namespace) -> int:
         args.seq_len,
         args.out,
         args.results,
+        args.windows,
     )
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from qbench.checkpoints.dispatch import check_module_map, offload_refusal
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions
 from qbench.checkpoints.load import (
     CheckpointIdentity,
     checkpoint_config,
@@ -69,8 +70,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized'."""
-        return self.quantizer.label() if self.quantizer else "unquantized"
+        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized' (a
+        GGUF checkpoint's: '... (dequantized from Q4_1 / Q8_0)')."""
+        if self.quantizer:
+            return self.quantizer.label()
+        origin = dequantized_from(self.identity.gguf_types)
+        return f"unquantized (dequantized from {origin})" if origin else "unquantized"
 
     @property
     def load_key(self) -> str:
@@ -133,14 +138,16 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
                 "quantizer": _quantizer_identity(quantizer) if quantizer else None,
                 "eval": eval_identity,
                 "seed": recipe.seed,
-                "versions": versions | (quantizer.versions() if quantizer else {}),
+                "versions": versions
+                | (gguf_versions() if checkpoint.is_gguf else {})
+                | (quantizer.versions() if quantizer else {}),
             }
             if checkpoint.device_map is not None:  # undispatched checkpoints keep their keys
                 determinants["device_map"] = checkpoint.device_map
             if tasks:  # recipes without tasks keep their keys
                 determinants["tasks"] = tasks
             if recipe.eval.diagnostics is not None:
-                determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
+                determinants["diagnostics"] = recipe.eval.diagnostics.identity()
             blob = json.dumps(determinants, sort_keys=True).encode()
             key = hashlib.sha256(blob).hexdigest()
             fp_key = fp_key or key

@@ -72,7 +72,7 @@ def probe(
     """Load `checkpoint`, diagnose it on the start of `text`, write the JSON to `out`."""
     checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
-    ids = probe_ids(tokenizer, text.text(), spec)
+    ids = probe_ids(tokenizer, text, spec)
     diagnostics = diagnose(model, ids, layer_sqnr(model, ids, quantizer) if quantizer else None)
     write_json_atomic(
         out,
@@ -88,26 +88,35 @@ def probe(
 
 
 def report(diagnostics: Diagnostics) -> str:
-    """A per-layer table, the super-weight candidates and the summary, as text."""
-    layers = diagnostics.details["layers"]
-    rows = [_layer_row(layer, diagnostics.details["linears"]) for layer in layers]
-    headers = ["layer", "max |h|", "median", "ratio", "top (pos, dim)", "first-token"]
-    headers += ["bias slot", "max kurtosis in", "min SQNR dB"]
-    candidates = [
-        f"  ({s['layer']}, {s['row']}, {s['column']}): |input| {s['input']:.3g} at position "
-        f"{s['position']}, |output| {s['output']:.3g}"
-        for s in diagnostics.details["super_weights"][:3]
+    """A per-layer table, the largest activations, the super-weight candidates and the
+    summary, as text."""
+    details, summary = diagnostics.details, diagnostics.summary
+    rows = [_layer_row(layer, details["linears"]) for layer in details["layers"]]
+    headers = ["layer", "max |h|", "median", "ratio", "top (pos, ch)", "first-token"]
+    headers += ["heads > 0.5", "bias slot", "max kurtosis in", "min SQNR dB"]
+    largest = [
+        f"  {_number(a['value'])} at layer {a['layer']}, position {a['position']}, "
+        f"channel {a['channel']}"
+        for a in details["largest_activations"]
     ]
-    summary = [f"  {k}: {_number(v)}" for k, v in diagnostics.summary.items()]
+    candidates = [
+        f"  ({s['layer']}, {s['row']}, {s['column']}) {s['module']}: W = {_number(s['weight'])}, "
+        f"|input| {_number(s['input'])} at position {s['position']}, |output| "
+        f"{_number(s['output'])}"
+        for s in details["super_weights"][:3]
+    ]
     return "\n".join(
         [
             tabulate(rows, headers, disable_numparse=True),
             "",
-            "super-weight candidates at down_proj (layer, row, column):",
-            *(candidates or ["  (no down_proj layers)"]),
+            "largest activations (value at layer, position, channel):",
+            *largest,
+            "",
+            "super-weight candidates at the MLP output projections (layer, row, column):",
+            *(candidates or ["  (no MLP output projection found)"]),
             "",
             "summary:",
-            *summary,
+            *(f"  {key}: {_number(value)}" for key, value in summary.items()),
         ]
     )
 
@@ -117,6 +126,7 @@ def _layer_row(layer: dict[str, Any], linears: dict[str, dict[str, Any]]) -> lis
     kurtosis = [s["input_kurtosis"] for s in own if s["input_kurtosis"] is not None]
     sqnr = [s["sqnr_db"] for s in own if s["sqnr_db"] is not None]
     heads = layer.get("first_token_mass")
+    scores = layer.get("sink_score")
     slot = layer.get("bias_slot_mass")
     return [
         str(layer["layer"]),
@@ -125,13 +135,14 @@ def _layer_row(layer: dict[str, Any], linears: dict[str, dict[str, Any]]) -> lis
         _number(layer["ratio"]),
         ", ".join(f"({t['position']}, {t['dim']})" for t in layer["top"]),
         _number(sum(heads) / len(heads)) if heads else "-",
+        f"{sum(s > 0.5 for s in scores)} of {len(scores)}" if scores else "-",
         _number(sum(slot) / len(slot)) if slot else "-",
         _number(max(kurtosis)) if kurtosis else "-",
         _number(min(sqnr)) if sqnr else "-",
     ]
 
 
-def _overridden(settings: DiagnosticsSpec, **options: int | None) -> DiagnosticsSpec:
+def _overridden(settings: DiagnosticsSpec, **options: int | str | None) -> DiagnosticsSpec:
     """`settings` with the options given on the command line."""
     given = {key: value for key, value in options.items() if value is not None}
     try:
@@ -156,6 +167,7 @@ def probe_command(
     seq_len: int | None,
     out: Path | None,
     results: Path,
+    windows: str | None = None,
 ) -> int:
     """Resolve the CLI's options, probe, print the report and where the JSON went."""
     if (path is None) == (recipe_path is None) or (recipe_path is None) != (checkpoint is None):
@@ -168,17 +180,19 @@ def probe_command(
         folder = results / recipe.name / "probe"
     else:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name).lstrip("._-")[:NAME_MAX]
-        spec = CheckpointSpec(name=name or "checkpoint", path=path)
+        source = {"gguf" if path.endswith(".gguf") else "path": path}
+        spec = CheckpointSpec(name=name or "checkpoint", **source)
         text = _text_option(data, split, PerplexitySpec(data="embedded", split="test"))
         settings = DiagnosticsSpec()
         folder = results / "probe"
-    settings = _overridden(settings, samples=samples, seq_len=seq_len)
+    settings = _overridden(settings, samples=samples, seq_len=seq_len, windows=windows)
     rounding = quantizer_named(quantizer, recipe)
     out = out or folder / f"{spec.name}--{quantizer}.json"
     diagnostics = probe(spec, text, settings, rounding, out)
+    where = "document starts" if settings.windows == "document" else "the stream"
     print(
-        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {text.describe()}; "
-        f"SQNR under {quantizer}"
+        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {text.describe()} "
+        f"(windows from {where}); SQNR under {quantizer}"
     )
     print(report(diagnostics))
     print(f"written: {out}")

@@ -32,13 +32,14 @@ from qbench.checkpoints.model import variant_options
 from qbench.checkpoints.random import RandomSpec
 from qbench.checkpoints.train import PRESETS
 from qbench.config import Seed, StrictModel
-from qbench.data.external import resolve_path
+from qbench.data.external import hub_documents, path_documents, resolve_path
 from qbench.data.sources import (
     TEXT_SOURCES,
     check_split,
     default_split,
     hub_text,
     path_text,
+    source_documents,
     source_text,
     text_source,
 )
@@ -120,7 +121,8 @@ class TrainSpec(StrictModel):
         return corpus
 
 
-SOURCES = ("hf", "path", "train", "random")
+SOURCES = ("hf", "path", "gguf", "train", "random")
+GGUF_FILE_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*\.gguf")
 
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -146,7 +148,12 @@ def _check_device_map(device_map: Any) -> Any:
 
 
 class CheckpointSpec(StrictModel):
-    """One model: a hub id, a local HF directory, trained here, or random (exactly one).
+    """One model: a hub id, a local HF directory, a GGUF file, trained here, or random (exactly
+    one).
+
+    `gguf: PATH` (a llama.cpp .gguf file) and `hf: ID` with `gguf_file: NAME` (a file of that
+    hub repository) are dequantized once into the checkpoint's dtype (qbench.checkpoints.gguf);
+    their identity is the file's sha256.
 
     `seeds: [0, 1, 2]` (train: and random: only) stands for one checkpoint per seed, named
     `<name>@<seed>` and grouped under `<name>`; leaderboards aggregate a group over its
@@ -160,6 +167,8 @@ class CheckpointSpec(StrictModel):
     hf: str | None = None
     revision: str | None = None
     path: str | None = None
+    gguf: str | None = None
+    gguf_file: str | None = None  # with hf: a .gguf file of the repository
     train: TrainSpec | None = None
     random: RandomSpec | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -180,10 +189,22 @@ class CheckpointSpec(StrictModel):
             raise ValueError(f"{revision!r} is not a branch, tag or commit name")
         return revision
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _safe_gguf_file(cls, name: str) -> str:
+        if not GGUF_FILE_PATTERN.fullmatch(name) or ".." in name:
+            raise ValueError(f"{name!r} is not a .gguf file name of a repository")
+        return name
+
     @property
     def source_field(self) -> str:
         """Which of hf / path / train / random this checkpoint comes from."""
         return next(k for k in SOURCES if getattr(self, k) is not None)
+
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF file's checkpoint (`gguf:`, or `hf:` with `gguf_file:`)."""
+        return self.gguf is not None or self.gguf_file is not None
 
     @property
     def seeded(self) -> TrainSpec | RandomSpec | None:
@@ -195,10 +216,12 @@ class CheckpointSpec(StrictModel):
         given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of hf:, path:, train:, random: (got {given or 'none'})"
+                f"give exactly one of hf:, path:, gguf:, train:, random: (got {given or 'none'})"
             )
         if self.revision is not None and self.hf is None:
             raise ValueError("revision: applies to hf: checkpoints only")
+        if self.gguf_file is not None and self.hf is None:
+            raise ValueError("gguf_file: applies to hf: checkpoints only (a local file: gguf:)")
         if self.seeds is not None:
             if self.seeded is None:
                 raise ValueError(
@@ -329,6 +352,17 @@ class PerplexitySpec(StrictModel):
             column = self.text_column or "text"
             return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
         return source_text(self.data, self.split, self.max_documents)
+
+    def documents(self) -> list[str]:
+        """The documents `text()` joins, each whole (WikiText-2: its articles)."""
+        if self.data == "text":
+            return path_documents(self.path)[: self.max_documents]
+        if self.data == "hub":
+            column = self.text_column or "text"
+            return hub_documents(self.dataset, self.config, self.split, column)[
+                : self.max_documents
+            ]
+        return source_documents(self.data, self.split, self.max_documents)
 
     def describe(self) -> str:
         """Where the text comes from and how its documents are joined."""

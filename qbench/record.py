@@ -257,8 +257,13 @@ def _header(cell: Cell, recipe: Recipe) -> dict[str, Any]:
 
 
 def _footer(cell: Cell, wall_time_s: float) -> dict[str, Any]:
+    from qbench.checkpoints.gguf import gguf_versions
+
+    gguf = gguf_versions() if cell.checkpoint.is_gguf else {}
     return {
-        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
+        "versions": library_versions()
+        | gguf
+        | (cell.quantizer.versions() if cell.quantizer else {}),
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         "wall_time_s": wall_time_s,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

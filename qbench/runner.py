@@ -26,7 +26,7 @@ from qbench.checkpoints.dispatch import check_quantizable, device_label
 from qbench.checkpoints.load import load_identified
 from qbench.checkpoints.train import cache_dir
 from qbench.errors import QBenchError
-from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
+from qbench.eval.diagnostics import diagnose, diagnostic_walk, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
@@ -185,6 +185,7 @@ def run_cell(
     probe = _probe(recipe, tokenizer)
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
+    walk = diagnostic_walk(model, probe) if probe is not None else None  # the float model's
     transformed_eval_s = 0.0
 
     def evaluate_transformed(model: PreTrainedModel) -> None:
@@ -212,7 +213,7 @@ def run_cell(
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
-    diagnostics = diagnose(model, probe, sqnr) if probe is not None else None
+    diagnostics = diagnose(model, probe, sqnr, walk) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,
@@ -313,5 +314,4 @@ def _probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor |
     spec = recipe.eval.diagnostics
     if spec is None:
         return None
-    text = recipe.eval.perplexity[0]
-    return probe_ids(tokenizer, text.text(), spec)
+    return probe_ids(tokenizer, recipe.eval.perplexity[0], spec)

@@ -1,5 +1,5 @@
-"""Checkpoints from the hub, a local HF directory, trained here, or random from a config,
-and their identity.
+"""Checkpoints from the hub, a local HF directory, a GGUF file, trained here, or random from a
+config, and their identity.
 
 Errors say what is wrong with the checkpoint's source; the planner prefixes the
 file and the field (e.g. `checkpoints[1].path`).
@@ -26,6 +26,7 @@ from transformers import (
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
 from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.gguf import gguf_config, gguf_file, gguf_folder, hub_gguf, read_gguf
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
 from qbench.checkpoints.train import (
     TrainConfig,
@@ -111,6 +112,10 @@ def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> Pretra
         return model_config(spec_train_config(spec))
     if spec.random is not None:
         return random_config(spec.random)
+    if spec.is_gguf:
+        config = gguf_config(gguf_path(spec, commit))
+        check_sizes(config, f"{gguf_path(spec, commit)} config")
+        return config
     source = local_dir(spec) if spec.path else spec.hf
     try:
         config = AutoConfig.from_pretrained(
@@ -150,7 +155,9 @@ class CheckpointIdentity(BaseModel):
     resolved config, seed, planted channel, tokenizer corpus and library versions (`random:`);
     hf / revision / commit: the hub id, the revision the recipe names and the commit it
     resolved to (`hf:`); files: the sha256 of each file that determines the model or its
-    tokenizer (`path:`; see IDENTITY_FILES).
+    tokenizer (`path:`; see IDENTITY_FILES); gguf: the sha256 of a GGUF file (`gguf:`, or `hf:`
+    with `gguf_file:`, beside hf / revision / commit), gguf_types: its tensors per ggml type
+    (what its float weights were dequantized from).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -161,6 +168,8 @@ class CheckpointIdentity(BaseModel):
     revision: str | None = _ABSENT_IF_NONE
     commit: str | None = _ABSENT_IF_NONE
     files: dict[str, str] | None = _ABSENT_IF_NONE
+    gguf: str | None = _ABSENT_IF_NONE
+    gguf_types: dict[str, int] | None = _ABSENT_IF_NONE
 
 
 def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:
@@ -173,12 +182,26 @@ def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:
         return CheckpointIdentity(train=spec_train_config(spec).digest())
     if spec.random is not None:
         return CheckpointIdentity(random=random_digest(spec.random, random_config(spec.random)))
+    hub = {}
     if spec.hf is not None:
         revision = spec.revision or "main"
-        return CheckpointIdentity(
-            hf=spec.hf, revision=revision, commit=hub_commit(spec.hf, revision)
-        )
+        hub = {"hf": spec.hf, "revision": revision, "commit": hub_commit(spec.hf, revision)}
+        if spec.gguf_file is None:
+            return CheckpointIdentity(**hub)
+    if spec.is_gguf:
+        path = gguf_path(spec, hub.get("commit"))
+        types = read_gguf(path).tensor_types
+        return CheckpointIdentity(**hub, gguf=file_digest(path), gguf_types=types)
     return CheckpointIdentity(files=directory_digests(local_dir(spec)))
+
+
+def gguf_path(spec: CheckpointSpec, commit: str | None = None) -> Path:
+    """The local GGUF file of a `gguf:` checkpoint, or of an `hf:` one's `gguf_file` at
+    `commit` (default: the commit `spec.revision` names now)."""
+    if spec.gguf is not None:
+        return gguf_file(spec.gguf)
+    commit = commit or hub_commit(spec.hf, spec.revision or "main")
+    return hub_gguf(spec.hf, spec.gguf_file, commit)
 
 
 def identity_files(directory: Path) -> list[Path]:
@@ -194,9 +217,18 @@ def directory_digests(directory: Path) -> dict[str, str]:
     """{file name: sha256} of the directory's identity files (whole contents), each hashed once
     per (resolved path, size, mtime, ctime, inode, device) and remembered in
     $QBENCH_CACHE_DIR/file-digests.json."""
+    return _digests(identity_files(directory))
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of one file, through the digest cache of `directory_digests`."""
+    return _digests([path])[path.name]
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
     known = _read_digest_cache()
     digests, changed = {}, False
-    for path in identity_files(directory):
+    for path in paths:
         resolved = path.resolve()
         stamp = _stamp(resolved)
         entry = known.get(str(resolved))
@@ -313,6 +345,8 @@ def checkpoint_dtype(spec: CheckpointSpec, config: PretrainedConfig) -> str:
         return spec.dtype
     if spec.train is not None:
         return "float32"
+    if spec.is_gguf:
+        return read_gguf(gguf_path(spec)).dtype
     dtype = config.dtype
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
     if name not in DTYPES:
@@ -344,6 +378,9 @@ def load_checkpoint(
     if dtype == "auto":  # planned cells name the resolved dtype; a direct call resolves it here
         dtype = checkpoint_dtype(spec, checkpoint_config(spec, commit))
     hub = {"revision": revision, "local_files_only": offline()}  # offline: the hub cache only
+    if spec.is_gguf:  # its dequantized folder, like path:
+        path = gguf_path(spec, commit)
+        source, hub = str(gguf_folder(path, file_digest(path), dtype, progress)), {}
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=DTYPES[dtype],
@@ -395,8 +432,15 @@ def load_identified(
     spec: CheckpointSpec, identity: CheckpointIdentity, progress: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the checkpoint exactly as planned: an `hf:` checkpoint at the planned commit, a
-    `path:` checkpoint only while its files still have the planned digests (QBenchError
+    `path:` or GGUF checkpoint only while its files still have the planned digests (QBenchError
     naming the changed files otherwise)."""
+    if identity.gguf is not None:
+        path = gguf_path(spec, identity.commit)
+        if file_digest(path) != identity.gguf:
+            raise QBenchError(
+                f"checkpoint '{spec.name}': {path} changed since the plan; rerun to plan (and "
+                "key) the new file"
+            )
     if identity.files is not None:
         now = directory_digests(local_dir(spec))
         changed = sorted(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
@@ -17,7 +18,7 @@ from qbench.report.bootstrap import BootstrapSpec
 from qbench.report.breakdown import breakdown_section, part_names
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.learned import learned_section
-from qbench.report.outliers import outlier_section, write_outlier_plots
+from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
 from qbench.store import load_table, report_cells
@@ -35,6 +36,7 @@ def write_leaderboard(
     path = results_root / recipe.name / "LEADERBOARD.md"
     write_text_atomic(path, leaderboard(recipe, source, table))
     write_outlier_plots(recipe, table, path.parent / "plots")
+    write_checkpoint_plots(recipe, table, path.parent / "plots")
     write_task_outputs(recipe, table, path.parent)
     write_intervals(recipe, table, path.parent)
     return path
@@ -74,6 +76,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     packages = library_versions()
     for quantizer in recipe.quantizers:  # a library backend adds its library
         packages |= quantizer.versions()
+    if any(checkpoint.is_gguf for checkpoint in recipe.checkpoints):
+        packages |= gguf_versions()
     versions = ", ".join(f"{k} {v}" for k, v in packages.items())
     failed = table.failed_cells()
     failures = f", {len(failed)} failed" if failed else ""
@@ -94,6 +98,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
+            *_checkpoint_notes(recipe, table),
             "",
             *breakdown_section(recipe, table),
             *learned_section(table),
@@ -130,6 +135,27 @@ def _column_notes(recipe: Recipe) -> list[str]:
         notes.append(
             f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
             f"{CONVENTION}."
+        )
+    return notes
+
+
+def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
+    """What the float weights of GGUF checkpoints are: the file's dequantized tensors."""
+    notes = []
+    for checkpoint in recipe.checkpoints:
+        cell = next((c for c in table.cells if c.checkpoint.name == checkpoint.name), None)
+        identity = cell.identity if cell is not None else None
+        if identity is None or identity.gguf is None:
+            continue
+        types = identity.gguf_types or {}
+        counts = ", ".join(f"{kind}: {count}" for kind, count in types.items())
+        origin = dequantized_from(types)
+        what = f"dequantized from {origin}" if origin else "the file's float tensors"
+        file = Path(checkpoint.gguf or checkpoint.gguf_file or "").name
+        notes.append(
+            f"- `{checkpoint.name}`: GGUF file `{file}` (sha256 {identity.gguf[:12]}…; tensors "
+            f"{counts}): its {checkpoint.dtype} weights are {what}"
+            + (", not the weights the file was quantized from." if origin else ".")
         )
     return notes
 
