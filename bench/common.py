@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from qbench.checkpoints.catalog import PRESETS
 from qbench.checkpoints.load import DTYPES, device, load_checkpoint
-from qbench.checkpoints.train import PRESETS, train_tokenizer
+from qbench.checkpoints.train import train_tokenizer
 from qbench.data.sources import embedded_rows
 from qbench.quant.formats.fused import MODE_VARIABLE
 from qbench.recipe import CheckpointSpec

@@ -78,12 +78,13 @@ def memory_child(recipe: Path, results: Path) -> None:
     """Run one local sweep; print its peak memory above the pre-sweep RSS as JSON."""
     import psutil
 
+    from qbench.executors import make_executor
     from qbench.sweep import plan_recipes, sweep
 
     planned = plan_recipes([recipe])
     before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    tally = sweep(planned, results, progress=False)
+    tally = sweep(planned, results, make_executor("local"), progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     figures = {"before": before, "peak": peak, "cuda_peak": cuda, "cells": len(tally.ran)}

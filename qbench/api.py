@@ -153,7 +153,8 @@ def evaluate(
     ['embedded']
     """
     from qbench.eval.perplexity import perplexity as perplexity_of
-    from qbench.eval.tasks import evaluate_tasks, zero_shot_average
+    from qbench.eval.task_scores import zero_shot_average
+    from qbench.eval.tasks import evaluate_tasks
     from qbench.recipe import PerplexitySpec, TaskOptions, TaskSpec
     from qbench.record import Metrics
 

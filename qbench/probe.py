@@ -10,11 +10,13 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from qbench.checkpoints.load import checkpoint_config, load_checkpoint
+from qbench.config import NAME_MAX
 from qbench.errors import QBenchError, describe
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
+from qbench.eval.diagnostics import Diagnostics, diagnose, layer_sqnr, probe_ids
+from qbench.eval.specs import DiagnosticsSpec
 from qbench.files import write_json_atomic
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.recipe import NAME_MAX, CheckpointSpec, PerplexitySpec, Recipe, load_recipe
+from qbench.recipe import CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from qbench.checkpoints.train import build_once, cache_dir
+from qbench.checkpoints.train import build_once
+from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe
 
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # ggml -> torch names
@@ -116,8 +117,6 @@ def hub_gguf(repo: str, filename: str, commit: str) -> Path:
     """The local copy of `filename` of hub model `repo` at `commit` (downloaded once online;
     offline, the hub cache's). QBenchError when neither has it."""
     from huggingface_hub import hf_hub_download
-
-    from qbench.eval.tasks import offline
 
     try:
         return Path(hf_hub_download(repo, filename, revision=commit, local_files_only=offline()))

@@ -18,65 +18,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
+from qbench.checkpoints.catalog import PRESETS, Preset, variant_options
+from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.data.sources import load_text, text_fingerprint, text_source
-from qbench.registry import Registry
+from qbench.environment import cache_dir
+from qbench.errors import QBenchError, describe, storage_problem
 from qbench.versions import library_versions
 
 EOS = "<|endoftext|>"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Model shape and optimisation schedule of a training run."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    seq_len: int
-    batch_size: int
-    steps: int
-    lr: float
-    warmup: int
-    weight_decay: float = 0.1
-
-
-PRESETS: Registry[Preset] = Registry("training preset")
-PRESETS.register("tiny")(
-    Preset(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        seq_len=128,
-        batch_size=16,
-        steps=600,
-        lr=3e-3,
-        warmup=50,
-    )
-)
-# About an hour on a 2-core CPU: 1.6 s/step measured (tiny: 0.27 s/step) x 2200 steps
-# = 9.0M tokens, about one epoch of the shared corpus; minutes on a GPU.
-PRESETS.register("small")(
-    Preset(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        seq_len=256,
-        batch_size=16,
-        steps=2200,
-        lr=2e-3,
-        warmup=100,
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -120,10 +69,6 @@ def model_config(config: TrainConfig) -> QBenchConfig:
     )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QBENCH_CACHE_DIR", "~/.cache/qbench")).expanduser()
-
-
 def trained_checkpoint(config: TrainConfig, progress: bool = True) -> Path:
     """The directory of the checkpoint `config` describes, training it first if needed."""
     target = cache_dir() / "checkpoints" / f"{config.preset}-{config.variant}-{config.digest()}"
@@ -140,9 +85,15 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(staging)
         os.replace(staging, target)
-    except OSError:
-        if not target.is_dir():
-            raise
+    except Exception as error:
+        if target.is_dir() and isinstance(error, OSError):  # a concurrent build won
+            return target
+        if storage_problem(error):  # the library's message names no path: name it
+            raise QBenchError(
+                f"{target}: cannot write the checkpoint: {describe(error)}; free space in "
+                f"{target.parent} (QBENCH_CACHE_DIR)"
+            ) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

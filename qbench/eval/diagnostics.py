@@ -42,19 +42,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import align_module_device
-from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import input_device, offloaded_modules
-from qbench.config import StrictModel
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
+from qbench.eval.specs import DiagnosticsSpec
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import inventory
@@ -63,29 +62,12 @@ from qbench.quant.walk.select import quantized_targets
 from qbench.quant.walk.structure import trace_structure
 
 if TYPE_CHECKING:
-    from qbench.recipe import PerplexitySpec
+    from qbench.eval.specs import PerplexitySpec
 
 TOP = 3  # per layer: the largest |h| entries kept
 LARGEST = 10  # over all layers: the largest activations listed
 SINK_THRESHOLDS = (0.3, 0.5)  # Gu et al.'s epsilon, and a majority of the attention
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text
-
-
-class DiagnosticsSpec(StrictModel):
-    """The probe: `samples` windows of `seq_len` tokens of the first perplexity text, cut from
-    its stream (`windows: stream`) or each the start of a document (`windows: document`, the
-    tokenizer's BOS first where it has one unless `bos: false`)."""
-
-    samples: int = Field(default=4, ge=1)
-    seq_len: int = Field(default=128, ge=2)
-    windows: Literal["stream", "document"] = "stream"
-    bos: bool = True
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that determine the figures; windows and bos only where not the default,
-        so the keys of recipes written before them stay as they were."""
-        new = {"windows": "stream", "bos": True}
-        return self.model_dump(exclude={k for k, v in new.items() if getattr(self, k) == v})
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,17 @@ from qbench.files import write_text_atomic
 from qbench.plan import Cell
 from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
-from qbench.record import ResultsTable
-from qbench.report.bootstrap import BootstrapSpec
+from qbench.recipe.schema import BootstrapSpec
+from qbench.record import FAILED, MISSING, REFUSED, ResultsTable
 from qbench.report.breakdown import breakdown_section, part_names
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.learned import learned_section
 from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
+from qbench.report.verdicts import verdict_section
 from qbench.store import load_table, report_cells
 from qbench.versions import library_versions
-
-MISSING, FAILED = "missing", "failed"
 
 
 def write_leaderboard(
@@ -64,8 +63,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             for col in columns:
                 if staged:
                     row.append(_transformed_cell(table, cell, col))
-                if table.state(cell) == FAILED:
-                    row += [FAILED, "", ""]
+                if (state := table.state(cell)) in (FAILED, REFUSED):
+                    row += [state, "", ""]
                     continue
                 bold = cell.quantizer is not None and cell.key == best[col]
                 row += _perplexity_cells(table, cell, col, bold, recipe.report.bootstrap)
@@ -79,8 +78,9 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     if any(checkpoint.is_gguf for checkpoint in recipe.checkpoints):
         packages |= gguf_versions()
     versions = ", ".join(f"{k} {v}" for k, v in packages.items())
-    failed = table.failed_cells()
+    failed, refused = table.failed_cells(), table.refused_cells()
     failures = f", {len(failed)} failed" if failed else ""
+    failures += f", {len(refused)} refused" if refused else ""
     return "\n".join(
         [
             f"# qbench leaderboard: {recipe.name}",
@@ -102,6 +102,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             "",
             *breakdown_section(recipe, table),
             *learned_section(table),
+            *verdict_section(recipe, table),
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),
@@ -113,19 +114,33 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
 
 
 def _failure_section(table: ResultsTable, source: Path) -> list[str]:
-    """The failed cells and their errors (the records hold the traceback)."""
-    failed = table.failed_cells()
-    if not failed:
-        return []
-    rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error_line()] for c in failed]
-    return [
-        "## Failed cells",
-        "",
-        tabulate(rows, ["checkpoint", "quantizer", "error"], tablefmt="github"),
-        "",
-        f"Each record under runs/ holds the traceback; `qbench run {source}` retries them.",
-        "",
-    ]
+    """The refused cells and their reasons, the failed cells and their errors (the records
+    hold the traceback)."""
+    lines = []
+    if refused := table.refused_cells():
+        rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error.message]
+                for c in refused]  # fmt: skip
+        lines += [
+            "## Refused cells",
+            "",
+            tabulate(rows, ["checkpoint", "quantizer", "why"], tablefmt="github"),
+            "",
+            "A refused quantizer cannot do what its label says on that checkpoint; it is "
+            "decided before any model work (or once the model is traced) and not retried "
+            "until the recipe, the checkpoint or qbench changes.",
+            "",
+        ]
+    if failed := table.failed_cells():
+        rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error_line()] for c in failed]
+        lines += [
+            "## Failed cells",
+            "",
+            tabulate(rows, ["checkpoint", "quantizer", "error"], tablefmt="github"),
+            "",
+            f"Each record under runs/ holds the traceback; `qbench run {source}` retries them.",
+            "",
+        ]
+    return lines
 
 
 def _column_notes(recipe: Recipe) -> list[str]:
