@@ -67,6 +67,35 @@ def test_plan_json_reads_the_parts_back(tmp_path, llama_dir):
     ]
 
 
+SHARED = """
+name: b
+checkpoints: [{name: local, path: LLAMA}]
+quantizers:
+  - {name: w4a4, method: rotation, weights: {bits: 4}, activations: {bits: 4}, breakdown: true}
+  - name: w4a4kv4
+    method: rotation
+    weights: {bits: 4}
+    activations: {bits: 4}
+    kv: {bits: 4}
+    breakdown: true
+eval:
+  perplexity: [{data: embedded, seq_len: 32, max_windows: 2}]
+"""
+
+
+def test_two_breakdowns_share_common_parts_read_back_from_plan_json(tmp_path, llama_dir):
+    """W4A4's and W4A4KV4's weights-only parts are one computation: one key, and plan.json's
+    check (two cells share a key only with the same determinants) still reads them back."""
+    path = _recipe(tmp_path, llama_dir, SHARED)
+    recipe = load_recipe(path)
+    cells = {c.quantizer_name: c for c in plan(recipe, path)}
+    for part in ("weights", "activations"):
+        assert cells[f"w4a4.{part}"].key == cells[f"w4a4kv4.{part}"].key
+    assert cells["w4a4"].key != cells["w4a4kv4"].key
+    write_plan(tmp_path, recipe, path, list(cells.values()))
+    assert [c.key for c in read_plan(tmp_path, recipe)] == [c.key for c in cells.values()]
+
+
 def test_a_part_is_refused_like_any_cell(tmp_path, llama_dir):
     """The KV-only part of a cache group that does not divide head_dim is refused with the
     whole, each naming itself."""
