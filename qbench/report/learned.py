@@ -1,7 +1,7 @@
 """What SpinQuant's training did in the cells that trained (iterations, wall and CPU time, the
 calibration loss of the random Hadamard start and of the learned rotations), from the notes
-the step left in their records; cells that loaded kept rotations (a rerun, a breakdown's
-parts) repeat the same training and are not listed again."""
+the step left in their records; each kept training once, however many cells loaded it (a
+rerun, a breakdown's parts)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,20 @@ PREFIX = "spinquant: "
 
 
 def learned_section(table: ResultsTable) -> list[str]:
-    """Markdown: one line per finished cell that trained rotations; [] when none did."""
-    lines = []
+    """Markdown: one line per kept training (its learned/ file), from the first finished cell
+    that trained or loaded it (a run that loaded rotations another run trained still lists
+    that training, marked so); [] when no cell has one."""
+    lines, listed = [], set()
     for cell in table.cells:
         record = table.finished(cell)
         notes = [n[len(PREFIX) :] for n in (record.notes if record else []) if n.startswith(PREFIX)]
-        trained = any(n.startswith("trained") for n in notes)
-        if trained and not any(n.startswith("rotations loaded") for n in notes):
-            lines.append(f"- {cell.checkpoint.name} / {cell.quantizer_name}: {'; '.join(notes)}")
+        files = {word for n in notes for word in n.split() if word.startswith("learned/")}
+        if not any(n.startswith("trained") for n in notes) or (files and files <= listed):
+            continue
+        listed |= files
+        loaded = any(n.startswith("rotations loaded") for n in notes)
+        where = " (rotations loaded: trained in an earlier run)" if loaded else ""
+        lines.append(f"- {cell.checkpoint.name} / {cell.quantizer_name}{where}: {'; '.join(notes)}")
     if not lines:
         return []
     return [
