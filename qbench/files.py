@@ -89,6 +89,13 @@ def read_text_nofollow(path: Path, limit: int) -> str:
     Raises FileNotFoundError when absent, and ValueError (with the reason) when `path` is a
     symlink, not a regular file, longer than `limit` or not UTF-8.
     """
+    return utf8_text(read_bytes_nofollow(path, limit))
+
+
+def read_bytes_nofollow(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path`, at most `limit`, read once (a check on them holds
+    for what the caller parses). FileNotFoundError when absent; ValueError (with the reason)
+    when `path` is a symlink, not a regular file or longer than `limit`."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as error:
@@ -104,7 +111,7 @@ def read_text_nofollow(path: Path, limit: int) -> str:
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")
-    return utf8_text(data)
+    return data
 
 
 def regular_file_problem(path: Path, limit: int) -> str | None:

@@ -1,4 +1,5 @@
-"""Recipe -> cells: every checkpoint x (fp + each quantizer), each with a result key.
+"""Recipe -> cells: every checkpoint x (fp + each quantizer and its breakdown's parts), each
+with a result key.
 
 Planning reads only configs and text, never weights, so that every cross-field error
 (a group size that does not divide a layer, a window longer than the model's context,
@@ -138,7 +139,7 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         found = inventory(skeleton)
         unloadable = _memory_refusal(i, checkpoint, config, skeleton)
         fp_key = None
-        for index, quantizer in enumerate([None, *recipe.quantizers]):
+        for index, quantizer in [(None, None), *recipe.cell_quantizers()]:
             every = versions | (quantizer.versions() if quantizer else {})
             every |= gguf_versions() if checkpoint.is_gguf else {}
             determinants = cell_determinants(
@@ -149,10 +150,10 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             refusal = unloadable or (
                 quantizer
                 and (
-                    _offload_refusal(quantizer, index - 1, i, checkpoint)
+                    _offload_refusal(quantizer, index, i, checkpoint)
                     or refusal_of(
                         quantizer,
-                        f"quantizers[{index - 1}] '{quantizer.name}'",
+                        f"quantizers[{index}] '{quantizer.name}'",
                         checkpoint.name,
                         config,
                         found,

@@ -34,6 +34,7 @@ from qbench.eval.diagnostics import diagnose, diagnostic_walk, layer_sqnr, probe
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
+from qbench.quant.artifacts import LEARNED_FOLDER, Artifacts
 from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import find_blocks
@@ -202,8 +203,9 @@ def run_cell(
     (TRANSFORM_TOLERANCE), and QBenchError when a targeted weight stayed in float
     (Worker.execute records each, as any exception, as a failed cell).
 
-    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples; `shared`:
-    the statistics the cells of the loaded checkpoint share (qbench.quant.context).
+    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples, and the
+    tensors steps learn (`cell_artifacts`); `shared`: the statistics the cells of the loaded
+    checkpoint share (qbench.quant.context).
     """
     start = time.perf_counter()
     stages, notes, caveats, coverage = {}, [], [], None
@@ -237,6 +239,8 @@ def run_cell(
                 notes=notes,
                 caveats=caveats,
                 on_transformed=evaluate_transformed,
+                artifacts=cell_artifacts(cell, work_dir) if work_dir is not None else None,
+                progress=progress,
             )
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
@@ -279,6 +283,13 @@ def run_cell(
         fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         quantize_s=quantize_s,
     )
+
+
+def cell_artifacts(cell: Cell, work_dir: Path) -> Artifacts:
+    """Where the cell's steps keep what they learn: results/<recipe>/learned, keyed by the
+    checkpoint's identity and dtype (and what each step adds)."""
+    identity = {"identity": cell.identity.model_dump(), "dtype": cell.checkpoint.dtype}
+    return Artifacts(work_dir / LEARNED_FOLDER, identity)
 
 
 class BlockPasses:

@@ -208,7 +208,7 @@ def _planned_cells(planned: PlanFile, recipe: Recipe) -> list[Cell]:
     """plan.json's cells as the recipe's cells, in plan order; ValueError on the first one
     that does not re-derive (see `recorded_plan`)."""
     checkpoints = {c.name: c for c in recipe.checkpoints}
-    quantizers = {q.name: q for q in recipe.quantizers}
+    quantizers = {q.name: q for _, q in recipe.cell_quantizers()}
     expected = [(c, q) for c in checkpoints for q in ["fp", *quantizers]]
     entries: dict[tuple[str, str], PlannedCell] = {}
     for entry in planned.cells:
@@ -220,8 +220,10 @@ def _planned_cells(planned: PlanFile, recipe: Recipe) -> list[Cell]:
         entries[pair] = entry
     if missing := [pair for pair in expected if pair not in entries]:
         raise ValueError(f"cell {'/'.join(missing[0])} is missing ({len(missing)} in all)")
-    if len({e.key for e in entries.values()}) < len(entries):
-        raise ValueError("two cells share one key")
+    by_key: dict[str, Any] = {}
+    for entry in entries.values():  # one key, one computation (two breakdowns' same part)
+        if by_key.setdefault(entry.key, entry.determinants) != entry.determinants:
+            raise ValueError("two cells share one key")
     cells, fp_key = [], None
     for name, quantizer in expected:
         entry = entries[(name, quantizer)]

@@ -8,7 +8,8 @@ calibration windows are a function of the seed and the text), no global state (s
 cells of one checkpoint share live in `shared`, the runner's store for that checkpoint;
 what a step did beyond its label goes to `notes`, which the cell's record keeps, where it
 did less than its label says also to `caveats`, which the leaderboard shows beside the cell,
-and in numbers to `facts`, which its coverage report keeps).
+and in numbers to `facts`, which its coverage report keeps; what a step learned is kept in
+`artifacts`, beside the cell's records, for a rerun to load).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from qbench.quant.walk.blockwise import BlockInputs
 from qbench.quant.walk.inventory import inventory
 
 if TYPE_CHECKING:
+    from qbench.quant.artifacts import Artifacts
     from qbench.quant.quantizer import QuantizerConfig
     from qbench.quant.steps.base import Transform
 
@@ -49,7 +51,9 @@ class StepContext:
     captures: the decoder blocks' calibration inputs of this run (`block_inputs`); facts:
     what the steps did, in numbers, by key (the coverage report carries them: an ablation's
     zeroed weights); float_weights: (row, column) entries of each target (by name) that the
-    rounding keeps in float (`keep_float.super_weights`).
+    rounding keeps in float (`keep_float.super_weights`); artifacts: where learned tensors
+    are kept (qbench.quant.artifacts; None: nowhere, a step learns them again each time);
+    progress: whether long steps show a progress bar.
     """
 
     model: nn.Module
@@ -64,6 +68,8 @@ class StepContext:
     captures: dict[str, BlockInputs] = field(default_factory=dict, repr=False)
     facts: dict[str, Any] = field(default_factory=dict)
     float_weights: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    artifacts: Artifacts | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.generator is None:

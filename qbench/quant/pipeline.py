@@ -38,6 +38,7 @@ from qbench.quant.walk.structure import applied_outside_forward
 from qbench.quant.walk.tokens import exempt_tokens
 
 if TYPE_CHECKING:
+    from qbench.quant.artifacts import Artifacts
     from qbench.quant.quantizer import QuantizerConfig
 
 
@@ -50,6 +51,8 @@ def run(
     notes: list[str] | None = None,
     caveats: list[str] | None = None,
     on_transformed: Callable[[nn.Module], None] | None = None,
+    artifacts: Artifacts | None = None,
+    progress: bool = False,
 ) -> dict:
     """Quantize `model` in place as `quantizer` says (see the module docstring and
     `QuantizerConfig.apply`); the coverage report."""
@@ -63,6 +66,8 @@ def run(
         shared={} if shared is None else shared,
         notes=[] if notes is None else notes,
         caveats=[] if caveats is None else caveats,
+        artifacts=artifacts,
+        progress=progress,
     )
     before = found.sizes()
     context = transform(context)

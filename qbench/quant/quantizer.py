@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from qbench.quant.artifacts import Artifacts
     from qbench.quant.walk.inventory import Inventory
 
 AnyTransform = Annotated[
@@ -55,8 +56,9 @@ AnyRounding = Annotated[
 SCALING = ("smoothquant", "awq")  # transforms that move per-channel scales into the weights
 COMMON = (
     "name", "method", "weights", "activations", "kv", "lm_head", "embeddings", "routers",
-    "convs", "targets", "ignore", "keep_float",
+    "convs", "targets", "ignore", "keep_float", "breakdown",
 )  # fmt: skip
+PARTS = ("weights", "activations", "kv")  # what a breakdown rounds apart
 
 
 class QuantizerConfig(StrictModel):
@@ -88,6 +90,7 @@ class QuantizerConfig(StrictModel):
     targets: list[str] | None = Field(default=None, min_length=1)
     ignore: list[str] = Field(default_factory=list)
     keep_float: KeepFloat | None = None
+    breakdown: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +174,11 @@ class QuantizerConfig(StrictModel):
             raise ValueError(problem)
         if self.embeddings and self.weights is None:
             raise ValueError("embeddings: true needs weights: (embeddings have no activations)")
+        if self.breakdown:
+            try:
+                self.breakdown_parts()
+            except ValueError as error:
+                raise ValueError(f"breakdown: {error}") from None
         return self
 
     # ------------------------------------------------------------ labels
@@ -223,6 +231,40 @@ class QuantizerConfig(StrictModel):
         """What the targets get, e.g. 'smoothquant+gptq: int8 channel / int8 token'."""
         return f"{self.steps()}: {self.rounding.formats_label(self)}"
 
+    def breakdown_parts(self) -> list[tuple[str, QuantizerConfig]]:
+        """(part, quantizer) per part this quantizer rounds, with `breakdown: true` ([]
+        without): the same transforms (each step's `breakdown_part`: a learned rotation keeps
+        the whole's training) with only that part's format, the rest in float. Parts that
+        round no weights take rtn's activations (gptq's are rtn's too). ValueError where the
+        pipeline cannot be split."""
+        if not self.breakdown:
+            return []
+        if self.rounding.library:
+            raise ValueError(
+                f"{self.rounding.method} rounds with its library's own fields; a breakdown "
+                "needs weights: / activations: / kv:"
+            )
+        parts = [p for p in PARTS if getattr(self, p) is not None]
+        if len(parts) < 2:
+            raise ValueError(f"{self.precision()} rounds one part only: it is its own breakdown")
+        return [(part, self._part(part)) for part in parts]
+
+    def _part(self, part: str) -> QuantizerConfig:
+        transforms = [t.breakdown_part(self, part) for t in self.transforms]
+        rounding = self.rounding if part == "weights" else ROUNDINGS.get("rtn")()
+        fields = self.model_dump(exclude={"method", *PARTS, "transforms", "rounding"})
+        return QuantizerConfig.model_validate(
+            {
+                **fields,
+                "name": f"{self.name}.{part}",
+                "transforms": [t for t in transforms if t is not None],
+                "rounding": rounding,
+                part: getattr(self, part),
+                "embeddings": self.embeddings and part == "weights",
+                "breakdown": False,
+            }
+        )
+
     # ------------------------------------------------------------ what it does
 
     def targeted_kinds(self) -> set[str]:
@@ -263,8 +305,7 @@ class QuantizerConfig(StrictModel):
         steps = [(f"transforms[{i}]", t) for i, t in enumerate(self.transforms)]
         found = []
         for where, step in [*steps, ("rounding", self.rounding)]:
-            spec = getattr(step, "calibration", None)
-            if isinstance(spec, CalibrationSpec):
+            if (spec := step.calibration_text()) is not None:
                 found.append((f"{where}.calibration", spec))
         return found
 
@@ -308,9 +349,6 @@ class QuantizerConfig(StrictModel):
                 "keep_float tokens on expert and router inputs: those see routed or flattened "
                 "tokens, not the sequence's; leave routers in float, or drop keep_float's tokens"
             )
-        for transform in self.transforms:
-            if problem := transform.refusal(found):
-                return problem
         if (
             self.activations is not None
             and self.activations.granularity == "tensor"
@@ -321,6 +359,9 @@ class QuantizerConfig(StrictModel):
                 "block's router input, which flattens the batch) would share one scale among "
                 "the tokens of a whole batch: use token or group"
             )
+        for transform in self.transforms:
+            if problem := transform.refusal(found, self):
+                return problem
         return self.rounding.refusal(found, self)
 
     def apply(
@@ -333,6 +374,8 @@ class QuantizerConfig(StrictModel):
         notes: list[str] | None = None,
         caveats: list[str] | None = None,
         on_transformed: Callable[[nn.Module], None] | None = None,
+        artifacts: Artifacts | None = None,
+        progress: bool = False,
     ) -> dict:
         """Quantize `model` in place: the transforms in order, then `on_transformed(model)`
         (the runner evaluates the transformed float stage there), then the rounding, the
@@ -341,14 +384,27 @@ class QuantizerConfig(StrictModel):
         Calibrating steps need the tokenizer; `seed` fixes their windows and random draws;
         `shared`: a store the cells of one checkpoint share (statistics of the fp model);
         `notes`: collects what the steps did beyond their labels, `caveats` those notes that
-        say the label alone claims more than was done. Returns the coverage report
+        say the label alone claims more than was done; `artifacts`: where learned tensors are
+        kept and looked up (qbench.quant.artifacts; None: learned each time); `progress`:
+        progress bars for long steps. Returns the coverage report
         (qbench.quant.walk.coverage). Raises QBenchError before any change where the quantizer
         cannot run on the model (as the planner would refuse it), where the model is already
         quantized, and after it where a targeted weight stayed in float.
         """
         from qbench.quant.pipeline import run
 
-        return run(self, model, tokenizer, seed, shared, notes, caveats, on_transformed)
+        return run(
+            self,
+            model,
+            tokenizer,
+            seed,
+            shared,
+            notes,
+            caveats,
+            on_transformed,
+            artifacts,
+            progress,
+        )
 
 
 def _known_step(step: Any, key: str, registry: Registry) -> None:

@@ -93,20 +93,30 @@ class Recipe(StrictModel):
         names += [f"tasks.{task.name}" for task in self.eval.tasks]
         return names + (["zero_shot_average"] if self.eval.tasks else [])
 
+    def cell_quantizers(self) -> list[tuple[int, QuantizerConfig]]:
+        """Every quantizer with its index in `quantizers`, each followed by its breakdown's
+        parts (`breakdown: true`): the quantized cells of each checkpoint, in run order."""
+        return [
+            (i, cell)
+            for i, quantizer in enumerate(self.quantizers)
+            for cell in [quantizer, *(part for _, part in quantizer.breakdown_parts())]
+        ]
+
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
         reject_duplicates([c.name for c in self.checkpoints], "checkpoints", "rename one")
-        names = [q.name for q in self.quantizers]
-        for i, name in enumerate(names):
+        cells = self.cell_quantizers()
+        for i, quantizer in cells:
             try:
-                check_name(name)
+                check_name(quantizer.name)
             except ValueError as error:
                 raise ValueError(f"quantizers[{i}].name: {error}") from None
+        names = [q.name for _, q in cells]
         if "fp" in names:
             raise ValueError("quantizers: name 'fp' is reserved for the unquantized reference")
-        reject_duplicates(names, "quantizers", "rename one")
+        reject_duplicates(names, "quantizers", "rename one (a breakdown adds <name>.weights, ...)")
         if self.gate is not None:
-            self._check_gate(names)
+            self._check_gate([q.name for q in self.quantizers])
         return self
 
     @model_validator(mode="after")

@@ -15,8 +15,10 @@ from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.recipe.schema import BootstrapSpec
 from qbench.record import FAILED, MISSING, REFUSED, ResultsTable
+from qbench.report.breakdown import breakdown_section, part_names
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.interventions import intervention_section, is_intervention
+from qbench.report.learned import learned_section
 from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -50,12 +52,15 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     columns = [spec.column for spec in recipe.eval.perplexity]
     staged = any(q.has_transform and not q.ablation for q in recipe.quantizers)
     caveats: dict[str, int] = {}  # caveat text -> its number under the table
+    parts = part_names(recipe)  # the breakdown's cells have their own section
     rows = []
     for checkpoint in recipe.checkpoints:
         group = [
             c
             for c in table.cells
-            if c.checkpoint.name == checkpoint.name and not is_intervention(c)
+            if c.checkpoint.name == checkpoint.name
+            and not is_intervention(c)
+            and c.quantizer_name not in parts
         ]
         best = {col: _best(group[1:], table, col) for col in columns}
         for cell in group:
@@ -105,6 +110,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *_checkpoint_notes(recipe, table),
             "",
             *intervention_section(recipe, table),
+            *breakdown_section(recipe, table),
+            *learned_section(table),
             *verdict_section(recipe, table),
             *_failure_section(table, source),
             *seed_section(recipe, table),

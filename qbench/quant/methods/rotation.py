@@ -36,6 +36,7 @@ and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,15 +47,11 @@ from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, rel
 from qbench.quant.methods.rtn import untie_word_embeddings
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, replace_module, set_weight
-from qbench.quant.walk.kvcache import kv_sites
+from qbench.quant.walk.kvcache import KVSite, kv_sites
 from qbench.quant.walk.onload import execution_device, input_device, onloaded
-from qbench.quant.walk.structure import (
-    BlockStructure,
-    NormGroup,
-    Structure,
-    probe_ids,
-    trace_structure,
-)
+from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
+
+Hadamard = Callable[..., HadamardTransform]  # (width, random_signs=False) -> a Hadamard
 
 
 class HadamardInput(nn.Module):
@@ -110,94 +107,170 @@ def rotate(
 
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
     generator: the random signs' (and any random orthogonal base's) draws (default torch's
-    global RNG), drawn before any change in one order (the stream's, each block's online
+    global RNG), drawn in one order (the stream's, each block's online
     transforms, then the queries' and keys'); note: told the Hadamard construction of every
     width rotated (as a caveat where no Hadamard matrix of that width exists: a random
     orthogonal base). Raises QBenchError where the structure cannot be rotated losslessly, or
     where the rotated model's logits differ from the original's beyond LOSSLESS_TOLERANCE
     (relative L2).
     """
+    hadamard = hadamard_maker(generator, note)
+    prepared = prepare(model)
+    stream = hadamard(prepared.hidden, random_signs=True).to(prepared.device)
+    online = online_rotations(prepared.structure, hadamard)
+    rotate_stream(model, prepared.structure, stream)
+    fold_online(model, online)
+    if rotate_qk:
+        rotate_queries_and_keys(model, hadamard)
+    check_lossless(model, prepared, "rotation")
 
-    def hadamard(n: int, device: torch.device, random_signs: bool = False) -> HadamardTransform:
+
+def hadamard_maker(generator: torch.Generator | None, note: Callable[..., None] | None) -> Hadamard:
+    """width -> a HadamardTransform drawn from `generator` (random signs on request), each
+    construction told to `note`."""
+
+    def hadamard(n: int, random_signs: bool = False) -> HadamardTransform:
         transform = HadamardTransform(n, random_signs, generator)
         if note is not None:
             factors = transform.factorization
             note(f"rotation: width {n} rotated by {factors}", caveat=not factors.is_hadamard)
-        return transform.to(device)
+        return transform
 
+    return hadamard
+
+
+@dataclass
+class Prepared:
+    """A model made ready for a rotation of its residual stream (`prepare`): its structure,
+    the probe tokens and the logits before any change (float64), to check the result."""
+
+    model: nn.Module
+    structure: Structure
+    ids: torch.Tensor
+    before: torch.Tensor
+
+    @property
+    def hidden(self) -> int:
+        """The residual stream's width."""
+        return self.structure.embeddings[0][1].weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stream is computed (the input embedding's execution device)."""
+        return input_device(self.model)
+
+
+@torch.no_grad()
+def prepare(model: nn.Module) -> Prepared:
+    """Steps 1 and 2 of the module docstring, in place: lm_head untied, the stream made
+    mean-free where LayerNorms center it, every residual norm's scale and bias folded into its
+    readers. The model's function is unchanged. QBenchError where it cannot be rotated."""
     ids = probe_ids(model)
     before = model(input_ids=ids).logits.double()
     structure = trace_structure(model, ids)
     _check_rotatable(model, structure)
-    found = structure.inventory
     untie_word_embeddings(model)  # lm_head takes the final norm's scale, the embedding does not
     centers = any(g.spec.centers for g in structure.residual_norms)
-    hidden = structure.embeddings[0][1].weight.shape[1]
-    stream = hadamard(hidden, input_device(model), random_signs=True)
-    online = {
-        target.name: hadamard(_output_width(target), execution_device(target.module))
-        for block in structure.blocks
-        for target in [*block.writers, *block.post_normed]
-    }
-    sites = kv_sites(model) if rotate_qk else []
-    queries = {id(s.attention): hadamard(s.head_dim, s.device) for s in sites}
+    found = structure.inventory
+    with onloaded(model, *(name for name, _ in structure.embeddings)):
+        for _, table in structure.embeddings if centers else ():
+            weight = table.weight.double()
+            set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
+    for block in structure.blocks:
+        with onloaded(model, found.block_path(block.index)):
+            for target in block.writers if centers else ():
+                _center_output(target)
+            for group in block.norms:
+                _fold_norm(model, group)
+    if (final := structure.final) is not None:
+        with onloaded(model, final.name, *(t.name for t in final.readers)):
+            _fold_norm(model, final)
+    return Prepared(model, structure, ids, before)
+
+
+@torch.no_grad()
+def rotate_stream(model: nn.Module, structure: Structure, stream: nn.Module) -> None:
+    """Step 3 of the module docstring: the residual stream rotated by the orthogonal `stream`
+    (x -> x Q along the last dimension, with `inverse`: a HadamardTransform, QuaRot's, or a
+    DenseRotation, SpinQuant's learned R1), folded into the weights around it, region by
+    region, each onloaded meanwhile where the model is offloaded."""
+    found = structure.inventory
     with onloaded(model, *(name for name, _ in structure.embeddings)):
         for _, table in structure.embeddings:
-            if centers:
-                weight = table.weight.double()
-                set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
             set_weight(table.weight, stream(table.weight.double()))  # E Q
     for block in structure.blocks:
         with onloaded(model, found.block_path(block.index)):
-            _rotate_block(model, block, stream, online, centers)
-            _rotate_queries_and_keys(model.get_submodule(found.block_path(block.index)), queries)
-    if structure.final is not None:
-        final = structure.final
+            for group in block.norms:
+                _rotate_readers(group, stream)
+            for target in block.direct_readers:
+                _rotate_input(target, stream)
+            for target in block.writers:
+                _rotate_output(target, stream)
+            for name, norm in block.writer_norms:
+                replace_module(model, name, RotatedOutput(norm, stream))
+    if (final := structure.final) is not None:
         with onloaded(model, final.name, *(t.name for t in final.readers)):
-            _rotate_group(model, final, stream)
+            _rotate_readers(final, stream)
     with onloaded(model, *(t.name for t in structure.head_readers)):
         for target in structure.head_readers:
             _rotate_input(target, stream)
-    _check_lossless(model, ids, before)
 
 
-def _rotate_block(
-    model: nn.Module,
-    block: BlockStructure,
-    stream: HadamardTransform,
-    online: dict[str, HadamardTransform],
-    centers: bool,
-) -> None:
-    """One decoder block: its writers centered (for LayerNorms), its norms folded into their
-    readers, readers rotated by Q, writers by Q^T, post-norms rotated online, and the online
-    Hadamard before every writer."""
-    if centers:
-        for target in block.writers:
-            _center_output(target)
-    for group in block.norms:
-        _rotate_group(model, group, stream)
-    for target in block.direct_readers:
-        _rotate_input(target, stream)
-    for target in block.writers:
-        _rotate_output(target, stream)
-    for name, norm in block.writer_norms:
-        replace_module(model, name, RotatedOutput(norm, stream))
-    for target in [*block.writers, *block.post_normed]:
-        _online_hadamard(model, target, online[target.name])
-
-
-def _rotate_group(model: nn.Module, group: NormGroup, stream: HadamardTransform) -> None:
-    """A residual norm folded into its readers, which then read the rotated stream."""
-    _fold_norm(model, group)
+def _rotate_readers(group: NormGroup, stream: nn.Module) -> None:
+    """The targets a (folded) residual norm feeds read the rotated stream."""
     if group.spec.extra:
         group.norm.stream_rotation = stream
     for target in [*group.readers, *group.inner]:
         _rotate_input(target, stream)
 
 
-def _output_width(target: Target) -> int:
-    """The input width of a writer's output matrices (what its online Hadamard rotates)."""
-    return target.output_matrices()[0][1].shape[1]
+def online_rotations(structure: Structure, hadamard: Hadamard) -> list[OnlineRotation]:
+    """The online Hadamard of every target writing the stream or a post-norm (step 4), in
+    block order, each of its input width (on the target's device)."""
+    found = []
+    for block in structure.blocks:
+        for target in [*block.writers, *block.post_normed]:
+            width = target.output_matrices()[0][1].shape[1]
+            online = hadamard(width).to(execution_device(target.module))
+            found.append(OnlineRotation(target, online))
+    return found
+
+
+@torch.no_grad()
+def fold_online(model: nn.Module, online: list[OnlineRotation]) -> None:
+    """Step 4: x -> x H before each target's output matrices (online), W <- W H."""
+    for rotation in online:
+        with onloaded(model, rotation.target.name):
+            _online_hadamard(model, rotation.target, rotation.hadamard)
+
+
+class DenseRotation(nn.Module):
+    """x -> x @ M along the last dimension, M a dense orthogonal n x n matrix kept in float64
+    (a learned rotation: SpinQuant's R1); `inverse(x)` = x @ M^T, `matrix()` = M."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", matrix.detach().double(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.to(x)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T.to(x)
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return f"dense {self.weight.shape[0]} x {self.weight.shape[1]}"
+
+
+@dataclass(frozen=True)
+class OnlineRotation:
+    """QuaRot's online Hadamard before a target writing the stream (o_proj, down_proj)."""
+
+    target: Target
+    hadamard: HadamardTransform
 
 
 def _check_rotatable(model: nn.Module, structure: Structure) -> None:
@@ -305,26 +378,37 @@ def _online_hadamard(model: nn.Module, target: Target, online: HadamardTransform
         set_input_step(target.module, parameter, "rotate", lambda x, _e, t=online: t(x))
 
 
-def _rotate_queries_and_keys(block: nn.Module, queries: dict[int, HadamardTransform]) -> None:
-    """The per-head Hadamard of queries and keys of the attention modules in `block`."""
-    for module in block.modules():
-        rotation = queries.get(id(module))
-        if rotation is None:
-            continue
-        module.kv_transform.qk_rotation = rotation
-        key_slot = getattr(module, "k_bias", None)  # the qbench family's learned slot
+def rotate_queries_and_keys(model: nn.Module, hadamard: Hadamard) -> None:
+    """Step 5: queries and keys rotated per head after RoPE, online (QK^T unchanged)."""
+    install_qk(qk_rotations(model, hadamard))
+
+
+def qk_rotations(model: nn.Module, hadamard: Hadamard) -> list[tuple[KVSite, HadamardTransform]]:
+    """Every attention's KV step (installed where missing) with its per-head Hadamard."""
+    return [(site, hadamard(site.head_dim).to(site.device)) for site in kv_sites(model)]
+
+
+@torch.no_grad()
+def install_qk(rotations: list[tuple[KVSite, HadamardTransform]]) -> None:
+    """Each KV step rotates queries and keys by its Hadamard; a learned key slot alike."""
+    for site, rotation in rotations:
+        site.transform.qk_rotation = rotation
+        key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
             set_weight(key_slot, rotation(key_slot.double()))
 
 
-def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:
-    after = model(input_ids=ids).logits.double()
-    error = relative_error(after, before)
+@torch.no_grad()
+def check_lossless(model: nn.Module, prepared: Prepared, method: str) -> None:
+    """QBenchError when the logits of the probe tokens moved from `prepared.before` beyond
+    LOSSLESS_TOLERANCE (relative L2) for the model's dtype; `method` names the change."""
+    after = model(input_ids=prepared.ids).logits.double()
+    error = relative_error(after, prepared.before)
     dtype = next(model.parameters()).dtype
     tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
     if not error <= tolerance:
         raise QBenchError(
-            f"rotation changed the logits of {model.config.model_type} by {error:.2e} "
+            f"{method} changed the logits of {model.config.model_type} by {error:.2e} "
             f"(relative L2; allowed {tolerance:g} in {dtype}): qbench's structure trace "
             "misread this model; use smoothquant, gptq or rtn for it"
         )

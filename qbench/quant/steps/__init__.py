@@ -9,6 +9,7 @@ from qbench.quant.steps import (  # noqa: F401  (each registers its steps)
     rotation,
     rtn,
     smoothquant,
+    spinquant,
 )
 from qbench.quant.steps.base import (
     ROUNDINGS,

@@ -139,7 +139,7 @@ class RemoveAttentionSink(Ablation):
     def label(self) -> str:
         return "remove the attention sink: key 0 masked for queries 1.. (renormalised)"
 
-    def refusal(self, found: Inventory) -> str | None:
+    def refusal(self, found: Inventory, quantizer: QuantizerConfig) -> str | None:
         modules = found.blocks[0].modules() if len(found.blocks) else ()
         own = [m for m in modules if type(m).__module__.startswith("qbench.")]
         if own:

@@ -41,6 +41,16 @@ class AWQ(Transform):
     def is_lossless(self) -> bool:
         return not self.clip  # the scaling is lossless; clipping changes the weights
 
+    def breakdown_part(self, whole: QuantizerConfig, part: str) -> AWQ | None:
+        """The weights-only part keeps it; the KV-only part has no linears for it to scale;
+        an activations-only part would have no weights to search scales for."""
+        if part == "activations":
+            raise ValueError(
+                "awq searches its scales for the weights it rounds, and the activations-only "
+                "part rounds none: break down smoothquant, rotation, spinquant, rtn or gptq"
+            )
+        return None if part == "kv" else self
+
     def apply(self, context: StepContext) -> None:
         from qbench.quant.methods.awq import awq
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from qbench.config import StrictModel
+from qbench.data.calibration import CalibrationSpec
 from qbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ class Transform(StrictModel):
         """Change `context.model` in place (after the transforms `context.before`)."""
         raise NotImplementedError
 
+    def calibration_text(self) -> CalibrationSpec | None:
+        """The calibration text the step reads: its `calibration` field, if it has one."""
+        spec = getattr(self, "calibration", None)
+        return spec if isinstance(spec, CalibrationSpec) else None
+
     def versions(self) -> dict[str, str]:
         """Versions of the packages its result depends on beyond `library_versions()`."""
         return {}
@@ -56,13 +62,20 @@ class Transform(StrictModel):
         fp cell); a transform that clips weights (AWQ's clip search) is not."""
         return True
 
-    def refusal(self, found: Inventory) -> str | None:
-        """Why the step cannot run on a model with inventory `found` (None: it can)."""
+    def refusal(self, found: Inventory, quantizer: QuantizerConfig) -> str | None:
+        """Why the step cannot transform a model with these targets (None: it can); read at
+        plan time on the checkpoint's skeleton."""
         return None
 
     def label(self) -> str:
         """What it does, for the leaderboard (its name unless it says more)."""
         return self.transform
+
+    def breakdown_part(self, whole: QuantizerConfig, part: str) -> Transform | None:
+        """This step in the `part` ("weights", "activations" or "kv") of `whole`'s error
+        breakdown, the same pipeline with only that part rounded: itself by default, None
+        where it has no role in that part. ValueError where the part cannot be made."""
+        return self
 
 
 class Rounding(StrictModel):
@@ -82,6 +95,11 @@ class Rounding(StrictModel):
     def round(self, context: StepContext) -> None:
         """Round the quantizer's targets of `context.model` in place."""
         raise NotImplementedError
+
+    def calibration_text(self) -> CalibrationSpec | None:
+        """The calibration text the step reads: its `calibration` field, if it has one."""
+        spec = getattr(self, "calibration", None)
+        return spec if isinstance(spec, CalibrationSpec) else None
 
     def linear_bits(self, quantizer: QuantizerConfig) -> tuple[int, int]:
         """(weight bits, activation bits) of the rounded targets; 16 for float."""

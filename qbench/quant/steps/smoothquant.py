@@ -11,6 +11,7 @@ from qbench.quant.steps.base import Transform, register_transform
 
 if TYPE_CHECKING:
     from qbench.quant.context import StepContext
+    from qbench.quant.quantizer import QuantizerConfig
 
 
 @register_transform("smoothquant")
@@ -23,6 +24,11 @@ class SmoothQuant(Transform):
     transform: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(default=0.5, ge=0, le=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+    def breakdown_part(self, whole: QuantizerConfig, part: str) -> SmoothQuant | None:
+        """Not in the KV-only part: it scales the linears' inputs and weights, and leaves
+        keys and values as they were."""
+        return None if part == "kv" else self
 
     def apply(self, context: StepContext) -> None:
         from qbench.quant.methods.smoothquant import smoothquant
