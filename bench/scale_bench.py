@@ -33,7 +33,7 @@ from common import describe, seconds, table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from qbench.checkpoints.load import device
+from qbench.checkpoints.dispatch import default_device
 from qbench.checkpoints.train import PRESETS, train_tokenizer
 from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.data.sources import embedded_rows
@@ -88,7 +88,7 @@ def llama(hidden: int, mlp: int, heads: int, layers: int, vocab: int) -> LlamaFo
         max_position_embeddings=2048,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device()).eval()
+    return LlamaForCausalLM(config).to(default_device()).eval()
 
 
 @dataclass
@@ -176,7 +176,7 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     model = llama(4096, 11008, 32, 1, len(tokenizer))
     print(describe(model))
     spec = CalibrationSpec.model_validate(calibration)
-    batch = calibration_ids(tokenizer, spec)[: spec.batch_size].to(device())
+    batch = calibration_ids(tokenizer, spec)[: spec.batch_size].to(default_device())
     with torch.no_grad():
         plain = min(seconds(lambda: model(batch)) for _ in range(3))
     narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks

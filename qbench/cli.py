@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", default="embedded")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int)
+    train.add_argument("--task", help="a synthetic task (e.g. bigram-backcopy) over --corpus")
     train.set_defaults(command=_train)
 
     probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
@@ -178,8 +179,9 @@ def _train(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         seed=args.seed,
         steps=args.steps,
+        task=args.task,
     )
-    print(trained_checkpoint(train_config(**spec.model_dump())))
+    print(trained_checkpoint(train_config(**dict(spec))))
     return 0
 
 

@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     BeforeValidator,
     Field,
+    PrivateAttr,
     StrictBool,
     ValidationError,
     field_validator,
@@ -42,6 +43,8 @@ from qbench.data.sources import (
     source_text,
     text_source,
 )
+from qbench.data.synthetic import SPLITS as TASK_SPLITS
+from qbench.data.synthetic import TaskField, TaskSource
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.files import utf8_text
@@ -88,13 +91,23 @@ def _in_registry(registry: Any, name: str) -> str:
 
 
 class TrainSpec(StrictModel):
-    """A checkpoint trained here, cached by a hash of its full config."""
+    """A checkpoint trained here, cached by a hash of its full config: on the text of
+    `corpus`, or with `task:` on a synthetic task over it (qbench.data.synthetic; `task:
+    bigram-backcopy` or `task: {name: bigram-backcopy, vocabulary: ..., vocab_size: ...,
+    triggers: ...}`), whose sequences are the preset's seq_len long."""
 
     preset: str = "tiny"
     variant: str = "baseline"
     corpus: str = "embedded"
     seed: Seed = 0
     steps: Count | None = None
+    task: TaskField | None = None
+
+    def task_source(self) -> TaskSource | None:
+        """The task's held-out data as perplexity data (None without a task)."""
+        if self.task is None:
+            return None
+        return TaskSource(self.task, self.corpus, PRESETS.get(self.preset).seq_len)
 
     @field_validator("preset")
     @classmethod
@@ -244,10 +257,15 @@ class PerplexitySpec(StrictModel):
     Defaults come from the source's convention: `split` is 'test' where the source has one,
     else its only split; c4 reads its first 1100 documents (`max_documents`) and scores its
     first 256 windows (`max_windows`), as GPTQ and QuaRot do.
+
+    `data: task, checkpoint: NAME` scores the held-out split (`valid`, default, or `test`) of
+    the synthetic task checkpoint (or group) NAME is trained on; seq_len defaults to that
+    checkpoint's, so each window is one sequence with BOS first (the recipe checks both).
     """
 
     data: str
     split: str | None = None
+    checkpoint: str | None = None  # data: task
     path: str | None = None  # data: text
     dataset: str | None = None  # data: hub
     config: str | None = None  # data: hub
@@ -257,6 +275,7 @@ class PerplexitySpec(StrictModel):
     batch_size: Count = 8
     max_windows: Count | None = None
     name: str | None = None
+    _task: TaskSource | None = PrivateAttr(default=None)  # data: task, set by the Recipe
 
     _name = field_validator("name")(_check_name)
 
@@ -264,6 +283,8 @@ class PerplexitySpec(StrictModel):
     @classmethod
     def _source_convention(cls, data: Any) -> Any:
         """Fill split, max_documents and max_windows from a registered source's convention."""
+        if isinstance(data, dict) and data.get("data") == TASK_DATA:
+            return {"split": TASK_SPLITS[0], **data}
         if not isinstance(data, dict) or data.get("data") not in TEXT_SOURCES:
             return data
         source = TEXT_SOURCES.get(data["data"])
@@ -283,17 +304,26 @@ class PerplexitySpec(StrictModel):
             TEXT_SOURCES.get(data)
         except KeyError as error:
             raise ValueError(
-                f"{error.args[0]}; or `text` (with path:) or `hub` (with dataset:, split:)"
+                f"{error.args[0]}; or `text` (with path:), `hub` (with dataset:, split:) or "
+                "`task` (with checkpoint:)"
             ) from None
         return data
 
     @model_validator(mode="after")
     def _fields_fit_the_data(self) -> PerplexitySpec:
         given = {f for f in _SOURCE_FIELDS if getattr(self, f) is not None}
-        allowed = {"text": {"path"}, "hub": {"split", "dataset", "config", "text_column"}}
+        allowed = {
+            "text": {"path"},
+            "hub": {"split", "dataset", "config", "text_column"},
+            TASK_DATA: {"split", "checkpoint"},
+        }
         extra = sorted(given - allowed.get(self.data, {"split"}))
         if extra:
             raise ValueError(f"{extra[0]}: does not apply to data: {self.data}")
+        if self.data == TASK_DATA and self.split not in TASK_SPLITS:
+            raise ValueError(f"split '{self.split}': a task's splits are {', '.join(TASK_SPLITS)}")
+        if self.data == TASK_DATA and self.max_documents is not None:
+            raise ValueError("max_documents: does not apply to data: task (use max_windows)")
         if self.data not in EXTERNAL_DATA:
             if self.split is None:
                 splits = ", ".join(TEXT_SOURCES.get(self.data).splits)
@@ -328,7 +358,21 @@ class PerplexitySpec(StrictModel):
         if self.data == "hub":
             column = self.text_column or "text"
             return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
+        if self.data == TASK_DATA:
+            return self.task_source.text(self.split)
         return source_text(self.data, self.split, self.max_documents)
+
+    @property
+    def task_source(self) -> TaskSource:
+        """The task of `data: task` (resolved from its checkpoint when the recipe loads)."""
+        if self._task is None:
+            raise QBenchError(f"data: task, checkpoint: {self.checkpoint} is not resolved")
+        return self._task
+
+    def query_types(self, ids: Any) -> dict[str, Any] | None:
+        """The task's query-type masks of token windows `ids` [n, seq_len] (data: task), for
+        the diagnostics' first-token mass per type; None for other data."""
+        return self.task_source.task().query_types(ids) if self.data == TASK_DATA else None
 
     def describe(self) -> str:
         """Where the text comes from and how its documents are joined."""
@@ -338,6 +382,8 @@ class PerplexitySpec(StrictModel):
             if not resolve_path(self.path).is_dir():
                 kind = "a file: one document"
             return f"`{self.path}` ({kind}); {first} joined with a blank line"
+        if self.data == TASK_DATA:
+            return f"checkpoint {self.checkpoint}'s task: {self.task_source.describe(self.split)}"
         if self.data == "hub":
             config = f", config {self.config}" if self.config else ""
             return (
@@ -350,13 +396,16 @@ class PerplexitySpec(StrictModel):
         return f"{self.data} {self.split} split ({origin}); {first} joined with {joined}"
 
 
-EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}}  # data: -> required fields
-_SOURCE_FIELDS = ("split", "path", "dataset", "config", "text_column")
-_NEW_FIELDS = ("path", "dataset", "config", "text_column", "max_documents")
+TASK_DATA = "task"
+# data: -> required fields
+EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}, TASK_DATA: {"checkpoint"}}
+_SOURCE_FIELDS = ("split", "checkpoint", "path", "dataset", "config", "text_column")
+_NEW_FIELDS = ("checkpoint", "path", "dataset", "config", "text_column", "max_documents")
 _NEEDS = {
     "path": "a UTF-8 file, or a folder of .txt files",
     "dataset": "a Hugging Face dataset id, e.g. allenai/c4",
     "split": "the split's name, e.g. validation",
+    "checkpoint": "the name of a checkpoint (or group) trained with train.task",
 }
 
 
@@ -468,6 +517,13 @@ class Recipe(StrictModel):
 
     _name = field_validator("name")(_check_name)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_windows(cls, data: Any) -> Any:
+        """`data: task` windows default to its checkpoint's sequence length, and so do the
+        diagnostics' windows when they probe it (checked after validation)."""
+        return _task_window_defaults(data)
+
     @field_validator("checkpoints")
     @classmethod
     def _expand_seeds(cls, checkpoints: list[CheckpointSpec]) -> list[CheckpointSpec]:
@@ -507,6 +563,42 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _task_data(self) -> Recipe:
+        """Resolve each `data: task` to its checkpoint's task; every checkpoint must be trained
+        on that task and corpus (its tokenizer reads the task's symbols), each window must be
+        one sequence, and so must the diagnostics' when they probe it."""
+        for i, spec in enumerate(self.eval.perplexity):
+            if spec.data != TASK_DATA:
+                continue
+            where = f"eval.perplexity[{i}]"
+            source = _named_task(self.checkpoints, spec.checkpoint, f"{where}.checkpoint")
+            for j, checkpoint in enumerate(self.checkpoints):
+                train = checkpoint.train
+                if train is None or (train.task, train.corpus) != (source.spec, source.corpus):
+                    raise ValueError(
+                        f"checkpoints[{j}] '{checkpoint.name}': {where} scores the task data of "
+                        f"'{spec.checkpoint}' ({source.spec.describe()} over {source.corpus}), "
+                        "which only a checkpoint trained on that task and corpus reads; train it "
+                        "so, or score other data"
+                    )
+            if spec.seq_len != source.seq_len:
+                raise ValueError(
+                    f"{where}.seq_len: {spec.seq_len}, but the task's sequences are "
+                    f"{source.seq_len} tokens (checkpoint '{spec.checkpoint}''s preset): leave it "
+                    f"out or give {source.seq_len}, so each window is one sequence with BOS first"
+                )
+            spec._task = source
+        probed = self.eval.perplexity[0]
+        diagnostics = self.eval.diagnostics
+        if probed.data == TASK_DATA and diagnostics and diagnostics.seq_len != probed.seq_len:
+            raise ValueError(
+                f"eval.diagnostics.seq_len: {diagnostics.seq_len}, but they probe the task data "
+                f"of eval.perplexity[0], whose sequences are {probed.seq_len} tokens: leave it out "
+                f"or give {probed.seq_len}, so the first token of each window is BOS"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _diagnosable(self) -> Recipe:
         for i, quantizer in enumerate(self.quantizers if self.eval.diagnostics is not None else []):
             if not quantizer.diagnosable:
@@ -530,6 +622,51 @@ class Recipe(StrictModel):
                         f"gate: unknown metric '{metric}'{did_you_mean(metric, known)}; "
                         f"this recipe's metrics: {', '.join(known)}"
                     )
+
+
+def _named_task(checkpoints: list[CheckpointSpec], name: str, where: str) -> TaskSource:
+    """The task of checkpoint (or group) `name`, as perplexity data."""
+    named = [c for c in checkpoints if name in (c.name, c.group)]
+    if not named:
+        known = list(dict.fromkeys(n for c in checkpoints for n in (c.group, c.name) if n))
+        raise ValueError(f"{where}: no checkpoint or group '{name}'{did_you_mean(name, known)}")
+    source = named[0].train.task_source() if named[0].train is not None else None
+    if source is None:
+        raise ValueError(f"{where}: '{name}' is not trained on a task; give it train.task")
+    return source
+
+
+def _task_window_defaults(data: Any) -> Any:
+    """The recipe's raw mapping with `seq_len` filled in for `data: task` entries (the named
+    checkpoint's preset's) and for eval.diagnostics when it probes such an entry; malformed
+    input is left as it is, for validation to report."""
+    evaluation = data.get("eval") if isinstance(data, dict) else None
+    entries = evaluation.get("perplexity") if isinstance(evaluation, dict) else None
+    if not isinstance(entries, list) or not isinstance(data.get("checkpoints"), list):
+        return data
+    lengths = {}
+    for checkpoint in data["checkpoints"]:
+        train = checkpoint.get("train") if isinstance(checkpoint, dict) else None
+        preset = train.get("preset", "tiny") if isinstance(train, dict) else None
+        if isinstance(preset, str) and preset in PRESETS:
+            for key in ("name", "group"):
+                lengths.setdefault(checkpoint.get(key), PRESETS.get(preset).seq_len)
+    filled = [
+        {"seq_len": lengths[e.get("checkpoint")], **e}
+        if isinstance(e, dict) and e.get("data") == TASK_DATA and e.get("checkpoint") in lengths
+        else e
+        for e in entries
+    ]
+    diagnostics = evaluation.get("diagnostics")
+    diagnostics = {} if diagnostics is True else diagnostics
+    first = filled[0] if filled else None
+    probes_task = isinstance(first, dict) and first.get("data") == TASK_DATA
+    if isinstance(diagnostics, dict) and probes_task and "seq_len" in first:
+        diagnostics = {"seq_len": first["seq_len"], **diagnostics}
+    update = {"perplexity": filled}
+    if "diagnostics" in evaluation:
+        update["diagnostics"] = diagnostics
+    return {**data, "eval": {**evaluation, **update}}
 
 
 def _reject_duplicates(names: list[str], what: str, fix: str) -> None:

@@ -183,6 +183,7 @@ def run_cell(
     torch.manual_seed(recipe.seed)
     stages, transformed_eval_s, coverage = {}, 0.0, None
     probe = _probe(recipe, tokenizer)
+    query_types = recipe.eval.perplexity[0].query_types(probe) if probe is not None else None
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
     with collecting() as notes:
@@ -199,7 +200,7 @@ def run_cell(
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
-    diagnostics = diagnose(model, probe, sqnr) if probe is not None else None
+    diagnostics = diagnose(model, probe, sqnr, query_types) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,

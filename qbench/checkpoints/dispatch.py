@@ -18,6 +18,11 @@ from qbench.errors import QBenchError
 from qbench.registry import did_you_mean
 
 
+def default_device() -> torch.device:
+    """Where models load and train: CUDA if available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the input embedding's execution device (its hook's, when
     accelerate dispatched it; an offloaded embedding's weight is on the meta device)."""

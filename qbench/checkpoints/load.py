@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
-from qbench.checkpoints.dispatch import input_device, offloaded_modules
+from qbench.checkpoints.dispatch import default_device, input_device, offloaded_modules
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
 from qbench.checkpoints.train import (
     TrainConfig,
@@ -81,10 +81,6 @@ SIZE_FIELDS = (
 )
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def local_dir(spec: CheckpointSpec) -> Path:
     """The checked local directory of a `path:` checkpoint."""
     directory = Path(spec.path).expanduser()
@@ -97,7 +93,7 @@ def local_dir(spec: CheckpointSpec) -> Path:
 
 def spec_train_config(spec: CheckpointSpec) -> TrainConfig:
     t = spec.train
-    return train_config(t.preset, t.variant, t.corpus, t.seed, t.steps)
+    return train_config(t.preset, t.variant, t.corpus, t.seed, t.steps, t.task)
 
 
 def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> PretrainedConfig:
@@ -358,7 +354,7 @@ def load_checkpoint(
     if not offloaded_modules(model):  # an offloaded Conv1D's hook holds its [in, out] weight
         linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     if spec.device_map is None:
-        model.to(device())
+        model.to(default_device())
     check_causal(model.eval())
     return model, tokenizer
 

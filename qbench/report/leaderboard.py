@@ -18,6 +18,7 @@ from qbench.report.intervals import comparison_section, delta_cells, interval_no
 from qbench.report.outliers import outlier_section, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
+from qbench.report.verdict import verdict_section
 from qbench.store import load_table, report_cells
 from qbench.versions import library_versions
 
@@ -91,6 +92,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),
+            *verdict_section(recipe, table),
             *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",

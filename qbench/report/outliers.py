@@ -17,7 +17,11 @@ from qbench.report.seeds import checkpoint_groups
 SUMMARY_COLUMNS = [
     ("max_activation", "max \\|h\\|", "{:.2f}"),
     ("max_median_ratio", "max/median", "{:.1f}"),
+    ("max_activation_position", "peak position", "{:.0f}"),
     ("first_token_mass", "first-token mass", "{:.3f}"),
+    ("max_head_first_token_mass", "max head first-token mass", "{:.3f}"),
+    ("sink_mass_non_trigger", "sink head BOS mass non-trigger", "{:.3f}"),
+    ("sink_mass_trigger", "sink head BOS mass trigger", "{:.3f}"),
     ("bias_slot_mass", "bias-slot mass", "{:.3f}"),
     ("max_input_kurtosis", "max kurtosis (inputs)", "{:.1f}"),
     ("max_weight_kurtosis", "max kurtosis (weights)", "{:.2f}"),
@@ -58,8 +62,12 @@ def outlier_section(recipe: Recipe, table: ResultsTable) -> list[str]:
         f"Unquantized model, first {spec.samples} windows of {spec.seq_len} tokens of "
         f"{recipe.eval.perplexity[0].data} {recipe.eval.perplexity[0].split}. max |h|: largest "
         "residual-stream magnitude over layers; max/median: its largest ratio to the layer's "
-        "median |h|; first-token mass: attention on the first token, mean over layers, heads "
-        "and queries 1..t-1 (bias-slot mass: on the learned attention-bias slot); kurtosis: "
+        "median |h|; peak position: the token position of that largest |h| in its window (0 = "
+        "the first token); first-token mass: attention on the first token, mean over layers, "
+        "heads and queries 1..t-1 (max head: the largest of one head; sink head BOS mass: on "
+        "a synthetic task's data, the head with the largest mass from non-trigger queries, "
+        "from its non-trigger and its trigger queries; bias-slot mass: on the learned "
+        "attention-bias slot); kurtosis: "
         "Pearson (3 = Gaussian); min SQNR: the worst linear layer's output under that "
         "quantizer's formats. Per-layer plots: plots/outliers.png.",
         "",
