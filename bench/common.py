@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 from qbench.checkpoints.load import DTYPES, device, load_checkpoint
 from qbench.checkpoints.train import PRESETS, train_tokenizer
 from qbench.data.sources import embedded_rows
-from qbench.quant.fused import MODE_VARIABLE
+from qbench.quant.formats.fused import MODE_VARIABLE
 from qbench.recipe import CheckpointSpec
 
 

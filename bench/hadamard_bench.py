@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from common import seconds
 
-from qbench.quant.hadamard import HadamardTransform
+from qbench.quant.formats.hadamard import HadamardTransform
 
 
 def median_seconds(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:

@@ -42,9 +42,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 from transformers import PreTrainedTokenizerBase
 
+from qbench.api import quantize_
 from qbench.data.sources import load_text
 from qbench.eval.perplexity import Perplexity, perplexity, windows_of
-from qbench.quant import QuantizerConfig, quantize_
+from qbench.quant.quantizer import QuantizerConfig
 
 FORMATS = {"int4": {"bits": 4}, "nvfp4": {"format": "nvfp4"}, "mxfp4": {"format": "mxfp4"}}
 
@@ -142,7 +143,8 @@ def main() -> None:
     for name in args.formats:
         fmt = FORMATS[name]
         config = QuantizerConfig(name=name, method="rtn", weights=fmt, activations=fmt)
-        quantized = quantize_(copy.deepcopy(model), config)
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, config)
         for mode, path in (("0", "reference"), ("1", "fast")):
             with fast_quant(mode):
                 rows.append([f"W4A4 {name}", path, *measure(quantized, tokenizer, text, args)])

@@ -44,8 +44,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
-from qbench.quant import fused, quantize_, quantizer
-from qbench.quant.spec import ActivationQuant, fake_quant
+from qbench.api import quantize_, quantizer
+from qbench.quant.formats import fused
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant
 
 FORMATS = {
     "int8": {"bits": 8},
@@ -117,7 +119,8 @@ def quantized(model: nn.Module, config: dict, tokenizer: object) -> tuple[nn.Mod
     spec = quantizer(name="bench", **config)
     torch.manual_seed(0)
     start = time.perf_counter()
-    result = quantize_(copy.deepcopy(model), spec, tokenizer)
+    result = copy.deepcopy(model)
+    quantize_(result, spec, tokenizer)
     return result, time.perf_counter() - start
 
 

@@ -33,11 +33,12 @@ from common import describe, seconds, table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from qbench.api import quantize_, quantizer
 from qbench.checkpoints.dispatch import default_device
 from qbench.checkpoints.train import PRESETS, train_tokenizer
-from qbench.data.calibration import CalibrationSpec, calibration_ids
+from qbench.data.calibration import CalibrationSpec
 from qbench.data.sources import embedded_rows
-from qbench.quant import quantize_, quantizer
+from qbench.quant.context import sample_windows
 
 REPEATS, REPEAT_BUDGET_S = 3, 30.0
 
@@ -176,7 +177,7 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     model = llama(4096, 11008, 32, 1, len(tokenizer))
     print(describe(model))
     spec = CalibrationSpec.model_validate(calibration)
-    batch = calibration_ids(tokenizer, spec)[: spec.batch_size].to(default_device())
+    batch = sample_windows(tokenizer, spec, seed=0)[: spec.batch_size].to(default_device())
     with torch.no_grad():
         plain = min(seconds(lambda: model(batch)) for _ in range(3))
     narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks

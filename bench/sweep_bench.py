@@ -178,7 +178,7 @@ def missing_library(quantizer: dict) -> str | None:
     installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from qbench.quant import quantizer as validated
+    from qbench.api import quantizer as validated
 
     package = getattr(validated(**quantizer).rounding, "PACKAGE", None)  # LibraryStep's
     if package is None:

@@ -204,7 +204,7 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.data.sources import TEXT_SOURCES
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS
-    from qbench.quant import ROUNDINGS, SHORTHANDS, TRANSFORMS
+    from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
 
     print("methods:     ", ", ".join(SHORTHANDS), "(shorthands of transforms + rounding)")
     print("transforms:  ", ", ".join(TRANSFORMS.names()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -28,10 +28,9 @@ from qbench.checkpoints.load import (
 from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
 from qbench.eval.tasks import task_identity
-from qbench.quant.inventory import Inventory, inventory, linear_conv1d
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.quant.spec import KVQuant, divides_error
-from qbench.quant.steps import quantized_targets
+from qbench.quant.refusal import refusal_of, text_config
+from qbench.quant.walk.inventory import inventory, linear_conv1d
 from qbench.recipe import CheckpointSpec, Recipe, RecipeError
 from qbench.versions import library_versions
 
@@ -146,7 +145,13 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
             fp_key = fp_key or key
             refusal = quantizer and (
                 _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
-                or refusal_of(quantizer, index - 1, checkpoint, config, found)
+                or refusal_of(
+                    quantizer,
+                    f"quantizers[{index - 1}] '{quantizer.name}'",
+                    checkpoint.name,
+                    config,
+                    found,
+                )
             )
             cells.append(
                 Cell(recipe.name, checkpoint, quantizer, key, identity, refusal or None, fp_key)
@@ -181,8 +186,13 @@ QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): k
 
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
     """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
-    version of that layout."""
-    return {"schema": QUANTIZER_SCHEMA, **quantizer.model_dump(exclude={"name", "method"})}
+    version of that layout; `targets:` / `ignore:` only where given (keys from before they
+    existed stay valid)."""
+    unset = {f for f in ("targets", "ignore") if not getattr(quantizer, f)}
+    return {
+        "schema": QUANTIZER_SCHEMA,
+        **quantizer.model_dump(exclude={"name", "method", *unset}),
+    }
 
 
 def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
@@ -199,17 +209,13 @@ def _check_context(
     recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
 ) -> None:
     """Perplexity windows fit the checkpoint's context."""
-    context = getattr(_text_config(config), "max_position_embeddings", None)
+    context = getattr(text_config(config), "max_position_embeddings", None)
     for i, spec in enumerate(recipe.eval.perplexity):
         if context is not None and spec.seq_len > context:
             raise RecipeError(
                 f"{source}: eval.perplexity[{i}].seq_len: {spec.seq_len} exceeds checkpoint "
                 f"'{checkpoint.name}''s max_position_embeddings {context}; use seq_len <= {context}"
             )
-
-
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _skeleton(
@@ -245,85 +251,3 @@ def _offload_refusal(
         f"quantizers[{index}] '{quantizer.name}' on checkpoint '{checkpoint.name}': "
         f"checkpoints[{i}].device_map {offloaded}"
     )
-
-
-def refusal_of(
-    quantizer: QuantizerConfig,
-    index: int,
-    checkpoint: CheckpointSpec,
-    config: PretrainedConfig,
-    found: Inventory,
-) -> str | None:
-    """Why `quantizer` (recipe entry `index`) cannot run on `checkpoint`, as a line naming the
-    field: a group or block that does not divide a target's width, a KV group that does not
-    divide head_dim, calibration windows longer than the context, or what the method itself
-    cannot do on this architecture (`QuantizerConfig.refusal`). None: it can run."""
-    where = f"quantizers[{index}] '{quantizer.name}'"
-    context = getattr(_text_config(config), "max_position_embeddings", None)
-    calibration = getattr(quantizer, "calibration", None)
-    if calibration is not None and context is not None and calibration.seq_len > context:
-        return (
-            f"{where}.calibration.seq_len: {calibration.seq_len} exceeds checkpoint "
-            f"'{checkpoint.name}''s max_position_embeddings {context}"
-        )
-    if quantizer.kv is not None and (problem := _kv_misfit(quantizer.kv, config)):
-        return f"{where}.kv.{problem} of checkpoint '{checkpoint.name}'"
-    if misfit := next(_misfits(quantizer, found), None):
-        field, layer, text, fix = misfit
-        return f"{where}.{field}: {text} of layer {layer} in checkpoint '{checkpoint.name}'; {fix}"
-    if problem := quantizer.refusal(found):
-        return (
-            f"{where} ({quantizer.method}) on checkpoint '{checkpoint.name}' "
-            f"({config.model_type}): {problem}"
-        )
-    return None
-
-
-def _misfits(quantizer: QuantizerConfig, found: Inventory) -> Iterator[tuple[str, str, str, str]]:
-    """(field path, layer, problem, fix) for each target input width `quantizer` cannot
-    quantize: its weight / activation formats, then the method's own fields."""
-    widths = {
-        f"{name}.{param}" if target.experts else name: width
-        for name, target in quantized_targets(found, quantizer).items()
-        for param, width in target.input_widths().items()
-    }
-    embeddings = {}
-    if quantizer.embeddings and found.embeddings:
-        table = next(iter(found.embeddings.items()))
-        embeddings = {table[0]: table[1].weight.shape[1]}
-    roles = {"weights": widths | embeddings, "activations": widths}
-    for role, layers in roles.items():
-        spec = getattr(quantizer, role)
-        for layer, width in layers.items() if spec is not None else ():
-            if problem := divides_error(spec, width):
-                field, text, fix = problem
-                yield f"{role}.{field}", layer, text, fix
-    for layer, width in widths.items():
-        if problem := quantizer.width_error(width):
-            field, text, fix = problem
-            yield field, layer, text, fix
-
-
-def kv_widths(config: PretrainedConfig) -> set[int]:
-    """The widths of the keys and values per head: head_dim, or MLA's key and value widths."""
-    text = _text_config(config)
-    if getattr(text, "qk_rope_head_dim", None) and getattr(text, "v_head_dim", None):
-        return {text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim}
-    width = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return {width}
-
-
-def _kv_misfit(kv: KVQuant, config: PretrainedConfig) -> str | None:
-    """'field: problem' when the KV groups or blocks do not divide the key/value width."""
-    for width in sorted(kv_widths(config)):
-        if kv.block is not None and width % kv.block:
-            what = (
-                f"group {kv.group} does"
-                if kv.group
-                else f"{kv.format}'s {kv.block}-element blocks do"
-            )
-            return (
-                f"{'group' if kv.group else 'format'}: {what} not divide head_dim {width}; use a "
-                f"group that divides {width}, or no group (one scale per token and head)"
-            )
-    return None

@@ -14,7 +14,7 @@ from qbench.data.synthetic import SPLITS as TASK_SPLITS
 from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
 from qbench.files import write_json_atomic
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import (
     NAME_MAX,
     TASK_DATA,

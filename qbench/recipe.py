@@ -48,7 +48,7 @@ from qbench.data.synthetic import TaskField, TaskSource
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import DiagnosticsSpec
 from qbench.files import utf8_text
-from qbench.quant import QuantizerConfig
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.steps import ROUNDINGS, TRANSFORMS
 from qbench.registry import did_you_mean
 from qbench.report.bootstrap import BootstrapSpec
@@ -366,7 +366,10 @@ class PerplexitySpec(StrictModel):
     def task_source(self) -> TaskSource:
         """The task of `data: task` (resolved from its checkpoint when the recipe loads)."""
         if self._task is None:
-            raise QBenchError(f"data: task, checkpoint: {self.checkpoint} is not resolved")
+            raise QBenchError(
+                f"data: task, checkpoint: {self.checkpoint}: task data is a recipe checkpoint's "
+                "task; score it through a recipe (qbench run), which resolves the checkpoint"
+            )
         return self._task
 
     def query_types(self, ids: Any) -> dict[str, Any] | None:

@@ -4,8 +4,8 @@ A `Worker` keeps the checkpoint it loaded last (a `CheckpointContext`): the mode
 quantized cell quantizes in place and `Pristine` (qbench.quant.restore) puts back afterwards
 (weights read back from a file written once, never a second copy in memory), its tokenizer,
 and a store of what the checkpoint's cells share: calibration token ids, the fp model's
-SmoothQuant activation absmax, GPTQ's block-0 Hessians (qbench.data.calibration's
-`shared_statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
+SmoothQuant activation absmax, GPTQ's block-0 Hessians (qbench.quant.context's
+`StepContext.statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
 included), a non-finite perplexity, a transform that is not lossless or a quantizer the plan
 refused becomes a `status: failed` record.
 """
@@ -25,17 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from qbench.checkpoints.dispatch import check_quantizable, device_label
 from qbench.checkpoints.load import load_identified
 from qbench.checkpoints.train import cache_dir
-from qbench.data.calibration import sharing_statistics
 from qbench.errors import QBenchError
 from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
-from qbench.quant.fused import fast_quant_mode
-from qbench.quant.inventory import inventory
-from qbench.quant.notes import collecting, note
+from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.quant.restore import Pristine
+from qbench.quant.walk.restore import Pristine
 from qbench.recipe import Recipe
 from qbench.record import OK, Record
 from qbench.store import read_record
@@ -122,16 +119,16 @@ class Worker:
                 check_quantizable(context.model)
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
-                with sharing_statistics(context.shared):
-                    return run_cell(
-                        cell,
-                        recipe,
-                        context.model,
-                        context.tokenizer,
-                        self.progress,
-                        results_root / recipe.name,
-                        fp,
-                    )
+                return run_cell(
+                    cell,
+                    recipe,
+                    context.model,
+                    context.tokenizer,
+                    self.progress,
+                    results_root / recipe.name,
+                    fp,
+                    context.shared,
+                )
             finally:
                 if pristine is not None:
                     self._restore(pristine)
@@ -168,35 +165,47 @@ def run_cell(
     progress: bool = True,
     work_dir: Path | None = None,
     fp: Record | None = None,
+    shared: dict[Any, Any] | None = None,
 ) -> Record:
     """Quantize `model` in place as the cell says, evaluate it, and return its record (the
-    caller restores the model afterwards: qbench.quant.restore).
+    caller restores the model afterwards: qbench.quant.walk.restore).
 
     Raises NonFiniteMetricError when a perplexity is NaN or infinite, TransformError when a
     transformed stage is not lossless against `fp`, the checkpoint's fp record
     (TRANSFORM_TOLERANCE), and QBenchError when a targeted weight stayed in float
     (Worker.execute records each, as any exception, as a failed cell).
 
-    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples.
+    `work_dir` (results/<recipe>) holds lm-eval's request cache and logged samples; `shared`:
+    the statistics the cells of the loaded checkpoint share (qbench.quant.context).
     """
     start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    stages, transformed_eval_s, coverage = {}, 0.0, None
+    stages, notes, coverage = {}, [], None
     probe = _probe(recipe, tokenizer)
     query_types = recipe.eval.perplexity[0].query_types(probe) if probe is not None else None
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
-    with collecting() as notes:
-        if quantizer is not None:
-            before = inventory(model).sizes()
-            quantizer.transform(model, tokenizer)
-            if quantizer.has_transform:  # the float model after smoothing / rotation
-                eval_start = time.perf_counter()
-                scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
-                stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
-                check_transformed(stages["transformed"]["perplexity"], fp, model, quantizer)
-                transformed_eval_s = time.perf_counter() - eval_start
-            coverage = quantizer.quantize(model, tokenizer, before)
+    transformed_eval_s = 0.0
+
+    def evaluate_transformed(model: PreTrainedModel) -> None:
+        """The float model after smoothing / rotation: its perplexity, checked against fp."""
+        nonlocal transformed_eval_s
+        if not quantizer.has_transform:
+            return
+        eval_start = time.perf_counter()
+        scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
+        stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
+        check_transformed(stages["transformed"]["perplexity"], fp, model, quantizer, notes)
+        transformed_eval_s = time.perf_counter() - eval_start
+
+    if quantizer is not None:
+        coverage = quantizer.apply(
+            model,
+            tokenizer,
+            seed=recipe.seed,
+            shared=shared,
+            notes=notes,
+            on_transformed=evaluate_transformed,
+        )
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
@@ -243,13 +252,14 @@ def check_transformed(
     fp: Record | None,
     model: PreTrainedModel,
     quantizer: QuantizerConfig,
+    notes: list[str],
 ) -> None:
     """TransformError when a transformed perplexity moved from the fp record's beyond the
     tolerance of the model's dtype (no check without a finished fp record, nor where a
-    transform changes the float model by design: a note says so)."""
+    transform changes the float model by design: a note in `notes` says so)."""
     if not quantizer.lossless:
         lossy = ", ".join(t.transform for t in quantizer.transforms if not t.is_lossless())
-        note(f"transformed stage not compared with fp: {lossy} changes the float weights")
+        notes.append(f"transformed stage not compared with fp: {lossy} changes the float weights")
         return
     if fp is None or fp.status != OK:
         return

@@ -10,9 +10,10 @@ import torch
 from conftest import family_model
 from torch import nn
 
-from qbench.quant.awq import awq, search_clip
-from qbench.quant.inventory import linear_conv1d
-from qbench.quant.spec import WeightQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.methods.awq import awq, search_clip
+from qbench.quant.walk.inventory import linear_conv1d
 
 W4G16 = WeightQuant(bits=4, group=16)
 IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
@@ -113,7 +114,7 @@ def test_awq_then_rtn_loses_less_than_rtn_at_w3():
 def test_a_scaling_that_changes_the_float_block_is_an_error(monkeypatch):
     """The in-block check catches a scaling that is not lossless (here: up rows scaled, down
     columns left as they were)."""
-    import qbench.quant.awq as awq_module
+    import qbench.quant.methods.awq as awq_module
     from qbench.errors import QBenchError
 
     def broken(up, down, scales):

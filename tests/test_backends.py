@@ -18,12 +18,14 @@ from optimum.quanto.tensor.weights import quantize_weight
 from torch import nn
 from transformers import AutoTokenizer
 
+from qbench.api import quantize_
 from qbench.cli import main
 from qbench.errors import QBenchError
 from qbench.plan import plan
 from qbench.probe import quantizer_named
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.spec import WeightQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import RecipeError, load_recipe
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 4}
@@ -227,7 +229,7 @@ def test_backend_changes_logits_by_a_plausible_amount(kind, backend, tiny_model,
 def test_backend_with_kv_rounds_its_linears_and_the_kv_cache(backend, tiny_model, tokenizer_dir):
     """`kv:` works with any method: a backend quantizer with it rounds the linears through the
     library and the KV cache through qbench, and its precision and label say so."""
-    from qbench.quant.kvcache import KVTransform
+    from qbench.quant.walk.kvcache import KVTransform
 
     fields, bits = BACKENDS[backend]
     config = _config(**fields, kv={"bits": 4})
@@ -235,7 +237,8 @@ def test_backend_with_kv_rounds_its_linears_and_the_kv_cache(backend, tiny_model
     assert "/ kv int4" in config.label()
     model = tiny_model("llama", intermediate_size=128)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    without_kv = quantize_(copy.deepcopy(model), _config(**fields), tokenizer)
+    without_kv = copy.deepcopy(model)
+    quantize_(without_kv, _config(**fields), tokenizer)
     quantize_(model, config, tokenizer)
     assert type(model.model.layers[0].mlp.down_proj) is not nn.Linear
     assert all(
@@ -387,7 +390,7 @@ def test_diagnostics_refuse_library_backends_at_load_time(tmp_path, llama_dir):
 def test_library_version_is_part_of_a_backend_cell_key(tmp_path, llama_dir, monkeypatch):
     path = _recipe(tmp_path, llama_dir)
     before = {c.quantizer_name: c.key for c in plan(load_recipe(path), path)}
-    monkeypatch.setattr("qbench.quant.library.version", lambda package: "0.0.1")
+    monkeypatch.setattr("qbench.quant.steps.library.version", lambda package: "0.0.1")
     after = {c.quantizer_name: c.key for c in plan(load_recipe(path), path)}
     assert before["fp"] == after["fp"]
     assert all(before[name] != after[name] for name in before if name != "fp")

@@ -10,11 +10,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from qbench.api import quantize_
 from qbench.data.sources import load_text
 from qbench.eval.perplexity import perplexity
 from qbench.eval.tasks import evaluate_tasks
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.spec import ActivationQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant
+from qbench.quant.quantizer import QuantizerConfig
 
 # Every format with each granularity it takes (mxfp4: its 32-blocks only; nvfp4: the scope of
 # its FP32 scale). The test model's widths (64, 128) take every block and group.
@@ -120,7 +122,7 @@ def test_llm_int8_outlier_columns_are_chosen_per_sequence(qwen2):
 
     import bitsandbytes as bnb
 
-    from qbench.quant.bitsandbytes import per_sequence_linear8bitlt
+    from qbench.quant.backends.bitsandbytes import per_sequence_linear8bitlt
 
     linear = torch.nn.Linear(64, 8)
     x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ from qbench.checkpoints.load import load_checkpoint
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.cli import main
 from qbench.eval.diagnostics import diagnose, kurtosis, layer_sqnr, sqnr_db
-from qbench.quant import QuantizerConfig
-from qbench.quant.spec import fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import CheckpointSpec
 
 SINK_DIM, TRIGGER_DIM, MASSIVE_DIM, UNIT = 10, 30, 20, 3  # hidden dims; an MLP channel

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import write_recipe
 
+from qbench.api import quantizer
 from qbench.checkpoints.dispatch import (
     CANNOT_QUANTIZE_OFFLOADED,
     input_device,
@@ -18,7 +19,6 @@ from qbench.checkpoints.dispatch import (
 from qbench.checkpoints.load import load_checkpoint
 from qbench.eval.diagnostics import layer_sqnr
 from qbench.plan import plan
-from qbench.quant import quantizer
 from qbench.recipe import RecipeError, load_recipe
 from qbench.record import FAILED, OK
 from qbench.runner import Worker

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qbench.quant.fp import mx_scale, nv_scales, round_e2m1, round_fp8
-from qbench.quant.integer import quantize_int, search_clip_int
-from qbench.quant.spec import ActivationQuant, WeightQuant, divides_error, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.fp import mx_scale, nv_scales, round_e2m1, round_fp8
+from qbench.quant.formats.integer import quantize_int, search_clip_int
+from qbench.quant.formats.spec import ActivationQuant, WeightQuant, divides_error
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from qbench.api import quantize_
 from qbench.errors import QBenchError
-from qbench.quant import QuantizerConfig, fused, quantize_
-from qbench.quant.linear import QuantLinear
-from qbench.quant.spec import ActivationQuant, fake_quant
+from qbench.quant.formats import fused
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.linear import QuantLinear
 
 IN, OUT = 64, 24
 SPECS = {

@@ -6,12 +6,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qbench.data.calibration import calibration_ids
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.gptq import gptq_round
-from qbench.quant.linear import QuantLinear
-from qbench.quant.rotation import HadamardInput
-from qbench.quant.spec import WeightQuant, fake_quant
+from qbench.api import quantize_
+from qbench.quant.context import sample_windows
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.methods.gptq import gptq_round
+from qbench.quant.methods.rotation import HadamardInput
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.linear import QuantLinear
 
 CALIBRATION = {"data": "embedded", "sequences": 8, "seq_len": 32, "batch_size": 4}
 
@@ -60,13 +62,14 @@ def test_gptq_model_layer_error_is_below_rtn_on_the_calibration_batch(tiny_model
     rtn = QuantizerConfig.model_validate({"name": "r", "method": "rtn", "weights": {"bits": 3}})
     fp = tiny_model("llama")
     torch.manual_seed(0)  # the batch GPTQ calibrates on
-    ids = calibration_ids(tokenizer, gptq.rounding.calibration)
+    ids = sample_windows(tokenizer, gptq.rounding.calibration, seed=0)
     layer = {"gate": fp.model.layers[0].mlp.gate_proj}
     x = torch.cat(_inputs_of(fp, layer["gate"], ids))
     errors = {}
     for config in (gptq, rtn):
         torch.manual_seed(0)
-        model = quantize_(tiny_model("llama"), config, tokenizer)
+        model = tiny_model("llama")
+        quantize_(model, config, tokenizer)
         with torch.no_grad():
             diff = model.model.layers[0].mlp.gate_proj(x) - layer["gate"](x)
         errors[config.method] = diff.pow(2).mean()
@@ -109,10 +112,11 @@ def test_blockwise_gptq_equals_the_layer_by_layer_computation(tiny_model, tokeni
          "calibration": CALIBRATION}
     )  # fmt: skip
     torch.manual_seed(0)
-    ids = calibration_ids(tokenizer, config.rounding.calibration)
+    ids = sample_windows(tokenizer, config.rounding.calibration, seed=0)
     reference = _layer_by_layer_gptq(tiny_model("llama"), config, ids)
     torch.manual_seed(0)
-    model = quantize_(tiny_model("llama"), config, tokenizer)
+    model = tiny_model("llama")
+    quantize_(model, config, tokenizer)
     for name, module in reference.named_modules():
         if isinstance(module, QuantLinear):
             ours = model.get_submodule(name).weight
@@ -133,7 +137,8 @@ def test_quarot_gptq_rotates_then_rounds_every_linear(tiny_model, tokenizer_dir)
         }
     )
     assert config.has_transform
-    model = quantize_(tiny_model("qwen2"), config, tokenizer)
+    model = tiny_model("qwen2")
+    quantize_(model, config, tokenizer)
     for writer in (model.model.layers[1].mlp.down_proj, model.model.layers[1].self_attn.o_proj):
         assert isinstance(writer, HadamardInput) and isinstance(writer.linear, QuantLinear)
     assert isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)

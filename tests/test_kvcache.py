@@ -10,13 +10,15 @@ from conftest import TINY_SHAPE, refusals, write_recipe
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from qbench.api import quantize_
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.eval.diagnostics import diagnose
 from qbench.plan import _quantizer_identity
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.kvcache import KVTransform, eager_attention, quantize_kv_cache
-from qbench.quant.linear import QuantLinear
-from qbench.quant.spec import KVQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import KVQuant
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.kvcache import KVTransform, eager_attention, quantize_kv_cache
+from qbench.quant.walk.linear import QuantLinear
 
 SHAPE = TINY_SHAPE | {"intermediate_size": 128, "head_dim": 16}
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))

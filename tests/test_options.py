@@ -12,7 +12,8 @@ import torch
 from conftest import write_recipe
 from transformers import AutoTokenizer
 
-from qbench.quant import QuantizerConfig, quantize_
+from qbench.api import quantize_
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import RecipeError, load_recipe
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 4}
@@ -119,7 +120,8 @@ SAME = [
 
 @pytest.fixture(scope="module")
 def setting(tiny_model, tokenizer_dir):
-    model = tiny_model("qwen2", intermediate_size=128)
+    # a context of 512: quanto's default calibration windows (512 tokens) must fit it
+    model = tiny_model("qwen2", intermediate_size=128, max_position_embeddings=512)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     return model, AutoTokenizer.from_pretrained(tokenizer_dir), ids
 

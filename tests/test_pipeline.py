@@ -9,10 +9,14 @@ from conftest import write_recipe
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from qbench.data import calibration
+from qbench.api import quantize_
 from qbench.plan import _quantizer_identity
-from qbench.quant import QuantizerConfig, gptq, quantize_
-from qbench.quant.linear import QuantLinear
+from qbench.quant import context
+from qbench.quant.context import StepContext
+from qbench.quant.methods import gptq
+from qbench.quant.pipeline import transform
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.linear import QuantLinear
 from qbench.recipe import RecipeError, load_recipe
 from qbench.sweep import plan_recipes, sweep
 
@@ -124,12 +128,12 @@ def test_smoothquant_then_gptq_rounds_the_smoothed_weights_with_their_hessians(
     composed = _q(transforms=[smooth], rounding={"method": "gptq", "calibration": CALIBRATION},
                   **specs)  # fmt: skip
     torch.manual_seed(0)
-    model = quantize_(tiny_model("llama"), composed, tokenizer)
+    model = tiny_model("llama")
+    quantize_(model, composed, tokenizer)
     halves = tiny_model("llama")
     torch.manual_seed(0)
-    _q(method="smoothquant", alpha=0.8, calibration=CALIBRATION, weights={"bits": 8}).transform(
-        halves, tokenizer
-    )
+    smoothquant = _q(method="smoothquant", alpha=0.8, calibration=CALIBRATION, weights={"bits": 8})
+    transform(StepContext(halves, smoothquant, tokenizer))
     torch.manual_seed(0)
     quantize_(halves, _q(method="gptq", calibration=CALIBRATION, **specs), tokenizer)
     for name, module in model.named_modules():
@@ -145,7 +149,8 @@ def test_awq_composes_with_gptq(tiny_model, tokenizer_dir):
     config = _q(transforms=[awq], rounding={"method": "gptq", "calibration": CALIBRATION},
                 weights={"bits": 4, "group": 16})  # fmt: skip
     assert not config.lossless  # AWQ's clip changes the float weights
-    model = quantize_(tiny_model("llama", intermediate_size=128), config, tokenizer)
+    model = tiny_model("llama", intermediate_size=128)
+    quantize_(model, config, tokenizer)
     assert 0 < (_logits(model) - fp).abs().max() < fp.abs().max()
 
 
@@ -168,7 +173,7 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 1}}]}}
     calls = {"hessians": 0, "windows": 0}
     for module, name, counter in (
         (gptq, "input_hessians", "hessians"),
-        (calibration, "_sample_windows", "windows"),
+        (context, "sample_windows", "windows"),
     ):
         real = getattr(module, name)
 
@@ -210,7 +215,7 @@ def test_a_quantizer_that_would_round_nothing_is_refused(tmp_path, llama_dir):
     of the quantizer's kinds (no decoder block) is refused at plan time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qbench.quant.inventory import inventory
+    from qbench.quant.walk.inventory import inventory
 
     with pytest.raises(ValidationError, match="smoothquant scales channels for rounded"):
         QuantizerConfig.model_validate(

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.linear import QuantLinear
-from qbench.quant.spec import ActivationQuant, WeightQuant, fake_quant
+from qbench.api import quantize_
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant, WeightQuant
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.linear import QuantLinear
 
 
 def _w(**kw) -> WeightQuant:
@@ -136,6 +138,7 @@ def test_rtn_lm_head_and_tied_embeddings_on_request():
     spec = _w(bits=4)
     torch.testing.assert_close(model.get_input_embeddings().weight, fake_quant(head, spec))
     assert torch.equal(model.lm_head.weight, head)
+    model = LlamaForCausalLM(config)
     quantize_(model, _rtn(weights={"bits": 4}, lm_head=True))
     assert isinstance(model.lm_head, QuantLinear)
 

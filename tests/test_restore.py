@@ -9,9 +9,9 @@ from conftest import family_model
 from torch import nn
 from transformers import AutoTokenizer
 
-from qbench.quant import QuantizerConfig
-from qbench.quant.inventory import linear_conv1d
-from qbench.quant.restore import Pristine
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.inventory import linear_conv1d
+from qbench.quant.walk.restore import Pristine
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 2}
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))

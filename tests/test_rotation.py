@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TINY_SHAPE, randomize
 
+from qbench.api import quantize_, quantizer
 from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
-from qbench.quant import QuantizerConfig, quantize_, quantizer
-from qbench.quant.hadamard import (
+from qbench.quant.formats.hadamard import (
     HadamardTransform,
     fwht,
     hadamard_construction,
@@ -17,9 +17,10 @@ from qbench.quant.hadamard import (
     paley,
     sylvester,
 )
-from qbench.quant.kvcache import KVTransform
-from qbench.quant.linear import QuantLinear
-from qbench.quant.rotation import HadamardInput, rotate
+from qbench.quant.methods.rotation import HadamardInput, rotate
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.kvcache import KVTransform
+from qbench.quant.walk.linear import QuantLinear
 
 EVERY_KIND = ["llama", "qwen2", "qwen3", "mistral", "qk-norm", *VARIANTS]
 # every width the tests and the shipped recipes rotate (stories260K: 64, 172, head_dim 8; the
@@ -212,13 +213,10 @@ def test_rotation_then_rtn_quantizes_inside_the_online_hadamard(tiny_model):
 
 
 def test_a_rotated_cell_notes_the_matrix_of_each_width(tiny_model):
-    from qbench.quant.notes import collecting
-
     model = tiny_model("llama")  # hidden 64, MLP 172, head_dim 16
-    torch.manual_seed(0)
-    with collecting() as notes:
-        config = quantizer(name="r", method="rotation", weights={"bits": 4}, kv={"bits": 4})
-        quantize_(model, config)
+    config = quantizer(name="r", method="rotation", weights={"bits": 4}, kv={"bits": 4})
+    notes = []
+    config.apply(model, notes=notes)
     assert "rotation: width 172 rotated by compressed-tensors(172)" in notes
     assert "rotation: width 64 rotated by sylvester(64)" in notes
     assert "rotation: width 16 rotated by sylvester(16)" in notes  # Q/K, per head

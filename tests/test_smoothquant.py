@@ -6,16 +6,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from qbench.api import quantize_
 from qbench.checkpoints.model import VARIANTS
-from qbench.data.calibration import CalibrationSpec, calibration_ids
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.linear import QuantLinear
-from qbench.quant.smoothquant import (
+from qbench.data.calibration import CalibrationSpec
+from qbench.quant.context import StepContext, sample_windows
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.methods.smoothquant import (
     norm_output_absmax,
     smoothable_groups,
     smoothing_scales,
 )
-from qbench.quant.spec import fake_quant
+from qbench.quant.pipeline import transform
+from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.linear import QuantLinear
 
 KINDS = ["llama", "qwen2", "qk-norm", *VARIANTS]
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32}
@@ -42,7 +45,7 @@ def test_smoothing_leaves_fp32_logits_unchanged(kind, tiny_model, tokenizer_dir)
     model = tiny_model(kind)
     before = _logits(model)
     config = _config(alpha=0.8, weights={"bits": 4})
-    config.transform(model, AutoTokenizer.from_pretrained(tokenizer_dir))
+    transform(StepContext(model, config, AutoTokenizer.from_pretrained(tokenizer_dir)))
     after = _logits(model)
     assert (after - before).abs().max() < 1e-4 * before.abs().max()
     norm = model.model.layers[0].input_layernorm.weight
@@ -55,7 +58,7 @@ def test_gatednorm_gate_sees_the_same_input_after_smoothing(tiny_model, tokenize
     x = torch.randn(3, 64)
     with torch.no_grad():
         gate_before = norm.gate_up(torch.nn.functional.silu(norm.gate_down(norm.weight * x)))
-    _config().transform(model, AutoTokenizer.from_pretrained(tokenizer_dir))
+    transform(StepContext(model, _config(), AutoTokenizer.from_pretrained(tokenizer_dir)))
     with torch.no_grad():
         gate_after = norm.gate_up(torch.nn.functional.silu(norm.gate_down(norm.weight * x)))
     torch.testing.assert_close(gate_after, gate_before, rtol=1e-5, atol=1e-5)
@@ -65,8 +68,8 @@ def test_scales_follow_the_formula_and_flatten_activation_outliers(tiny_model, t
     model = tiny_model("llama")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    ids = calibration_ids(tokenizer, CalibrationSpec.model_validate(CALIBRATION))
-    group = smoothable_groups(model)[3]  # block 1's post_attention_layernorm -> gate, up
+    ids = sample_windows(tokenizer, CalibrationSpec.model_validate(CALIBRATION), seed=0)
+    group = smoothable_groups(model, print)[3]  # block 1's post_attention_layernorm -> gate, up
     assert group.norm is model.model.layers[1].post_attention_layernorm
     assert {r.name for r in group.readers} == {
         "model.layers.1.mlp.gate_proj",
@@ -76,7 +79,7 @@ def test_scales_follow_the_formula_and_flatten_activation_outliers(tiny_model, t
     w_max = torch.stack([r.module.weight.abs().amax(0) for r in group.readers]).amax(0)
     torch.testing.assert_close(smoothing_scales(x_max, group, 0.5), x_max.sqrt() / w_max.sqrt())
     torch.manual_seed(0)
-    _config(alpha=1.0).transform(model, tokenizer)
+    transform(StepContext(model, _config(alpha=1.0), tokenizer))
     (smoothed,) = norm_output_absmax(model, [group], ids, batch_size=2)
     # alpha 1 moves everything into the weights: every channel's max becomes 1
     torch.testing.assert_close(smoothed, torch.ones_like(smoothed), rtol=1e-4, atol=1e-4)
@@ -85,7 +88,7 @@ def test_scales_follow_the_formula_and_flatten_activation_outliers(tiny_model, t
 def test_calibration_windows_are_random_slices_of_the_split(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = CalibrationSpec.model_validate(CALIBRATION)
-    ids = calibration_ids(tokenizer, spec)
+    ids = sample_windows(tokenizer, spec, seed=0)
     assert ids.shape == (4, 32) and len({tuple(r.tolist()) for r in ids}) == 4
 
 
@@ -95,7 +98,7 @@ def test_smoothquant_nvfp4_w4a4_rounds_the_smoothed_weights(tiny_model, tokenize
     config = _config(weights=nvfp4, activations=nvfp4)
     smoothed = tiny_model("gatednorm", intermediate_size=128)
     torch.manual_seed(0)
-    config.transform(smoothed, tokenizer)
+    transform(StepContext(smoothed, config, tokenizer))
     model = tiny_model("gatednorm", intermediate_size=128)
     torch.manual_seed(0)
     quantize_(model, config, tokenizer)
@@ -108,7 +111,7 @@ def test_smoothquant_nvfp4_w4a4_rounds_the_smoothed_weights(tiny_model, tokenize
 
 def test_smoothquant_needs_a_tokenizer(tiny_model):
     with pytest.raises(Exception, match="pass the checkpoint's tokenizer"):
-        _config(weights={"bits": 8}).transform(tiny_model("llama"), None)
+        transform(StepContext(tiny_model("llama"), _config(weights={"bits": 8})))
 
 
 def test_alpha_out_of_range_is_a_field_error():

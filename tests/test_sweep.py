@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from qbench import runner, store
 from qbench.checkpoints.load import CheckpointIdentity
 from qbench.cli import main
-from qbench.data import calibration
 from qbench.errors import QBenchError
 from qbench.executors import RayExecutor, _cells_at_once, _check_resources
-from qbench.quant import QuantizerConfig, gptq, smoothquant
+from qbench.quant import context
+from qbench.quant.methods import gptq, smoothquant
+from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import RecipeError, load_recipe
 from qbench.sweep import Job, plan_recipes, sweep
 
@@ -69,14 +70,14 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     text = FAULTS.replace("GOOD", str(llama_dir)).replace("BROKEN", str(nan_llama_dir))
     path = write_recipe(tmp_path / "faults.yaml", text)
     results = ["--results", str(tmp_path)]
-    real_quantize = QuantizerConfig.quantize
+    real_apply = QuantizerConfig.apply
 
-    def quantize(self, model, tokenizer, before=None):
+    def apply(self, model, *args, **kwargs):
         if self.name == "boom":
             raise RuntimeError("boom: a simulated failure")
-        return real_quantize(self, model, tokenizer, before)
+        return real_apply(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(QuantizerConfig, "quantize", quantize)
+    monkeypatch.setattr(QuantizerConfig, "apply", apply)
     assert main(["run", str(path), *results, "--no-progress"]) == 1  # every cell ran
     records = _records(tmp_path, "faults")
     assert len(records) == 6
@@ -86,7 +87,7 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     }
     boom = records["good", "boom"]
     assert boom["error"]["type"] == "RuntimeError" and "simulated" in boom["error"]["message"]
-    assert "in quantize" in boom["error"]["traceback"] and "metrics" not in boom
+    assert "in apply" in boom["error"]["traceback"] and "metrics" not in boom
     for quantizer in ("fp", "w8a8"):  # NaN logits: a failed cell, not a NaN number
         error = records["broken", quantizer]["error"]
         assert error["type"] == "NonFiniteMetricError" and "nan" in error["message"]
@@ -107,7 +108,7 @@ def test_failed_cells_are_recorded_reported_and_only_they_are_retried(
     assert "failed cell: broken/fp: NonFiniteMetricError" in gate
     assert "FAILED: 1 of 4 checks passed; 4 cells failed" in gate
 
-    monkeypatch.setattr(QuantizerConfig, "quantize", real_quantize)  # the cause of boom is fixed
+    monkeypatch.setattr(QuantizerConfig, "apply", real_apply)  # the cause of boom is fixed
     real_run_cell, ran = runner.run_cell, []
 
     def counting_run_cell(cell, *args, **kwargs):
@@ -167,7 +168,7 @@ quantizers:
     path = write_recipe(tmp_path / "shared.yaml", text)
     calls = {"windows": 0, "absmax": 0, "hessians": 0}
     for module, name, counter in (
-        (calibration, "_sample_windows", "windows"),
+        (context, "sample_windows", "windows"),
         (smoothquant, "norm_output_absmax", "absmax"),
         (gptq, "input_hessians", "hessians"),
     ):

@@ -12,9 +12,11 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qbench.api import quantize_
 from qbench.data.sources import load_text
-from qbench.quant import QuantizerConfig, quantize_
-from qbench.quant.spec import WeightQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.quantizer import QuantizerConfig
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 4}
 CONFIGS = {

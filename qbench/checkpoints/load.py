@@ -37,7 +37,7 @@ from qbench.checkpoints.train import (
 from qbench.errors import QBenchError, describe, warn
 from qbench.eval.tasks import offline
 from qbench.files import read_text_nofollow, write_json_atomic
-from qbench.quant.inventory import linear_conv1d
+from qbench.quant.walk.inventory import linear_conv1d
 from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -46,11 +46,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from qbench.checkpoints.dispatch import input_device
 from qbench.config import StrictModel
 from qbench.eval.perplexity import windows_of
-from qbench.quant.inventory import find_blocks, inventory, path_kind
-from qbench.quant.kvcache import eager_attention
+from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.quant.spec import fake_quant
-from qbench.quant.steps import quantized_targets
+from qbench.quant.walk.inventory import find_blocks, inventory, path_kind
+from qbench.quant.walk.kvcache import eager_attention
+from qbench.quant.walk.select import quantized_targets
 
 TOP = 3
 CHARS_PER_TOKEN = 32  # generous: the probe tokenizes only the head of the text

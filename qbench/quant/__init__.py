@@ -1,30 +1,15 @@
-"""Quantization: tensor specs, the quantizer pipeline (transforms, rounding, KV cache), and the
-one-call `quantize_`."""
+"""Quantization, by layer (lower layers never import higher ones):
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+- formats/: number formats: the torch-free specs (spec.py) and their arithmetic (integer, fp,
+  fake_quant, the compiled fast path, Hadamard matrices);
+- walk/: the one model walk: the inventory of targets and how a quantizer selects them, the
+  traced residual structure, expert slices, QuantLinear, coverage, KV-cache sites, block-by-
+  block calibration, the restore;
+- steps/: the steps a quantizer is made of, as torch-free configs registered under their names;
+  methods/ (qbench's own arithmetic: smoothquant, awq, rotation, rtn, gptq) and backends/
+  (bitsandbytes, optimum-quanto) do their work;
+- quantizer.py (QuantizerConfig, torch-free), context.py (the StepContext every step receives),
+  refusal.py (the planner's and the API's refusals), pipeline.py (running a quantizer).
 
-from qbench.quant.quantizer import SHORTHANDS, QuantizerConfig
-from qbench.quant.steps import ROUNDINGS, TRANSFORMS
-
-
-def quantize_(
-    model: nn.Module, config: QuantizerConfig, tokenizer: PreTrainedTokenizerBase | None = None
-) -> nn.Module:
-    """Quantize `model` in place as `config` says, and return it.
-
-    Steps that calibrate on text (SmoothQuant, AWQ, GPTQ, quanto's activations) need the
-    checkpoint's tokenizer. Raises QBenchError when a weight the config targets would stay in
-    float.
-    """
-    config.apply(model, tokenizer)
-    return model
-
-
-def quantizer(**fields: object) -> QuantizerConfig:
-    """A validated quantizer from recipe fields, e.g. quantizer(name="w4", method="rtn",
-    weights={"bits": 4})."""
-    return QuantizerConfig.model_validate(fields)
-
-
-__all__ = ["ROUNDINGS", "SHORTHANDS", "TRANSFORMS", "QuantizerConfig", "quantize_", "quantizer"]
+The public API is qbench's (qbench.api): `quantize_`, `quantized`, `quantizer`, `evaluate`.
+"""

@@ -20,31 +20,23 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Annotated, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from qbench.config import StrictModel
-from qbench.quant.awq import AWQ
-from qbench.quant.bitsandbytes import BitsAndBytes
-from qbench.quant.coverage import check_complete, coverage
-from qbench.quant.gptq import GPTQ
-from qbench.quant.inventory import KINDS, Inventory, inventory
-from qbench.quant.kvcache import quantize_kv_cache
-from qbench.quant.quanto import Quanto
-from qbench.quant.rotation import Rotation
-from qbench.quant.rtn import RTN, round_embeddings, untie_word_embeddings
-from qbench.quant.smoothquant import SmoothQuant
-from qbench.quant.spec import ActivationQuant, KVQuant, WeightQuant
-from qbench.quant.steps import ROUNDINGS, TRANSFORMS, quantized_targets
+from qbench.data.calibration import CalibrationSpec
+from qbench.quant.formats.spec import ActivationQuant, KVQuant, WeightQuant
+from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
+from qbench.quant.walk.select import KINDS, pattern_problem, quantized_targets
 from qbench.registry import Registry, did_you_mean
 
-for _step in (SmoothQuant, AWQ, Rotation):
-    TRANSFORMS.register(_step.model_fields["transform"].default)(_step)
-for _step in (RTN, GPTQ, BitsAndBytes, Quanto):
-    ROUNDINGS.register(_step.model_fields["method"].default)(_step)
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from qbench.quant.walk.inventory import Inventory
 
 AnyTransform = Annotated[
     functools.reduce(operator.or_, (TRANSFORMS.get(n) for n in TRANSFORMS)),
@@ -55,18 +47,11 @@ AnyRounding = Annotated[
     Field(discriminator="method"),
 ]
 
-# method shorthand -> (transforms, rounding); gptq's `rotate: true` adds the rotation
-SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "rtn": ((), "rtn"),
-    "smoothquant": (("smoothquant",), "rtn"),
-    "awq": (("awq",), "rtn"),
-    "rotation": (("rotation",), "rtn"),
-    "gptq": ((), "gptq"),
-    "bitsandbytes": ((), "bitsandbytes"),
-    "quanto": ((), "quanto"),
-}
 SCALING = ("smoothquant", "awq")  # transforms that move per-channel scales into the weights
-COMMON = ("name", "method", "weights", "activations", "kv", "lm_head", "embeddings", "routers")
+COMMON = (
+    "name", "method", "weights", "activations", "kv", "lm_head", "embeddings", "routers",
+    "targets", "ignore",
+)  # fmt: skip
 
 
 class QuantizerConfig(StrictModel):
@@ -74,10 +59,13 @@ class QuantizerConfig(StrictModel):
 
     `kv` quantizes the KV cache after the rounding, whatever the steps. lm_head and MoE
     routers stay in float unless `lm_head: true` / `routers: true`; `embeddings: true` rounds
-    the input embedding table with `weights:`.
+    the input embedding table with `weights:`. `targets:` / `ignore:` narrow the targets by
+    module path (qbench.quant.walk.select: `re:<regex>` or a glob): only targets matching one
+    of `targets` (default: all), and none of `ignore`, are rounded; the rest stay in float,
+    and the coverage and labels say so. `name` defaults to the steps ('smoothquant+gptq').
     """
 
-    name: str
+    name: str = ""
     method: str | None = None  # the shorthand it was written with (labels), if any
     transforms: list[SerializeAsAny[AnyTransform]] = Field(default_factory=list)
     rounding: SerializeAsAny[AnyRounding]
@@ -87,6 +75,8 @@ class QuantizerConfig(StrictModel):
     lm_head: bool = False
     embeddings: bool = False
     routers: bool = False
+    targets: list[str] | None = Field(default=None, min_length=1)
+    ignore: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -145,6 +135,21 @@ class QuantizerConfig(StrictModel):
         _known_step(step, "method", ROUNDINGS)
         return step
 
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
+            if problem := pattern_problem(pattern):
+                raise ValueError(problem)
+        return patterns
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _default_name(cls, data: Any, handler: Any) -> QuantizerConfig:
+        """An unnamed quantizer is named after its steps ('rtn', 'smoothquant+gptq')."""
+        config = handler(data)
+        return config if config.name else config.model_copy(update={"name": config.steps()})
+
     @model_validator(mode="after")
     def _valid_pipeline(self) -> QuantizerConfig:
         specs = (self.weights, self.activations, self.kv)
@@ -176,8 +181,16 @@ class QuantizerConfig(StrictModel):
         return self.rounding.linear_bits(self)
 
     def label(self) -> str:
-        """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token / kv int4 head'."""
-        return self.linear_label() + (f" / kv {self.kv.label()}" if self.kv else "")
+        """The leaderboard's description, e.g. 'rtn: int4 g32 / int8 token / kv int4 head',
+        with what the patterns leave out ('...; ignore: re:.*down_proj')."""
+        text = self.linear_label() + (f" / kv {self.kv.label()}" if self.kv else "")
+        return text + (f"; {self.patterns_label()}" if self.patterns_label() else "")
+
+    def patterns_label(self) -> str:
+        """The `targets:` / `ignore:` patterns, e.g. 'ignore: re:.*down_proj' ('' if none)."""
+        parts = [f"targets: {', '.join(self.targets)}"] if self.targets else []
+        parts += [f"ignore: {', '.join(self.ignore)}"] if self.ignore else []
+        return "; ".join(parts)
 
     def linear_label(self) -> str:
         """What the targets get, e.g. 'smoothquant+gptq: int8 channel / int8 token'."""
@@ -210,6 +223,17 @@ class QuantizerConfig(StrictModel):
     @property
     def diagnosable(self) -> bool:
         return self.rounding.diagnosable
+
+    def calibrations(self) -> list[tuple[str, CalibrationSpec]]:
+        """(field path, spec) of every step's calibration text, in pipeline order, e.g.
+        ('transforms[0].calibration', ...), ('rounding.calibration', ...)."""
+        steps = [(f"transforms[{i}]", t) for i, t in enumerate(self.transforms)]
+        found = []
+        for where, step in [*steps, ("rounding", self.rounding)]:
+            spec = getattr(step, "calibration", None)
+            if isinstance(spec, CalibrationSpec):
+                found.append((f"{where}.calibration", spec))
+        return found
 
     def versions(self) -> dict[str, str]:
         """Versions of the packages its results depend on beyond `library_versions()`."""
@@ -251,45 +275,30 @@ class QuantizerConfig(StrictModel):
             )
         return self.rounding.refusal(found, self)
 
-    def transform(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Apply the transforms to `model` in place, in order."""
-        for i, step in enumerate(self.transforms):
-            step.apply(model, tokenizer, self, tuple(self.transforms[:i]))
-
-    def quantize(
+    def apply(
         self,
         model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        before: dict[str, tuple[str, int]] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        seed: int = 0,
+        shared: dict[Hashable, Any] | None = None,
+        notes: list[str] | None = None,
+        on_transformed: Callable[[nn.Module], None] | None = None,
     ) -> dict:
-        """Round the (transformed) `model` in place: its targets, the input embedding when
-        `embeddings: true`, then the KV cache if asked.
+        """Quantize `model` in place: the transforms in order, then `on_transformed(model)`
+        (the runner evaluates the transformed float stage there), then the rounding, the
+        embedding table (`embeddings: true`) and the KV cache (qbench.quant.pipeline.run).
 
-        With `lm_head: true` or `embeddings: true` lm_head and the embedding get different
-        weights, so they are untied first. Returns the coverage report (qbench.quant.coverage)
-        counted against `before`, the `Inventory.sizes()` taken before the transforms (default:
-        taken now); raises QBenchError when a targeted weight stayed in float.
+        Calibrating steps need the tokenizer; `seed` fixes their windows and random draws;
+        `shared`: a store the cells of one checkpoint share (statistics of the fp model);
+        `notes`: collects what the steps did beyond their labels. Returns the coverage report
+        (qbench.quant.walk.coverage). Raises QBenchError before any change where the quantizer
+        cannot run on the model (as the planner would refuse it), where the model is already
+        quantized, and after it where a targeted weight stayed in float.
         """
-        before = before or inventory(model).sizes()
-        if self.lm_head or self.embeddings:
-            untie_word_embeddings(model)
-        if self.quantizes_linears:
-            self.rounding.round(model, tokenizer, self, tuple(self.transforms))
-        if self.embeddings:
-            round_embeddings(model, self.weights)
-        if self.kv is not None:
-            quantize_kv_cache(model, self.kv)
-        report = coverage(model, before, self)
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or "the model"
-        check_complete(report, self, name)
-        return report
+        from qbench.quant.pipeline import run
 
-    def apply(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
-        """Transform, then quantize `model` in place; calibrating steps need the tokenizer.
-        Returns the coverage report (see `quantize`)."""
-        before = inventory(model).sizes()
-        self.transform(model, tokenizer)
-        return self.quantize(model, tokenizer, before)
+        return run(self, model, tokenizer, seed, shared, notes, on_transformed)
 
 
 def _known_step(step: Any, key: str, registry: Registry) -> None:

@@ -10,7 +10,7 @@ from tabulate import tabulate
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
-from qbench.quant.coverage import coverage_label
+from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
 from qbench.record import ResultsTable
 from qbench.report.bootstrap import BootstrapSpec

@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qbench.quant import fused
-from qbench.quant.experts import set_input_step
-from qbench.quant.inventory import Target, replace_module
-from qbench.quant.spec import ActivationQuant, WeightQuant, fake_quant
-
-ROUNDING_ATTRIBUTE = "qbench_rounding"  # (weights label | None, activations label | None)
+from qbench.quant.formats import fused
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant, WeightQuant
+from qbench.quant.walk.experts import set_input_step
+from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, Target, replace_module
 
 
 class QuantLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""QuaRot-style rotation, then RTN: outliers spread by orthogonal transforms, lossless in float.
+"""QuaRot-style rotation: outliers spread by orthogonal transforms, lossless in float (its
+step: qbench.quant.steps.rotation).
 
 Written once against the residual-stream structure that `qbench.quant.structure` reads off the
 model (which norm feeds which targets, what writes the stream), so every decoder it understands
@@ -34,27 +35,21 @@ and SliceGPT (Ashkboos et al. 2024, for LayerNorm) describe them:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from qbench.errors import QBenchError
-from qbench.quant.experts import set_input_step
-from qbench.quant.hadamard import HadamardTransform, hadamard_versions
-from qbench.quant.inventory import Target, replace_module, set_weight
-from qbench.quant.kvcache import kv_sites
-from qbench.quant.rtn import untie_word_embeddings
-from qbench.quant.steps import Transform
-from qbench.quant.structure import NormGroup, Structure, probe_ids, trace_structure
+from qbench.quant.formats.hadamard import HadamardTransform
+from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
+from qbench.quant.methods.rtn import untie_word_embeddings
+from qbench.quant.walk.experts import set_input_step
+from qbench.quant.walk.inventory import Target, replace_module, set_weight
+from qbench.quant.walk.kvcache import kv_sites
+from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
 
-if TYPE_CHECKING:
-    from qbench.quant.quantizer import QuantizerConfig
-
-# Relative L2 difference of the logits allowed between the model and its rotation, per dtype.
-LOSSLESS_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-HALF_TOLERANCE = 2e-2  # bfloat16 / float16 weights round the rotated values
+Hadamard = Callable[[int], HadamardTransform]  # width -> an online (fixed-sign) Hadamard
 
 
 class HadamardInput(nn.Module):
@@ -97,33 +92,28 @@ class StreamRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
-class Rotation(Transform):
-    """QuaRot's rotations (random Hadamard, online Hadamard before the writers); with a
-    quantized KV cache, queries and keys too."""
-
-    transform: Literal["rotation"] = "rotation"
-
-    def versions(self) -> dict[str, str]:
-        return hadamard_versions()
-
-    def apply(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        rotate(model, rotate_qk=quantizer.kv is not None)
-
-
 @torch.no_grad()
-def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
-    """Apply QuaRot's float-equivalent rotations to `model` in place (torch's global RNG).
+def rotate(
+    model: nn.Module,
+    rotate_qk: bool = False,
+    generator: torch.Generator | None = None,
+    note: Callable[[str], None] | None = None,
+) -> None:
+    """Apply QuaRot's float-equivalent rotations to `model` in place.
 
     rotate_qk: also rotate queries and keys per head after RoPE (for a quantized KV cache).
-    Raises QBenchError where the structure cannot be rotated losslessly, or where the rotated
-    model's logits differ from the original's beyond LOSSLESS_TOLERANCE.
+    generator: the random signs' (and any random orthogonal base's) draws (default torch's
+    global RNG); note: told the Hadamard construction of every width rotated. Raises
+    QBenchError where the structure cannot be rotated losslessly, or where the rotated model's
+    logits differ from the original's beyond LOSSLESS_TOLERANCE (relative L2).
     """
+
+    def hadamard(n: int, random_signs: bool = False) -> HadamardTransform:
+        transform = HadamardTransform(n, random_signs, generator)
+        if note is not None:
+            note(f"rotation: width {n} rotated by {transform.factorization}")
+        return transform
+
     ids = probe_ids(model)
     before = model(input_ids=ids).logits.double()
     structure = trace_structure(model, ids)
@@ -135,7 +125,7 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
         _fold_norm(model, group)
     hidden = structure.embeddings[0][1].weight.shape[1]
     device = structure.embeddings[0][1].weight.device
-    stream = HadamardTransform(hidden, random_signs=True).to(device)
+    stream = hadamard(hidden, random_signs=True).to(device)
     for _, table in structure.embeddings:
         set_weight(table.weight, stream(table.weight.double()))  # E Q
     for group in structure.residual_norms:
@@ -153,9 +143,9 @@ def rotate(model: nn.Module, rotate_qk: bool = False) -> None:
         for name, norm in block.writer_norms:
             replace_module(model, name, RotatedOutput(norm, stream))
         for target in [*block.writers, *block.post_normed]:
-            _online_hadamard(model, target)
+            _online_hadamard(model, target, hadamard)
     if rotate_qk:
-        _rotate_queries_and_keys(model)
+        _rotate_queries_and_keys(model, hadamard)
     _check_lossless(model, ids, before)
 
 
@@ -258,34 +248,28 @@ def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
         set_weight(bias, rotation(bias.double()))
 
 
-def _online_hadamard(model: nn.Module, target: Target) -> None:
+def _online_hadamard(model: nn.Module, target: Target, hadamard: Hadamard) -> None:
     """x -> x H before the target's output matrices, W <- W H (H orthogonal, H^-1 = H^T)."""
     matrices = target.output_matrices()
     width = matrices[0][1].shape[1]
     device = matrices[0][1].device
-    hadamard = HadamardTransform(width).to(device)
+    online = hadamard(width).to(device)
     for _, matrix in matrices:
-        set_weight(matrix, hadamard(matrix.double()))  # W H
+        set_weight(matrix, online(matrix.double()))  # W H
     if target.experts is None:
-        replace_module(model, target.name, HadamardInput(target.module, hadamard))
+        replace_module(model, target.name, HadamardInput(target.module, online))
         return
     for parameter in target.experts.writers:
-        set_input_step(target.module, parameter, "rotate", lambda x, _e, t=hadamard: t(x))
+        set_input_step(target.module, parameter, "rotate", lambda x, _e, t=online: t(x))
 
 
-def _rotate_queries_and_keys(model: nn.Module) -> None:
+def _rotate_queries_and_keys(model: nn.Module, hadamard: Hadamard) -> None:
     for site in kv_sites(model):
-        rotation = HadamardTransform(site.head_dim).to(site.device)
+        rotation = hadamard(site.head_dim).to(site.device)
         site.transform.qk_rotation = rotation
         key_slot = getattr(site.attention, "k_bias", None)  # the qbench family's learned slot
         if isinstance(key_slot, nn.Parameter):
             set_weight(key_slot, rotation(key_slot.double()))
-
-
-def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """||output - reference|| / ||reference|| (L2 over every element, float64)."""
-    difference = (output.double() - reference.double()).norm()
-    return float(difference / reference.double().norm().clamp_min(1e-30))
 
 
 def _check_lossless(model: nn.Module, ids: torch.Tensor, before: torch.Tensor) -> None:

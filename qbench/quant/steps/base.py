@@ -4,25 +4,28 @@ A quantizer (qbench.quant.quantizer.QuantizerConfig) is an ordered list of trans
 (`Transform`: smoothquant, awq, rotation) followed by one rounding step (`Rounding`: rtn,
 gptq, bitsandbytes, quanto), then optionally the KV cache, in the spirit of llm-compressor's
 recipes (an ordered list of typed modifiers, validated as a whole). Each step is a strict
-config registered once under its name; it receives the whole quantizer (its weight and
-activation formats, which targets it rounds) and the transforms applied before it, which key
-the statistics it shares with other cells of the checkpoint.
+config, data only and free of torch (recipes validate without it), that registers itself
+under its name where it is defined (`register_transform` / `register_rounding`, with the
+`method:` shorthand it stands for). Its work is done by `apply` / `round`, which receive one
+`StepContext` (qbench.quant.context): the model, tokenizer, quantizer, seed, the transforms
+applied before, the statistics shared by the cells of a checkpoint and the cell's notes. The
+arithmetic lives in qbench.quant.methods (qbench's own methods) and qbench.quant.backends
+(quantization libraries), imported when a step runs.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, ClassVar
-
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from qbench.config import StrictModel
-from qbench.quant.inventory import Inventory, Target
 from qbench.registry import Registry
 
 if TYPE_CHECKING:
+    from qbench.quant.context import StepContext
     from qbench.quant.quantizer import QuantizerConfig
+    from qbench.quant.walk.inventory import Inventory
 
 
 class Transform(StrictModel):
@@ -30,14 +33,8 @@ class Transform(StrictModel):
 
     transform: str
 
-    def apply(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        """Change `model` in place (after the transforms `before`)."""
+    def apply(self, context: StepContext) -> None:
+        """Change `context.model` in place (after the transforms `context.before`)."""
         raise NotImplementedError
 
     def versions(self) -> dict[str, str]:
@@ -67,14 +64,8 @@ class Rounding(StrictModel):
     library: ClassVar[bool] = False
     diagnosable: ClassVar[bool] = True
 
-    def round(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        """Round the quantizer's targets of `model` in place."""
+    def round(self, context: StepContext) -> None:
+        """Round the quantizer's targets of `context.model` in place."""
         raise NotImplementedError
 
     def linear_bits(self, quantizer: QuantizerConfig) -> tuple[int, int]:
@@ -114,12 +105,34 @@ class Rounding(StrictModel):
 
 TRANSFORMS: Registry[type[Transform]] = Registry("transform")
 ROUNDINGS: Registry[type[Rounding]] = Registry("rounding method")
+# `method:` shorthand -> (transform names, rounding name); gptq's `rotate: true` adds rotation
+SHORTHANDS: dict[str, tuple[tuple[str, ...], str]] = {}
+T = TypeVar("T", bound=type)
 
 
-def quantized_targets(found: Inventory, quantizer: QuantizerConfig) -> dict[str, Target]:
-    """The targets of `found` that `quantizer` rounds (see `QuantizerConfig.targeted_kinds`)."""
-    kinds = quantizer.targeted_kinds()
-    return {name: t for name, t in found.targets.items() if t.kind in kinds}
+def register_transform(name: str, shorthand: bool = True) -> Callable[[T], T]:
+    """Class decorator: register a Transform under `name` (its `transform:` literal); with
+    `shorthand`, `method: <name>` in a recipe stands for this transform, then rtn."""
+
+    def add(step: T) -> T:
+        TRANSFORMS.register(name)(step)
+        if shorthand:
+            SHORTHANDS[name] = ((name,), "rtn")
+        return step
+
+    return add
+
+
+def register_rounding(name: str) -> Callable[[T], T]:
+    """Class decorator: register a Rounding under `name` (its `method:` literal), which is
+    also the shorthand for that rounding alone."""
+
+    def add(step: T) -> T:
+        ROUNDINGS.register(name)(step)
+        SHORTHANDS[name] = ((), name)
+        return step
+
+    return add
 
 
 def transforms_key(before: tuple[Transform, ...]) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from qbench.errors import QBenchError
-from qbench.quant.linear import rounding
+from qbench.quant.walk.linear import rounding
+from qbench.quant.walk.select import selected
 
 LEFT_IN_FLOAT = {
     "lm_head": "lm_head: false (the default)",
@@ -26,19 +27,27 @@ LEFT_IN_FLOAT = {
 
 def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) -> dict[str, Any]:
     """{kind: {"weights": [rounded, total], "activations": [rounded, total]}} over the target
-    kinds and the input embedding table, and "float": {kind: why} for kinds not targeted.
+    kinds and the input embedding table; "float": {kind: why} for kinds not targeted;
+    "ignored": {"patterns": label, "modules": count, kind: weight elements} for targets of a
+    targeted kind that the quantizer's `targets:` / `ignore:` patterns leave in float (they
+    count in the totals, so the rounded shares show them).
 
     `before`: `Inventory.sizes()` taken before the quantizer ran; `config`: the cell's
     QuantizerConfig.
     """
     targeted = config.targeted_kinds()
     counts: dict[str, dict[str, list[int]]] = {}
+    ignored: dict[str, int] = {}  # kind -> weight elements the patterns leave in float
+    left_out = 0  # modules the patterns leave in float
     for name, (kind, numel) in before.items():
         held = rounding(model.get_submodule(name))
         entry = counts.setdefault(kind, {"weights": [0, 0], "activations": [0, 0]})
         for role, label in zip(("weights", "activations"), held or (None, None), strict=True):
             entry[role][0] += numel if label else 0
             entry[role][1] += numel
+        if kind in targeted and not selected(name, config.targets, config.ignore):
+            ignored[kind] = ignored.get(kind, 0) + numel
+            left_out += 1
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None:
         size, held = embed.weight.numel(), getattr(embed, "qbench_rounding", None)
@@ -47,20 +56,26 @@ def coverage(model: nn.Module, before: dict[str, tuple[str, int]], config: Any) 
     floats = {k: why for k, why in LEFT_IN_FLOAT.items() if k in present and k not in targeted}
     if config.embeddings:
         floats.pop("embeddings", None)
-    return {"kinds": counts, "float": floats, "targeted": sorted(targeted & present)}
+    report = {"kinds": counts, "float": floats, "targeted": sorted(targeted & present)}
+    if ignored:
+        report["ignored"] = {"patterns": config.patterns_label(), "modules": left_out, **ignored}
+    return report
 
 
 def check_complete(report: dict[str, Any], config: Any, checkpoint: str) -> None:
-    """QBenchError when a targeted kind has weights (or, with activations:, inputs) in float."""
+    """QBenchError when a targeted kind has weights (or, with activations:, inputs) in float
+    beyond those its `targets:` / `ignore:` patterns leave out."""
     wanted = [
         ("weights", config.linear_bits()[0] < 16),
         ("activations", config.linear_bits()[1] < 16),
     ]
     kinds = [*report["targeted"], *(["embeddings"] if config.embeddings else [])]
+    left_out = report.get("ignored", {})
     gaps = []
     for kind in kinds:
         for role, asked in wanted:
             rounded, total = report["kinds"][kind].get(role, [0, 0])
+            total -= left_out.get(kind, 0)
             if asked and total and rounded < total:
                 gaps.append(f"{kind} {role} {100 * rounded / total:.0f}% of {total:,}")
     if gaps:
@@ -83,6 +98,9 @@ def coverage_label(report: dict[str, Any] | None) -> str:
         if rounded:
             parts.append(f"{letter} {100 * rounded / total:.0f}%")
     text = " ".join(parts or ["none"]) + f" of {_count(total)}"
+    if ignored := report.get("ignored"):
+        weights = sum(v for k, v in ignored.items() if k not in ("patterns", "modules"))
+        text += f"; left out by {ignored['patterns']}: {ignored['modules']} ({_count(weights)})"
     return text + (f"; float: {', '.join(sorted(report['float']))}" if report["float"] else "")
 
 

@@ -1,4 +1,4 @@
-"""SmoothQuant: migrate activation outliers into the weights, then round as RTN does.
+"""SmoothQuant: migrate activation outliers into the weights (its step: qbench.quant.steps).
 
 s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j of the targets reading a
 residual norm (Xiao et al. 2023), X the norm's output over the calibration text and W the
@@ -14,52 +14,39 @@ notes say how many; a model with no norm to smooth at all is refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import Field
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
 from qbench.errors import QBenchError
-from qbench.quant.calibrate import forward_batches
-from qbench.quant.inventory import set_weight
-from qbench.quant.notes import note
-from qbench.quant.steps import Transform, transforms_key
-from qbench.quant.structure import NormGroup, probe_ids, trace_structure
+from qbench.quant.methods.folding import scale_norm_group
+from qbench.quant.walk.blockwise import forward_batches
+from qbench.quant.walk.structure import NormGroup, probe_ids, trace_structure
 
 if TYPE_CHECKING:
-    from qbench.quant.quantizer import QuantizerConfig
+    from qbench.data.calibration import CalibrationSpec
+    from qbench.quant.context import StepContext
 
 
-class SmoothQuant(Transform):
-    """SmoothQuant on the inputs of every residual norm's readers."""
-
-    transform: Literal["smoothquant"] = "smoothquant"
-    alpha: float = Field(default=0.5, ge=0, le=1)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-
-    def apply(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        groups = smoothable_groups(model)
-        ids = calibration_ids(tokenizer, self.calibration, "smoothquant")
-        key = ("smoothquant.absmax", self.calibration.model_dump_json(), transforms_key(before))
-        absmax = shared_statistic(  # of the model as `before` left it: shared by cells alike
-            (*key, torch.initial_seed()),
-            lambda: norm_output_absmax(model, groups, ids, self.calibration.batch_size),
-        )
-        for group, x_max in zip(groups, absmax, strict=True):
-            smooth(group, x_max, self.alpha)
+def smoothquant(context: StepContext, alpha: float, calibration: CalibrationSpec) -> None:
+    """Smooth every usable norm group of `context.model` in place, with ranges taken on
+    `calibration`'s windows from the model as the transforms before left it (shared by the
+    cells of a checkpoint alike)."""
+    groups = smoothable_groups(context.model, context.note)
+    ids = context.calibration_ids(calibration, "smoothquant")
+    absmax = context.statistic(
+        ("smoothquant.absmax", calibration.model_dump_json()),
+        lambda: norm_output_absmax(context.model, groups, ids, calibration.batch_size),
+    )
+    for group, x_max in zip(groups, absmax, strict=True):
+        smooth(group, x_max, alpha)
 
 
-def smoothable_groups(model: nn.Module) -> list[NormGroup]:
-    """The residual norms inside the decoder blocks that can take 1/s, with their readers."""
+def smoothable_groups(model: nn.Module, note: Callable[[str], None]) -> list[NormGroup]:
+    """The residual norms inside the decoder blocks that can take 1/s, with their readers
+    (`note`: the cell's, told how many targets read the stream without a norm)."""
     structure = trace_structure(model, probe_ids(model))
     groups = [g for block in structure.blocks for g in block.norms]
     usable = [g for g in groups if g.spec is not None and g.spec.scale is not None and g.readers]
@@ -120,21 +107,3 @@ def smoothing_scales(x_max: torch.Tensor, group: NormGroup, alpha: float) -> tor
 def smooth(group: NormGroup, x_max: torch.Tensor, alpha: float) -> None:
     """Fold the smoothing scales into the group's norm and its readers' columns."""
     scale_norm_group(group, smoothing_scales(x_max, group, alpha))
-
-
-@torch.no_grad()
-def scale_norm_group(group: NormGroup, scales: torch.Tensor) -> None:
-    """The norm takes 1/s (w / s; Gemma's 1 + w -> (1 + w) / s - 1; a bias b / s), every
-    reader's (and inner reader's) input columns s: a float-lossless change (SmoothQuant's and
-    AWQ's scaling). scales: [hidden]."""
-    norm, spec = group.norm, group.spec
-    s = scales.double().to(norm.weight.device)
-    if spec.scale == "one_plus_weight":
-        set_weight(norm.weight, (1 + norm.weight.double()) / s - 1)
-    else:
-        set_weight(norm.weight, norm.weight.double() / s)
-    if spec.bias:
-        set_weight(norm.bias, norm.bias.double() / s)
-    for reader in [*group.readers, *group.inner]:
-        for _, matrix in reader.input_matrices():
-            set_weight(matrix, matrix.double() * s.to(matrix.device))

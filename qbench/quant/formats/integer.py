@@ -15,10 +15,11 @@ from typing import Literal
 
 import torch
 
+from qbench.quant.formats.spec import CLIP_SEARCH_NORM
+
 IntScaleRule = Literal["qmax", "half-range"]
 CLIP_SEARCH_GRID = 100  # GPTQ's quant.py: grid=100, maxshrink=0.8, norm=2.4
 CLIP_SEARCH_MAX_SHRINK = 0.8
-CLIP_SEARCH_NORM = 2.4
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""optimum-quanto: its QLinear with int8 / int4 / int2 weights and int8 / fp8 activations.
+"""The optimum-quanto step: its QLinear with int8 / int4 / int2 weights and int8 / fp8 activations.
 
 - Weights: qint8 symmetric per output channel (scale absmax / 127); qint4 / qint2 affine per
   group of `group` input columns: scale (max - min) / (2^b - 1) and a float shift -min, so
@@ -19,22 +19,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids
-from qbench.quant.library import LibraryRounding
-from qbench.quant.steps import Transform
+from qbench.data.calibration import CalibrationSpec
+from qbench.quant.steps.base import register_rounding
+from qbench.quant.steps.library import LibraryRounding
 
 if TYPE_CHECKING:
+    from qbench.quant.context import StepContext
     from qbench.quant.quantizer import QuantizerConfig
 
 WEIGHT_BITS = {"qint2": 2, "qint4": 4, "qint8": 8}
 ACTIVATION_LABELS = {"qint8": "int8", "qfloat8_e4m3fn": "fp8_e4m3", "qfloat8_e5m2": "fp8_e5m2"}
 
 
+@register_rounding("quanto")
 class Quanto(LibraryRounding):
     """optimum.quanto's quantize -> (Calibration) -> freeze on the target linears."""
 
@@ -84,29 +83,7 @@ class Quanto(LibraryRounding):
             )
         return None
 
-    def round(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        from optimum.quanto import Calibration, freeze, qtypes, quantize
+    def round(self, context: StepContext) -> None:
+        from qbench.quant.backends.quanto import quantize_linears
 
-        names = list(self.library_linears(model, quantizer))
-        activations = qtypes[self.activation_qtype] if self.activation_qtype else None
-        quantize(model, weights=qtypes[self.weight_qtype], activations=activations, include=names)
-        if self.group is not None:
-            for name in names:  # read by quanto when it quantizes the weight (freeze)
-                model.get_submodule(name).weight_group_size = self.group
-        if activations is not None:
-            ids = calibration_ids(tokenizer, self.calibration, "quanto's activation_qtype")
-            device = next(model.parameters()).device
-            with torch.no_grad(), Calibration():
-                for batch in ids.split(self.calibration.batch_size):
-                    model(batch.to(device))
-        freeze(model)
-        weights, activations = self.formats_label(quantizer).split(" / ")
-        for name in names:
-            held = (weights, None if activations == "fp" else activations)
-            model.get_submodule(name).qbench_rounding = held
+        quantize_linears(context, self)

@@ -1,18 +1,17 @@
-"""The common ground of rounding steps that hand linears to a quantization library's modules."""
+"""The common ground of rounding steps that hand linears to a quantization library's modules
+(their arithmetic: qbench.quant.backends)."""
 
 from __future__ import annotations
 
 from importlib.metadata import version
 from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
-
-from qbench.errors import QBenchError
-from qbench.quant.inventory import Inventory, inventory
-from qbench.quant.steps import Rounding, quantized_targets
+from qbench.quant.steps.base import Rounding
+from qbench.quant.walk.select import quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
+    from qbench.quant.walk.inventory import Inventory
 
 
 class LibraryRounding(Rounding):
@@ -32,6 +31,8 @@ class LibraryRounding(Rounding):
 
     def refusal(self, found: Inventory, quantizer: QuantizerConfig) -> str | None:
         """Why the library cannot round this model: it replaces nn.Linear layers only."""
+        from torch import nn
+
         targets = quantized_targets(found, quantizer)
         others = {n: t for n, t in targets.items() if not isinstance(t.module, nn.Linear)}
         if not others:
@@ -43,10 +44,3 @@ class LibraryRounding(Rounding):
             f"{share:.0%} of the targeted weights, e.g. {next(iter(others))}) are not linears "
             "and would stay in float; use rtn or gptq for this checkpoint"
         )
-
-    def library_linears(self, model: nn.Module, quantizer: QuantizerConfig) -> dict[str, nn.Linear]:
-        """The targets, all nn.Linear (QBenchError otherwise: see `refusal`)."""
-        found = inventory(model)
-        if problem := self.refusal(found, quantizer):
-            raise QBenchError(problem)
-        return {name: t.module for name, t in quantized_targets(found, quantizer).items()}

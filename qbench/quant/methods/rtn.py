@@ -3,37 +3,28 @@ table's rounding, which every non-library quantizer applies with `embeddings: tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qbench.quant.inventory import inventory
-from qbench.quant.linear import round_target
-from qbench.quant.spec import WeightQuant, fake_quant
-from qbench.quant.steps import Rounding, Transform, quantized_targets
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.walk.inventory import ROUNDING_ATTRIBUTE, inventory
+from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.select import quantized_targets
 
 if TYPE_CHECKING:
     from qbench.quant.quantizer import QuantizerConfig
 
 
-class RTN(Rounding):
-    """Every target (linears, experts, and routers when asked) is rounded to nearest."""
-
-    method: Literal["rtn"] = "rtn"
-
-    def round(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        targets = quantized_targets(inventory(model), quantizer)
-        while targets:  # popped, so each float weight is freed as soon as it is replaced
-            _, target = targets.popitem()
-            round_target(model, target, quantizer.weights, quantizer.activations)
+def round_to_nearest(model: nn.Module, quantizer: QuantizerConfig) -> None:
+    """Round every target the quantizer selects to nearest, in place (as its `weights:` and
+    `activations:` say)."""
+    targets = quantized_targets(inventory(model), quantizer)
+    while targets:  # popped, so each float weight is freed as soon as it is replaced
+        _, target = targets.popitem()
+        round_target(model, target, quantizer.weights, quantizer.activations)
 
 
 def round_embeddings(model: nn.Module, weights: WeightQuant) -> None:
@@ -42,7 +33,7 @@ def round_embeddings(model: nn.Module, weights: WeightQuant) -> None:
     embed = model.get_input_embeddings()
     with torch.no_grad():
         embed.weight = nn.Parameter(fake_quant(embed.weight.detach(), weights), False)
-    embed.qbench_rounding = (weights.label(), None)
+    setattr(embed, ROUNDING_ATTRIBUTE, (weights.label(), None))
 
 
 def untie_word_embeddings(model: nn.Module) -> None:

@@ -3,7 +3,8 @@
 Every method, backend, diagnostic and coverage count walks a model through `inventory(model)`.
 A target is one module holding weights that multiply activations:
 
-- `nn.Linear` (transformers' `Conv1D`, GPT-2's [in, out] linear, is turned into an `nn.Linear`
+- `nn.Linear` and qbench's rounded linears (`QuantLinear`: a quantized model reads as its
+  float one did; transformers' `Conv1D`, GPT-2's [in, out] linear, is turned into an `nn.Linear`
   once at load time by `linear_conv1d`, a lossless change, so there is one layout to round);
   fused projections (qkv_proj, gate_up_proj, query_key_value, c_attn) are linears like others;
 - experts held as one module with 3-D tensors (transformers' `@use_experts_implementation`
@@ -28,7 +29,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -36,9 +36,9 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from qbench.errors import QBenchError
+from qbench.quant.walk.select import Kind
 
-Kind = Literal["attention", "mlp", "experts", "router", "norm", "lm_head", "other"]
-KINDS: tuple[Kind, ...] = ("attention", "mlp", "experts", "router", "norm", "lm_head", "other")
+ROUNDING_ATTRIBUTE = "qbench_rounding"  # what a rounded module holds (qbench.quant.walk.linear)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
@@ -193,7 +193,8 @@ def inventory(model: nn.Module) -> Inventory:
         blocks_path, blocks = find_blocks(model)
     except QBenchError:  # not a decoder: every linear is a target of kind "other"
         blocks_path, blocks = "", nn.ModuleList()
-    lm_head = model.get_output_embeddings()
+    heads = getattr(model, "get_output_embeddings", None)
+    lm_head = heads() if heads is not None else None
     experts = _expert_count(getattr(model, "config", None))
     targets: dict[str, Target] = {}
     unsupported: dict[str, str] = {}
@@ -208,7 +209,7 @@ def inventory(model: nn.Module) -> Inventory:
         elif (layout := experts_layout(module)) is not None:
             targets[name] = Target(name, module, "experts", layout)
             skip.add(name)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or _rounded_linear(module):
             targets[name] = Target(name, module, kind or "other")
         elif in_block and _is_router(module, name, experts):
             targets[name] = Target(name, module, "router")
@@ -216,6 +217,14 @@ def inventory(model: nn.Module) -> Inventory:
             unsupported[name] = why
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     return Inventory(targets, embeddings, blocks_path, blocks, unsupported)
+
+
+def _rounded_linear(module: nn.Module) -> bool:
+    """A linear qbench rounded (QuantLinear: a 2-D weight applied as F.linear), a target of the
+    kind it was, so the inventory reads a quantized model as it read the float one."""
+    weight = getattr(module, "weight", None)
+    rounded = hasattr(module, ROUNDING_ATTRIBUTE) and not isinstance(module, nn.Embedding)
+    return rounded and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def _expert_count(config: PretrainedConfig | None) -> int | None:

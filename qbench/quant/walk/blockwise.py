@@ -1,4 +1,5 @@
-"""Block-by-block calibration: each decoder block runs on cached inputs, O(L) block passes.
+"""Calibration passes: the whole model over calibration batches (`forward_batches`), or
+block by block (`BlockInputs`): each decoder block runs on cached inputs, O(L) block passes.
 
 As QuaRot's and GPTQ's reference code and llmc's blockwise flow: one forward pass per
 calibration batch records what every decoder block receives (the hidden states entering the
@@ -17,7 +18,16 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from qbench.quant.inventory import Inventory
+from qbench.quant.walk.inventory import Inventory
+
+
+@torch.no_grad()
+def forward_batches(model: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+    """Forward `ids` [n, seq_len] through the whole model in batches of `batch_size` rows (no
+    KV cache), for the hooks of whoever observes it."""
+    device = next(model.parameters()).device
+    for batch in ids.split(batch_size):
+        model(input_ids=batch.to(device), use_cache=False)
 
 
 class _Stop(Exception):

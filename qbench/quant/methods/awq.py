@@ -1,4 +1,5 @@
-"""AWQ: activation-aware per-channel scaling with a grid search, then an optional clip search.
+"""AWQ: activation-aware per-channel scaling with a grid search, then an optional clip search
+(its step: qbench.quant.steps.awq).
 
 As the AWQ paper (Lin et al. 2024, arxiv 2306.00978), its reference code (mit-han-lab/llm-awq:
 awq/quantize/auto_scale.py, auto_clip.py) and llm-compressor's AWQ modifier describe it, block
@@ -29,66 +30,26 @@ Expert weights held as 3-D tensors take the norm scaling (their gate/up slices),
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids
 from qbench.errors import QBenchError
-from qbench.quant.blockwise import BlockInputs, observe
-from qbench.quant.inventory import Target, inventory, set_weight
-from qbench.quant.rotation import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
-from qbench.quant.smoothquant import scale_norm_group
-from qbench.quant.spec import WeightQuant, fake_quant
-from qbench.quant.steps import Transform
-from qbench.quant.structure import BlockStructure, probe_ids, trace_structure
-
-if TYPE_CHECKING:
-    from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.methods.folding import (
+    HALF_TOLERANCE,
+    LOSSLESS_TOLERANCE,
+    relative_error,
+    scale_norm_group,
+)
+from qbench.quant.walk.blockwise import BlockInputs, observe
+from qbench.quant.walk.inventory import Target, inventory, set_weight
+from qbench.quant.walk.structure import BlockStructure, probe_ids, trace_structure
 
 CLIP_TOKENS = 512  # tokens sampled per linear for the clip search (the reference's n_sample_token)
 SKIPPED_IN_CLIP = ("q_", "k_")  # the reference's rule: queries and keys are not clipped
 CLIP_CHUNK = 1 << 24  # elements of x a chunk of output channels multiplies at once
-
-
-class AWQ(Transform):
-    """AWQ's scale search (and, with `clip`, its clip search) for the quantizer's weights.
-
-    grid: ratios searched (the reference's 20); duo_scaling: llm-compressor's s = x^r / w^(1-r);
-    clip / max_shrink: the clip search and the largest fraction of a group's max it may cut.
-    """
-
-    transform: Literal["awq"] = "awq"
-    grid: int = Field(default=20, ge=2)
-    duo_scaling: bool = False
-    clip: bool = True
-    max_shrink: float = Field(default=0.5, gt=0, lt=1)
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-
-    def problem_with(self, quantizer: QuantizerConfig) -> str | None:
-        weights = quantizer.weights
-        if weights is None or quantizer.rounding.library:
-            return "awq searches scales for the weights it rounds: set weights: (not a library)"
-        if weights.granularity == "tensor":
-            return "awq scales per channel and group: use weights granularity channel or group"
-        return None
-
-    def is_lossless(self) -> bool:
-        return not self.clip  # the scaling is lossless; clipping changes the weights
-
-    def apply(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        ids = calibration_ids(tokenizer, self.calibration, "awq")
-        awq(model, ids, self.calibration.batch_size, quantizer.weights, self.grid,
-            self.duo_scaling, self.clip, self.max_shrink)  # fmt: skip
 
 
 @torch.no_grad()

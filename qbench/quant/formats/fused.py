@@ -42,7 +42,8 @@ import torch
 from torch.nn import functional as F
 
 from qbench.errors import QBenchError
-from qbench.quant.spec import ActivationQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.spec import ActivationQuant
 
 MODE_VARIABLE = "QBENCH_FAST_QUANT"
 MODES = ("auto", "1", "0")

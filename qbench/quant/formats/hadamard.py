@@ -15,13 +15,12 @@ order m = 4 * odd(n) * 2^i that one of these gives, in this order of preference:
    Paley II: order 2 (q + 1) for a prime q = 1 (mod 4) (29568 = 32 * 924, q = 461);
 3. none: where n = 2 (mod 4) or n is odd (no Hadamard matrix of order n exists), or the odd
    part's multiples have neither, B is a random orthogonal matrix of the odd order (QR of a
-   Gaussian, torch's global RNG): H_p (x) B is still orthogonal, which is all losslessness
+   Gaussian, from the caller's generator): H_p (x) B is still orthogonal, which is all losslessness
    needs, but spreads outliers less evenly than a true Hadamard matrix.
 
 `hadamard_construction(n)` names the matrix a width gets, e.g.
-"sylvester(64) x compressed-tensors(172)"; `hadamard_factorization(n)` gives the parts. Every
-`HadamardTransform` notes its construction on the cell that builds it (qbench.quant.notes), so
-a rotated cell's record lists the matrix of each width it rotated.
+"sylvester(64) x compressed-tensors(172)"; `hadamard_factorization(n)` gives the parts (the
+rotation notes them on its cell, so a rotated cell's record lists the matrix of each width).
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ from importlib.metadata import version
 
 import torch
 from torch import nn
-
-from qbench.quant.notes import note
 
 TABLE = "compressed-tensors"  # the construction name of a base from compressed-tensors' table
 TABLE_SEED = 0  # the generator seed of the table matrices' row signs
@@ -161,20 +158,23 @@ def paley(construction: str, q: int) -> torch.Tensor:
     return h / h.shape[0] ** 0.5
 
 
-def random_orthogonal(m: int) -> torch.Tensor:
-    """A random m x m orthogonal matrix (Haar, torch's global RNG), float64; [[1]] for m = 1."""
-    q, r = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64))
+def random_orthogonal(m: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random m x m orthogonal matrix (Haar, drawn from `generator`, default torch's global
+    RNG), float64; [[1]] for m = 1."""
+    q, r = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=generator))
     return (q * torch.sign(torch.diagonal(r))).contiguous()
 
 
-def base_factor(factorization: HadamardFactorization) -> torch.Tensor:
-    """The dense, normalized base factor B (float64); random orthogonal ones use torch's
-    global RNG."""
+def base_factor(
+    factorization: HadamardFactorization, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The dense, normalized base factor B (float64); random orthogonal ones are drawn from
+    `generator` (default torch's global RNG)."""
     construction, order = factorization.construction, factorization.order
     if construction == "sylvester":
         return torch.ones(1, 1, dtype=torch.float64)
     if construction == "random-orthogonal":
-        return random_orthogonal(order)
+        return random_orthogonal(order, generator)
     if construction == TABLE:
         return _table_matrix(order) / order**0.5
     assert factorization.q is not None
@@ -221,16 +221,20 @@ class HadamardTransform(nn.Module):
     """x -> x @ M along the last dimension, M = diag(signs) (H_p (x) B) orthogonal, n x n.
 
     H_p goes through the fast Walsh-Hadamard transform, B (see `hadamard_factorization`) is a
-    dense product. `random_signs`: QuaRot's randomized Hadamard (random +-1 signs, torch's
-    global RNG). `inverse(x)` = x @ M^T; `matrix()` = M, float64, to fold into weights.
+    dense product. `random_signs`: QuaRot's randomized Hadamard (random +-1 signs). Random
+    draws (signs, a random orthogonal base) come from `generator` (default torch's global
+    RNG). `inverse(x)` = x @ M^T; `matrix()` = M, float64, to fold into weights.
     """
 
-    def __init__(self, n: int, random_signs: bool = False) -> None:
+    def __init__(
+        self, n: int, random_signs: bool = False, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.factorization = hadamard_factorization(n)
-        note(f"rotation: width {n} rotated by {self.factorization}")
-        self.register_buffer("base", base_factor(self.factorization), persistent=False)
-        signs = torch.randint(0, 2, (n,), dtype=torch.float64) * 2 - 1 if random_signs else None
+        self.register_buffer("base", base_factor(self.factorization, generator), persistent=False)
+        signs = None
+        if random_signs:
+            signs = torch.randint(0, 2, (n,), dtype=torch.float64, generator=generator) * 2 - 1
         self.register_buffer("signs", signs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

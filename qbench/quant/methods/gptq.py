@@ -25,103 +25,79 @@ forward pass of the rounded model. Block 0's Hessians come from the fp model alo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import Field
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qbench.data.calibration import CalibrationSpec, calibration_ids, shared_statistic
-from qbench.quant.blockwise import BlockInputs, observe
-from qbench.quant.calibrate import forward_batches
-from qbench.quant.experts import set_input_step
-from qbench.quant.formats import int_clip
-from qbench.quant.integer import IntGrid, int_grid
-from qbench.quant.inventory import Target, inventory
-from qbench.quant.linear import round_target
-from qbench.quant.notes import note
-from qbench.quant.spec import WeightQuant, fake_quant
-from qbench.quant.steps import Rounding, Transform, quantized_targets, transforms_key
+from qbench.quant.formats.fake import fake_quant, int_clip
+from qbench.quant.formats.integer import IntGrid, int_grid
+from qbench.quant.formats.spec import WeightQuant
+from qbench.quant.walk.blockwise import BlockInputs, forward_batches, observe
+from qbench.quant.walk.experts import set_input_step
+from qbench.quant.walk.inventory import Target, inventory
+from qbench.quant.walk.linear import round_target
+from qbench.quant.walk.select import quantized_targets
 
 if TYPE_CHECKING:
-    from qbench.quant.quantizer import QuantizerConfig
+    from qbench.quant.context import StepContext
+    from qbench.quant.steps.gptq import GPTQ
 
 Key = tuple[str, str]  # (target name, matrix label)
 
 
-class GPTQ(Rounding):
-    """GPTQ weights (int formats), RTN activations."""
+def gptq(context: StepContext, step: GPTQ) -> None:
+    """GPTQ-round every target the quantizer selects, block by block on cached inputs (see
+    the module docstring); block 0's Hessians are shared by the cells of a checkpoint alike."""
+    model, quantizer = context.model, context.quantizer
+    calibration = step.calibration
+    ids = context.calibration_ids(calibration, "gptq")
+    found = inventory(model)
+    targets = quantized_targets(found, quantizer)
+    inputs = BlockInputs(model, found, ids, calibration.batch_size)
+    for i in range(len(found.blocks)):
+        block = {n: t for n, t in found.in_block(i).items() if n in targets}
 
-    method: Literal["gptq"] = "gptq"
-    damp: float = Field(default=0.01, gt=0)
-    block_size: int = Field(default=128, ge=1)
-    act_order: bool = False
-    static_groups: bool = True
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+        def compute(block: dict[str, Target] = block) -> dict[Key, torch.Tensor]:
+            return input_hessians(block, lambda: observe(inputs))
 
-    def problem_with(self, quantizer: QuantizerConfig) -> str | None:
-        if quantizer.weights is None or quantizer.weights.format != "int":
-            return "gptq rounds int weights: set weights: {bits: ...} (format int)"
-        if "static_groups" in self.model_fields_set and quantizer.weights.group is None:
-            return "static_groups applies to weights with a group: add weights.group"
-        return None
+        if i == 0:  # from the model as the transforms before left it: shared by cells alike
+            key = ("gptq.hessians", tuple(block), calibration.model_dump_json())
+            hessians = context.statistic(key, compute)
+        else:
+            hessians = compute()
+        _round(context, step, block, hessians)
+        inputs.advance()
+    rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
+    if rest:
+        run = lambda: forward_batches(model, ids, calibration.batch_size)  # noqa: E731
+        _round(context, step, rest, input_hessians(rest, run))
 
-    def round(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase | None,
-        quantizer: QuantizerConfig,
-        before: tuple[Transform, ...],
-    ) -> None:
-        ids = calibration_ids(tokenizer, self.calibration, "gptq")
-        found = inventory(model)
-        targets = quantized_targets(found, quantizer)
-        inputs = BlockInputs(model, found, ids, self.calibration.batch_size)
-        for i in range(len(found.blocks)):
-            block = {n: t for n, t in found.in_block(i).items() if n in targets}
 
-            def compute(block: dict[str, Target] = block) -> dict[Key, torch.Tensor]:
-                return input_hessians(block, lambda: observe(inputs))
-
-            if i == 0:  # from the model as `before` left it: shared by the cells alike
-                key = ("gptq.hessians", tuple(block), self.calibration.model_dump_json())
-                key += (transforms_key(before), torch.initial_seed())
-                hessians = shared_statistic(key, compute)
-            else:
-                hessians = compute()
-            self._round(model, block, hessians, quantizer)
-            inputs.advance()
-        rest = {n: t for n, t in targets.items() if not n.startswith(f"{found.blocks_path}.")}
-        if rest:
-            batch_size = self.calibration.batch_size
-            hessians = input_hessians(rest, lambda: forward_batches(model, ids, batch_size))
-            self._round(model, rest, hessians, quantizer)
-
-    def _round(
-        self,
-        model: nn.Module,
-        targets: dict[str, Target],
-        hessians: dict[Key, torch.Tensor],
-        quantizer: QuantizerConfig,
-    ) -> None:
-        weights = quantizer.weights
-        unreached = 0
-        for name, target in targets.items():
-            rounded = {}
-            for label, matrix in target.matrices():
-                hessian = hessians.get((name, label))
-                if hessian is None:  # no calibration token reached this expert
-                    unreached += 1
-                    rounded[label] = fake_quant(matrix.detach(), weights)
-                    continue
-                rounded[label] = gptq_round(
-                    matrix.detach(), hessian, weights, self.damp, self.block_size,
-                    self.act_order, self.static_groups,
-                )  # fmt: skip
-            round_target(model, target, weights, quantizer.activations, rounded)
-        if unreached:
-            note(f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest")
+def _round(
+    context: StepContext,
+    step: GPTQ,
+    targets: dict[str, Target],
+    hessians: dict[Key, torch.Tensor],
+) -> None:
+    weights = context.quantizer.weights
+    unreached = 0
+    for name, target in targets.items():
+        rounded = {}
+        for label, matrix in target.matrices():
+            hessian = hessians.get((name, label))
+            if hessian is None:  # no calibration token reached this expert
+                unreached += 1
+                rounded[label] = fake_quant(matrix.detach(), weights)
+                continue
+            rounded[label] = gptq_round(
+                matrix.detach(), hessian, weights, step.damp, step.block_size,
+                step.act_order, step.static_groups,
+            )  # fmt: skip
+        round_target(context.model, target, weights, context.quantizer.activations, rounded)
+    if unreached:
+        context.note(
+            f"gptq: {unreached} expert matrices saw no calibration token: rounded to nearest"
+        )
 
 
 @torch.no_grad()

@@ -26,14 +26,38 @@ qbench.quant.fp). `clip_search_norm`: the exponent p of the clip search's sum |e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from pydantic import field_validator, model_validator
 
 from qbench.config import StrictModel
-from qbench.quant.formats import FORMATS
-from qbench.quant.integer import CLIP_SEARCH_NORM
+from qbench.registry import Registry
+
+CLIP_SEARCH_NORM = 2.4  # the clip search's default exponent p (GPTQ's and QuaRot's)
+MX_BLOCK, NV_BLOCK = 32, 16  # elements per block scale: OCP MX, NVIDIA NVFP4
+
+
+@dataclass(frozen=True)
+class Format:
+    """A number format's shape: `bits` (None when the spec chooses it: int) and `block`, the
+    elements sharing one fixed-size block scale (MX, NV), else None (one scale per granularity
+    unit, shrunk by `clip`). Its arithmetic is qbench.quant.formats.fake's."""
+
+    bits: int | None
+    block: int | None
+
+
+FORMATS: Registry[Format] = Registry("number format")
+for _name, _format in {
+    "int": Format(None, None),
+    "fp8_e4m3": Format(8, None),
+    "fp8_e5m2": Format(8, None),
+    "fp4_e2m1": Format(4, None),
+    "mxfp4": Format(4, MX_BLOCK),
+    "nvfp4": Format(4, NV_BLOCK),
+}.items():
+    FORMATS.register(_name)(_format)
 
 # The conventions `scale_rule` chooses between, per format; the first is the default.
 SCALE_RULES = {"int": ("qmax", "half-range"), "mxfp4": ("floor", "even")}
@@ -241,33 +265,15 @@ def divides_error(spec: TensorQuant, in_features: int) -> tuple[str, str, str] |
         return (
             "group",
             f"group {spec.group} does not divide the input width {in_features}",
-            f"use a group size that divides {in_features}, or granularity: channel",
+            f"use a group size that divides {in_features}, or granularity: channel, or leave "
+            "such layers out with the quantizer's ignore: [<module path or re:pattern>]",
         )
     if spec.block is not None and in_features % spec.block:
         return (
             "format",
             f"{spec.format}'s {spec.block}-element blocks do not divide the input width "
             f"{in_features}",
-            "use a format without fixed blocks (int, fp8_e4m3, fp4_e2m1), or leave that layer out",
+            "use a format without fixed blocks (int, fp8_e4m3, fp4_e2m1), or leave such layers "
+            "out with the quantizer's ignore: [<module path or re:pattern>]",
         )
     return None
-
-
-def fake_quant(x: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
-    """Quantize and dequantize `x` as `spec` says; same shape and dtype as `x`.
-
-    x: [..., tokens, features] (an activation: granularity tensor = one scale per sequence)
-    or [rows, features] (a weight, or one sequence). Raises ValueError when a group or block
-    does not divide the last dimension.
-    """
-    if spec.block is not None and x.shape[-1] % spec.block:
-        what = "group" if spec.group else f"{spec.format} block"
-        raise ValueError(f"{what} {spec.block} does not divide the last dimension {x.shape[-1]}")
-    if spec.granularity == "tensor":
-        rows = x.reshape(-1, x.shape[-2] * x.shape[-1]) if x.dim() > 2 else x.reshape(1, -1)
-    elif spec.granularity == "group":
-        rows = x.reshape(-1, spec.group)
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-    out = FORMATS.get(spec.format).quantize(rows.float(), spec)
-    return out.reshape(x.shape).to(x.dtype)

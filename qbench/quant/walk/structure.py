@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qbench.quant.inventory import Inventory, Target, inventory
+from qbench.quant.walk.inventory import Inventory, Target, inventory
 
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")

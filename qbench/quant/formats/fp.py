@@ -12,9 +12,10 @@ from typing import Literal
 
 import torch
 
+from qbench.quant.formats.spec import MX_BLOCK, NV_BLOCK
+
 E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of E2M1's largest binade (4 and 6)
-MX_BLOCK, NV_BLOCK = 32, 16
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 

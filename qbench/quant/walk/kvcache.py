@@ -40,8 +40,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qbench.errors import QBenchError
-from qbench.quant.hadamard import HadamardTransform
-from qbench.quant.spec import KVQuant, fake_quant
+from qbench.quant.formats.fake import fake_quant
+from qbench.quant.formats.hadamard import HadamardTransform
+from qbench.quant.formats.spec import KVQuant
 
 KV_ATTENTION_PREFIX = "qbench_kv_"
 _ATTENTION_CLASS = re.compile(r"Attention", re.IGNORECASE)
@@ -110,7 +111,7 @@ def _calls_kv_transform(module: nn.Module) -> bool:
 
 def _discover(model: nn.Module) -> dict[int, tuple[nn.Module, int]]:
     """Route attention through the KV step, and find the modules that reach it in one pass."""
-    from qbench.quant.structure import probe_ids
+    from qbench.quant.walk.structure import probe_ids
 
     _route_attention(model)
     seen: dict[int, tuple[nn.Module, int]] = {}
