@@ -202,6 +202,7 @@ def _list(args: argparse.Namespace) -> int:
     from qbench.checkpoints.model import VARIANTS
     from qbench.checkpoints.train import PRESETS
     from qbench.data.sources import TEXT_SOURCES
+    from qbench.data.synthetic import TRAIN_TASKS
     from qbench.eval.tasks import local_task_names
     from qbench.executors import EXECUTORS
     from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
@@ -215,6 +216,7 @@ def _list(args: argparse.Namespace) -> int:
         + "; perplexity also: text (path:), hub (dataset:, config:, split:, text_column:)",
     )
     print("presets:     ", ", ".join(PRESETS.names()))
+    print("train tasks: ", ", ".join(TRAIN_TASKS), "(train.task; perplexity data: task)")
     print("variants:    ", ", ".join(sorted(VARIANTS)))
     print("tasks:       ", ", ".join(local_task_names()), "(local; or any lm-eval task name)")
     print("executors:   ", ", ".join(EXECUTORS.names()))

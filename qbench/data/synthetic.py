@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class BigramBackcopy(StrictModel):
 # A task's options: one model per task name; another task adds its own model to this union
 # (with Field(discriminator="name")) and its generator below.
 TaskSpec = BigramBackcopy
+TRAIN_TASKS = get_args(TaskSpec.model_fields["name"].annotation)  # the names it accepts
 
 
 def _task_from_name(value: Any) -> Any:
