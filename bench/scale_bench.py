@@ -34,8 +34,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from qbench.api import quantize_, quantizer
+from qbench.checkpoints.catalog import PRESETS
 from qbench.checkpoints.dispatch import default_device
-from qbench.checkpoints.train import PRESETS, train_tokenizer
+from qbench.data.bpe import train_tokenizer
 from qbench.data.calibration import CalibrationSpec
 from qbench.data.sources import embedded_rows
 from qbench.quant.context import sample_windows

@@ -49,7 +49,7 @@ def make_checkpoint(folder: Path, hidden: int, layers: int) -> Path:
     """A random Llama (fp32) with a small BPE tokenizer, saved as a Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qbench.checkpoints.train import train_tokenizer
+    from qbench.data.bpe import train_tokenizer
     from qbench.data.sources import embedded_rows
 
     torch.manual_seed(0)
@@ -78,12 +78,13 @@ def memory_child(recipe: Path, results: Path) -> None:
     """Run one local sweep; print its peak memory above the pre-sweep RSS as JSON."""
     import psutil
 
+    from qbench.executors import make_executor
     from qbench.sweep import plan_recipes, sweep
 
     planned = plan_recipes([recipe])
     before = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    tally = sweep(planned, results, progress=False)
+    tally = sweep(planned, results, make_executor("local"), progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     figures = {"before": before, "peak": peak, "cuda_peak": cuda, "cells": len(tally.ran)}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from qbench.errors import QBenchError, describe
+from qbench.errors import QBenchError, describe, storage_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qbench: error: {line}", file=sys.stderr)
         return 2
     except OSError as error:  # a file qbench could not read or write, not caught nearer
-        print(f"qbench: error: {describe(error)}", file=sys.stderr)
+        where = f" ({error.filename})" if error.filename else ""
+        if not where and storage_problem(error):
+            results = getattr(args, "results", None) or "results"
+            where = f" (a disk qbench writes to: --results {results} or QBENCH_CACHE_DIR)"
+        print(f"qbench: error: {describe(error)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
@@ -35,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipes", type=Path, nargs=1, metavar="recipe")
     run.add_argument("--results", type=Path, default=Path("results"), help="results root")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run.set_defaults(command=_sweep, executor="local", address=None, num_cpus=None)
 
     sweep = commands.add_parser("sweep", help="evaluate every cell of recipes, then report")
@@ -44,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-cpus", type=int, help="ray: CPUs of the local instance")
     sweep.add_argument("--results", type=Path, default=Path("results"), help="results root")
     sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sweep.add_argument("--strict", action="store_true", help=STRICT_HELP)
     sweep.set_defaults(command=_sweep)
 
     report = commands.add_parser("report", help="write results/<recipe>/LEADERBOARD.md")
@@ -58,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument(
         "--write-reference", action="store_true", help="record current values as gate.reference"
     )
+    gate.add_argument(
+        "--results-only",
+        action="store_true",
+        help="gate the cells of plan.json without planning the recipe now (the checkpoints and "
+        "data are not checked; the output says so)",
+    )
     gate.set_defaults(command=_gate)
 
     train = commands.add_parser("train", help="train (or find cached) a qbench checkpoint")
@@ -70,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(command=_train)
 
     probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
-    probe.add_argument("--path", help="a Hugging Face model directory")
+    probe.add_argument("--path", help="a Hugging Face model directory, or a .gguf file")
     probe.add_argument("--recipe", type=Path, help="a recipe, with --checkpoint NAME")
     probe.add_argument("--checkpoint", help="a checkpoint of --recipe (seeded: name@seed)")
     probe.add_argument(
@@ -80,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--split", help="its split (default: the recipe's, or test)")
     probe.add_argument("--samples", type=int, help="windows of the text to probe")
     probe.add_argument("--seq-len", type=int, help="tokens per window")
+    probe.add_argument(
+        "--windows",
+        choices=["stream", "document"],
+        help="windows cut from the text's stream, or each from a document's start (BOS first)",
+    )
     probe.add_argument("--out", type=Path, help="JSON file (default: under --results)")
     probe.add_argument("--results", type=Path, default=Path("results"))
     probe.set_defaults(command=_probe)
@@ -89,26 +107,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+STRICT_HELP = "a cell the plan refuses is an error (exit 2) instead of a refused record"
+
+
 def _check_results_root(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise QBenchError(f"--results: '{path}' is not a directory; give the results folder")
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """`qbench sweep` (and `qbench run`, its one-recipe local case): cells, then leaderboards;
-    exit 1 when a cell failed (its record says why; a rerun retries it)."""
+    """`qbench sweep` (and `qbench run`, its one-recipe local case): cells, then leaderboards.
+
+    Exit 0 when every cell is ok or refused, 1 when a cell failed (its record says why; a
+    rerun retries it), 2 on a plan-time error (with --strict, a refusal is one)."""
+    from qbench.recipe import load_recipe
+
+    for source in args.recipes:  # every field checked before the model libraries load
+        load_recipe(source)
+    if args.no_progress:
+        _hide_library_bars()
     from qbench.executors import make_executor
     from qbench.report.leaderboard import write_leaderboard
-    from qbench.sweep import plan_recipes, sweep
+    from qbench.sweep import plan_recipes, refusals, sweep
 
     options = {"address": args.address, "num_cpus": args.num_cpus}
     executor = make_executor(args.executor, **{k: v for k, v in options.items() if v is not None})
     planned = plan_recipes(args.recipes)
+    refused = refusals(planned)
+    if args.strict and refused:
+        raise QBenchError(
+            "\n".join(f"{p.source}: {cell.refusal} (--strict: refused)" for p, cell in refused)
+        )
     tally = sweep(planned, args.results, executor, not args.no_progress)
     for p in planned:
         print(f"leaderboard: {write_leaderboard(p.recipe, p.source, args.results, p.cells)}")
     if tally.elsewhere:
         print(f"{len(tally.elsewhere)} cells were left to another sweep on the same results")
+    if refused or tally.refused:
+        print(
+            f"{len(refused) + len(tally.refused)} cells refused (recorded as refused: the "
+            "quantizer cannot run there; not retried until the recipe, the checkpoint or "
+            "qbench changes; --strict makes a refusal an error)"
+        )
     if tally.failed:
         print(
             f"qbench: {len(tally.failed)} of {len(tally.ran)} cells failed: "
@@ -120,21 +160,34 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hide_library_bars() -> None:
+    """--no-progress also hides the bars of transformers and the hub (loading weights, writing
+    shards): set before they are imported, or switched off where they already are."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def _report(args: argparse.Namespace) -> int:
     from qbench.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # checked before the model libraries load
     from qbench.report.leaderboard import write_leaderboard
 
-    print(write_leaderboard(load_recipe(args.recipe), args.recipe, args.results))
+    print(write_leaderboard(recipe, args.recipe, args.results))
     return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
     from qbench.recipe import load_recipe
+
+    recipes = [(source, load_recipe(source)) for source in args.recipes]  # before the libraries
     from qbench.report.gate import run_gate, write_reference
 
     failed = False
-    for source in args.recipes:
-        recipe = load_recipe(source)
+    for source, recipe in recipes:
         if recipe.gate is None:
             raise QBenchError(f"{source}: no gate: block; add gate: {{min_recovery: ...}}")
         if args.cadence and recipe.gate.cadence != args.cadence:
@@ -145,7 +198,7 @@ def _gate(args: argparse.Namespace) -> int:
             if recipe.gate.reference is None:
                 raise QBenchError(f"{source}: gate.reference: set the file to write")
             write_reference(recipe, source, args.results, Path(recipe.gate.reference))
-        passed, report = run_gate(recipe, source, args.results)
+        passed, report = run_gate(recipe, source, args.results, args.results_only)
         print(report)
         failed |= not passed
     return 1 if failed else 0
@@ -165,6 +218,7 @@ def _probe(args: argparse.Namespace) -> int:
         args.seq_len,
         args.out,
         args.results,
+        args.windows,
     )
 
 
@@ -199,11 +253,10 @@ def _validated(model: type, **values: object) -> object:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from qbench.checkpoints.model import VARIANTS
-    from qbench.checkpoints.train import PRESETS
+    from qbench.checkpoints.catalog import PRESETS, VARIANTS
     from qbench.data.sources import TEXT_SOURCES
     from qbench.data.synthetic import TRAIN_TASKS
-    from qbench.eval.tasks import local_task_names
+    from qbench.eval.task_index import local_task_names
     from qbench.executors import EXECUTORS
     from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,3 +31,25 @@ class StrictModel(BaseModel):
                         f"allowed: {', '.join(known)}"
                     )
         return data
+
+
+# Names become file names and table cells: letters, digits, '.', '_', '-' (matched whole).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100  # characters; a result file name holds a checkpoint and a quantizer name
+# Counts (tokens, windows, documents, steps) fit the 32-bit sizes the libraries take.
+Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
+def check_name(name: str) -> str:
+    if len(name) > NAME_MAX or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{name!r} must be at most {NAME_MAX} letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (it names files and table cells)"
+        )
+    return name
+
+
+def reject_duplicates(names: list[str], what: str, fix: str) -> None:
+    seen = {n for n in names if names.count(n) > 1}
+    if seen:
+        raise ValueError(f"{what}: duplicate name(s) {sorted(seen)}: {fix}")

@@ -1,10 +1,16 @@
 """Errors that qbench reports to the user as one clear line (no traceback)."""
 
+import errno
 import sys
 
 
 class QBenchError(Exception):
     """Bad input or a missing resource; the message says what and what to do."""
+
+
+class RefusedError(QBenchError):
+    """A quantizer cannot run on a checkpoint (a plan-time refusal, or one found once the
+    model is traced): the cell is recorded as `refused`, not failed, with this reason."""
 
 
 ONE_LINE_MAX = 300  # characters of a foreign message kept in one line
@@ -32,6 +38,18 @@ def describe(error: BaseException) -> str:
         problem = f"{where}: {message}" if where else message
         return one_line(problem, "") + more
     return one_line(type(error).__name__, str(error))
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_STORAGE_WORDS = ("no space left", "os error 28", "disk quota", "database or disk is full")
+
+
+def storage_problem(error: BaseException) -> bool:
+    """Whether `error` says a disk is full or read-only (an OSError's errno, or the words of
+    libraries that wrap it: safetensors, sqlite), wherever it was raised."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return True
+    return any(words in str(error).lower() for words in _STORAGE_WORDS)
 
 
 def warn(message: str) -> None:

@@ -12,14 +12,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qbench.errors import QBenchError
-from qbench.record import Record
 from qbench.registry import Registry
-from qbench.runner import Worker
-from qbench.store import Claim
-from qbench.sweep import Job, Sweep
+
+if TYPE_CHECKING:
+    from qbench.record import Record
+    from qbench.runner import Worker
+    from qbench.store import Claim
+    from qbench.sweep import Job, Sweep
 
 # Environment a Ray worker needs to find data, caches and the offline switches (no tokens).
 FORWARDED_ENV = (
@@ -61,6 +63,8 @@ class LocalExecutor:
             raise QBenchError("--address / --num-cpus apply to --executor ray")
 
     def run(self, jobs: list[Job], sweep: Sweep) -> None:
+        from qbench.runner import Worker  # the model libraries, only when cells run
+
         worker = Worker(sweep.progress)
         try:
             for job in jobs:
@@ -153,6 +157,8 @@ class RayExecutor:
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayError as error:  # the worker died, or Ray failed
+                        from qbench.record import Record
+
                         elapsed = time.perf_counter() - submitted
                         result = Record.failed(job.cell, job.recipe, error, elapsed)
                     sweep.record(job, result)
@@ -197,6 +203,8 @@ def _import_ray() -> Any:
 def _process_worker() -> Worker:
     """This Ray worker process's Worker: its loaded checkpoint outlives one task."""
     from transformers.utils import logging as transformers_logging
+
+    from qbench.runner import Worker
 
     transformers_logging.disable_progress_bar()  # no bars in the driver's log
     return Worker(progress=False)

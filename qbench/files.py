@@ -31,22 +31,23 @@ TEMPORARY_SUFFIX = ".tmp"
 STALE_AFTER_S = 60.0  # a temporary file this old whose writer holds no lock is left-over
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, mode: int = 0o666) -> None:
     """Write `text` (UTF-8) to `path` atomically; QBenchError naming `path` if it cannot be."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, mode: int = 0o666) -> None:
     """`data` as indented JSON, written atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a locked temporary file beside `path`, then rename it into place."""
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write `data` to a locked temporary file beside `path`, then rename it into place; the
+    file is created with `mode` masked by the umask."""
     make_directory(path.parent)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     except OSError as error:
         raise _unwritable(path, error) from None
     try:
@@ -104,6 +105,54 @@ def read_text_nofollow(path: Path, limit: int) -> str:
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")
     return utf8_text(data)
+
+
+def regular_file_problem(path: Path, limit: int) -> str | None:
+    """Why `path` (symlinks followed) cannot be read as a data file: not a regular file (a
+    FIFO or device would block or never end), or larger than `limit` bytes; None if it can."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as error:
+        return error.strerror or str(error)
+    if not stat.S_ISREG(status.st_mode):
+        return f"{_file_kind(status.st_mode)}, not a regular file"
+    if status.st_size > limit:
+        return f"{status.st_size / 2**20:.0f} MiB, larger than the {limit / 2**20:.0f} MiB limit"
+    return None
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path` (symlinks followed), at most `limit`; a
+    QBenchError naming the path when it is absent, not a regular file (a FIFO, a device, a
+    directory), unreadable or larger than `limit` (checked on the opened file too, so a file
+    swapped for a FIFO after the check still cannot block)."""
+    if problem := regular_file_problem(path, limit):
+        raise QBenchError(f"'{path}': {problem}")
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise QBenchError(f"'{path}': cannot read: {error.strerror or error}") from None
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise QBenchError(f"'{path}': {_file_kind(mode)}, not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise QBenchError(f"'{path}': larger than the {limit / 2**20:.0f} MiB limit")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def utf8_text(data: bytes) -> str:

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from qbench.checkpoints.dispatch import check_module_map, offload_refusal
+from qbench.checkpoints.dispatch import check_gpus, check_module_map, offload_refusal
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions
+from qbench.checkpoints.limits import memory_refusal
 from qbench.checkpoints.load import (
     CheckpointIdentity,
     checkpoint_config,
     checkpoint_dtype,
     checkpoint_identity,
 )
+from qbench.checkpoints.random import random_checkpoint_dir
 from qbench.data.sources import text_fingerprint
 from qbench.errors import QBenchError, describe
-from qbench.eval.tasks import task_identity
+from qbench.eval.task_index import task_identity, task_options_identity
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.refusal import refusal_of, text_config
 from qbench.quant.walk.inventory import inventory, linear_conv1d
@@ -41,8 +45,11 @@ T = TypeVar("T")
 class Cell:
     """One evaluation: a checkpoint, unquantized (fp) or under one quantizer.
 
-    `refusal`: why the quantizer cannot run on this checkpoint, decided at plan time (the
-    cell is recorded as failed with this reason, without loading the model); None: it runs.
+    `refusal`: why the cell cannot run (the quantizer on this checkpoint, or the checkpoint
+    here at all), decided at plan time: the cell is recorded as refused with this reason,
+    without loading the model; None: it runs.
+    `determinants`: the sorted JSON whose sha256 is `key` (`cell_determinants`), kept in
+    plan.json so that a reader can re-derive the key.
     """
 
     recipe: str
@@ -52,6 +59,7 @@ class Cell:
     identity: CheckpointIdentity  # the checkpoint's content, as the key holds it
     refusal: str | None = None
     fp_key: str | None = None  # the key of the same checkpoint's fp cell
+    determinants: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def quantizer_name(self) -> str:
@@ -68,8 +76,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized'."""
-        return self.quantizer.label() if self.quantizer else "unquantized"
+        """What the quantizer does (e.g. 'rtn: int4 g32 / int8 token'), or 'unquantized' (a
+        GGUF checkpoint's: '... (dequantized from Q4_1 / Q8_0)')."""
+        if self.quantizer:
+            return self.quantizer.label()
+        origin = dequantized_from(self.identity.gguf_types)
+        return f"unquantized (dequantized from {origin})" if origin else "unquantized"
 
     @property
     def load_key(self) -> str:
@@ -97,15 +109,12 @@ class Cell:
 
 def plan(recipe: Recipe, source: Path) -> list[Cell]:
     """All cells of `recipe`, in run order (grouped by checkpoint, fp first)."""
-    eval_identity = [
-        {
-            **spec.identity(),
-            "text": _at(
-                source,
-                f"eval.perplexity[{i}].{spec.source_field}",
-                lambda s=spec: text_fingerprint(s.text()),
-            ),
-        }
+    texts = [
+        _at(
+            source,
+            f"eval.perplexity[{i}].{spec.source_field}",
+            lambda s=spec: text_fingerprint(s.text()),
+        )
         for i, spec in enumerate(recipe.eval.perplexity)
     ]
     tasks = [
@@ -121,42 +130,80 @@ def plan(recipe: Recipe, source: Path) -> list[Cell]:
         config = _at(source, where, lambda c=checkpoint, h=commit: checkpoint_config(c, h))
         skeleton = _skeleton(source, where, checkpoint, config)
         checkpoint = _resolved(source, i, checkpoint, config, skeleton)
-        _check_context(recipe, source, checkpoint, config)
+        context = context_length(config, skeleton)
+        _check_context(recipe, source, checkpoint, context)
         found = inventory(skeleton)
         offloaded = offload_refusal(checkpoint.device_map)
+        unloadable = _memory_refusal(i, checkpoint, config, skeleton)
         fp_key = None
         for index, quantizer in enumerate([None, *recipe.quantizers]):
-            determinants = {
-                "checkpoint": identity.model_dump(),
-                "dtype": checkpoint.dtype,
-                "quantizer": _quantizer_identity(quantizer) if quantizer else None,
-                "eval": eval_identity,
-                "seed": recipe.seed,
-                "versions": versions | (quantizer.versions() if quantizer else {}),
-            }
-            if checkpoint.device_map is not None:  # undispatched checkpoints keep their keys
-                determinants["device_map"] = checkpoint.device_map
-            if tasks:  # recipes without tasks keep their keys
-                determinants["tasks"] = tasks
-            if recipe.eval.diagnostics is not None:
-                determinants["diagnostics"] = recipe.eval.diagnostics.model_dump()
-            blob = json.dumps(determinants, sort_keys=True).encode()
-            key = hashlib.sha256(blob).hexdigest()
+            every = versions | (quantizer.versions() if quantizer else {})
+            every |= gguf_versions() if checkpoint.is_gguf else {}
+            determinants = cell_determinants(
+                recipe, checkpoint, quantizer, identity, texts, tasks, every
+            )
+            key = cell_key(determinants)
             fp_key = fp_key or key
-            refusal = quantizer and (
-                _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
-                or refusal_of(
-                    quantizer,
-                    f"quantizers[{index - 1}] '{quantizer.name}'",
-                    checkpoint.name,
-                    config,
-                    found,
+            refusal = unloadable or (
+                quantizer
+                and (
+                    _offload_refusal(quantizer, index - 1, i, checkpoint, offloaded)
+                    or refusal_of(
+                        quantizer,
+                        f"quantizers[{index - 1}] '{quantizer.name}'",
+                        checkpoint.name,
+                        config,
+                        found,
+                        context,
+                    )
                 )
             )
+            blob = json.dumps(determinants, sort_keys=True)
+            refusal = refusal or None
             cells.append(
-                Cell(recipe.name, checkpoint, quantizer, key, identity, refusal or None, fp_key)
+                Cell(recipe.name, checkpoint, quantizer, key, identity, refusal, fp_key, blob)
             )
     return cells
+
+
+def cell_determinants(
+    recipe: Recipe,
+    checkpoint: CheckpointSpec,
+    quantizer: QuantizerConfig | None,
+    identity: CheckpointIdentity,
+    texts: list[str],
+    tasks: list[dict[str, Any]],
+    versions: dict[str, str],
+) -> dict[str, Any]:
+    """What a cell's key is the digest of (as JSON, see `cell_key`): the checkpoint's content
+    `identity` and dtype (resolved), the quantizer, the perplexity specs with the fingerprint
+    of each one's text (`texts`), the tasks' identities (`task_identity`), the seed, the
+    library `versions` (the quantizer's included), the device_map and diagnostics where set.
+
+    Raises ValueError when `texts` does not give one fingerprint per perplexity spec."""
+    specs = recipe.eval.perplexity
+    if len(texts) != len(specs):
+        raise ValueError(f"{len(texts)} text fingerprints for {len(specs)} perplexity specs")
+    determinants = {
+        "checkpoint": identity.model_dump(),
+        "dtype": checkpoint.dtype,
+        "quantizer": _quantizer_identity(quantizer) if quantizer else None,
+        "eval": [{**spec.identity(), "text": t} for spec, t in zip(specs, texts, strict=True)],
+        "seed": recipe.seed,
+        "versions": versions,
+    }
+    if checkpoint.device_map is not None:  # undispatched checkpoints keep their keys
+        determinants["device_map"] = checkpoint.device_map
+    if tasks:  # recipes without tasks keep their keys
+        determinants["tasks"] = tasks
+    if recipe.eval.diagnostics is not None:
+        determinants["diagnostics"] = recipe.eval.diagnostics.identity()
+    return json.loads(json.dumps(determinants, sort_keys=True))  # as plan.json holds them
+
+
+def cell_key(determinants: dict[str, Any]) -> str:
+    """A cell's result key: the sha256 of its determinants as sorted JSON."""
+    return hashlib.sha256(json.dumps(determinants, sort_keys=True).encode()).hexdigest()
 
 
 def _resolved(
@@ -164,12 +211,13 @@ def _resolved(
 ) -> CheckpointSpec:
     """The checkpoint with `dtype: auto` resolved from its config (so cells, keys and labels
     name the dtype it loads in), its module device_map checked against the model's modules."""
-    if isinstance(checkpoint.device_map, dict):
-        _at(
-            source,
-            f"checkpoints[{i}].device_map",
-            lambda: check_module_map(checkpoint.device_map, skeleton),
-        )
+    if isinstance(device_map := checkpoint.device_map, dict):
+
+        def check_map() -> None:
+            check_gpus(device_map)
+            check_module_map(device_map, skeleton)
+
+        _at(source, f"checkpoints[{i}].device_map", check_map)
     dtype = _at(source, f"checkpoints[{i}].dtype", lambda: checkpoint_dtype(checkpoint, config))
     return checkpoint.model_copy(update={"dtype": dtype})
 
@@ -206,16 +254,52 @@ def _at(source: Path, where: str, compute: Callable[[], T]) -> T:
 
 
 def _check_context(
-    recipe: Recipe, source: Path, checkpoint: CheckpointSpec, config: PretrainedConfig
+    recipe: Recipe, source: Path, checkpoint: CheckpointSpec, context: tuple[int, str] | None
 ) -> None:
-    """Perplexity windows fit the checkpoint's context."""
-    context = getattr(text_config(config), "max_position_embeddings", None)
+    """Perplexity windows fit the checkpoint's context (`context_length`)."""
     for i, spec in enumerate(recipe.eval.perplexity):
-        if context is not None and spec.seq_len > context:
+        if context is not None and spec.seq_len > context[0]:
             raise RecipeError(
                 f"{source}: eval.perplexity[{i}].seq_len: {spec.seq_len} exceeds checkpoint "
-                f"'{checkpoint.name}''s max_position_embeddings {context}; use seq_len <= {context}"
+                f"'{checkpoint.name}''s {context[1]} {context[0]}; use seq_len <= {context[0]}"
             )
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+_POSITION_TABLE = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def context_length(config: PretrainedConfig, skeleton: nn.Module) -> tuple[int, str] | None:
+    """(tokens, what says so): the longest window the model takes. The config's
+    max_position_embeddings (or n_positions, n_ctx, seq_length), or the rows of a learned
+    position table (GPT-2's wpe, OPT's embed_positions less its offset) where fewer: beyond
+    it a learned-position model fails with an IndexError and a rotary one runs on positions
+    it never saw. None where neither says."""
+    text = text_config(config)
+    found = None
+    for name in CONTEXT_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found = (value, name)
+            break
+    for name, module in skeleton.named_modules():
+        if isinstance(module, nn.Embedding) and _POSITION_TABLE.search(name):
+            rows = module.num_embeddings - getattr(module, "offset", 0)
+            if found is None or rows < found[0]:
+                found = (rows, f"learned position table ({name})")
+    return found
+
+
+def _memory_refusal(
+    i: int, checkpoint: CheckpointSpec, config: PretrainedConfig, skeleton: nn.Module
+) -> str | None:
+    """Why checkpoint `i` cannot be loaded here (its weights exceed the memory it loads into),
+    for every cell of it; None where it fits, or a device_map decides where it goes."""
+    if checkpoint.device_map is not None or checkpoint.train is not None:
+        return None
+    built = checkpoint.random is None or random_checkpoint_dir(checkpoint.random, config).is_dir()
+    problem = memory_refusal(skeleton, checkpoint.dtype, built_in_float32=not built)
+    return problem and f"checkpoints[{i}] '{checkpoint.name}' ({config.model_type}): {problem}"
 
 
 def _skeleton(
@@ -251,3 +335,27 @@ def _offload_refusal(
         f"quantizers[{index}] '{quantizer.name}' on checkpoint '{checkpoint.name}': "
         f"checkpoints[{i}].device_map {offloaded}"
     )
+
+
+def rederived_key(
+    recipe: Recipe,
+    checkpoint: CheckpointSpec,
+    quantizer: QuantizerConfig | None,
+    identity: CheckpointIdentity,
+    determinants: dict[str, Any],
+) -> str:
+    """The key the recipe's own fields give, with `identity` and what stored `determinants`
+    say of the environment at plan time (text fingerprints, task sources and data, versions):
+    the stored key only when the stored determinants agree with the recipe. ValueError for
+    determinants of another layout."""
+    try:
+        texts = [entry["text"] for entry in determinants["eval"]]
+        tasks = [
+            {**stored, **task_options_identity(spec, recipe.eval.task_options)}
+            for stored, spec in zip(determinants.get("tasks", []), recipe.eval.tasks, strict=True)
+        ]
+        versions = determinants["versions"]
+        rebuilt = cell_determinants(recipe, checkpoint, quantizer, identity, texts, tasks, versions)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"its determinants do not fit this recipe ({describe(error)})") from None
+    return cell_key(rebuilt)

@@ -10,19 +10,14 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from qbench.checkpoints.load import checkpoint_config, load_checkpoint
+from qbench.config import NAME_MAX
 from qbench.data.synthetic import SPLITS as TASK_SPLITS
 from qbench.errors import QBenchError, describe
-from qbench.eval.diagnostics import Diagnostics, DiagnosticsSpec, diagnose, layer_sqnr, probe_ids
+from qbench.eval.diagnostics import Diagnostics, diagnose, layer_sqnr, probe_ids
+from qbench.eval.specs import TASK_DATA, DiagnosticsSpec
 from qbench.files import write_json_atomic
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.recipe import (
-    NAME_MAX,
-    TASK_DATA,
-    CheckpointSpec,
-    PerplexitySpec,
-    Recipe,
-    load_recipe,
-)
+from qbench.recipe import CheckpointSpec, PerplexitySpec, Recipe, load_recipe
 from qbench.registry import did_you_mean
 
 SHORTHAND = re.compile(r"^w(\d+)a(\d+)$")  # w4a4: RTN, int weights per channel, acts per token
@@ -80,9 +75,9 @@ def probe(
     """Load `checkpoint`, diagnose it on the start of `text`, write the JSON to `out`."""
     checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
-    ids = probe_ids(tokenizer, text.text(), spec)
+    ids = probe_ids(tokenizer, text, spec)
     sqnr = layer_sqnr(model, ids, quantizer) if quantizer else None
-    diagnostics = diagnose(model, ids, sqnr, text.query_types(ids))
+    diagnostics = diagnose(model, ids, sqnr, query_types=text.query_types(ids))
     write_json_atomic(
         out,
         {
@@ -97,26 +92,35 @@ def probe(
 
 
 def report(diagnostics: Diagnostics) -> str:
-    """A per-layer table, the super-weight candidates and the summary, as text."""
-    layers = diagnostics.details["layers"]
-    rows = [_layer_row(layer, diagnostics.details["linears"]) for layer in layers]
-    headers = ["layer", "max |h|", "median", "ratio", "top (pos, dim)", "first-token"]
-    headers += ["bias slot", "max kurtosis in", "min SQNR dB"]
-    candidates = [
-        f"  ({s['layer']}, {s['row']}, {s['column']}): |input| {s['input']:.3g} at position "
-        f"{s['position']}, |output| {s['output']:.3g}"
-        for s in diagnostics.details["super_weights"][:3]
+    """A per-layer table, the largest activations, the super-weight candidates and the
+    summary, as text."""
+    details, summary = diagnostics.details, diagnostics.summary
+    rows = [_layer_row(layer, details["linears"]) for layer in details["layers"]]
+    headers = ["layer", "max |h|", "median", "ratio", "top (pos, ch)", "first-token"]
+    headers += ["heads > 0.5", "bias slot", "max kurtosis in", "min SQNR dB"]
+    largest = [
+        f"  {_number(a['value'])} at layer {a['layer']}, position {a['position']}, "
+        f"channel {a['channel']}"
+        for a in details["largest_activations"]
     ]
-    summary = [f"  {k}: {_number(v)}" for k, v in diagnostics.summary.items()]
+    candidates = [
+        f"  ({s['layer']}, {s['row']}, {s['column']}) {s['module']}: W = {_number(s['weight'])}, "
+        f"|input| {_number(s['input'])} at position {s['position']}, |output| "
+        f"{_number(s['output'])}"
+        for s in details["super_weights"][:3]
+    ]
     return "\n".join(
         [
             tabulate(rows, headers, disable_numparse=True),
             "",
-            "super-weight candidates at down_proj (layer, row, column):",
-            *(candidates or ["  (no down_proj layers)"]),
+            "largest activations (value at layer, position, channel):",
+            *largest,
+            "",
+            "super-weight candidates at the MLP output projections (layer, row, column):",
+            *(candidates or ["  (no MLP output projection found)"]),
             "",
             "summary:",
-            *summary,
+            *(f"  {key}: {_number(value)}" for key, value in summary.items()),
         ]
     )
 
@@ -126,6 +130,7 @@ def _layer_row(layer: dict[str, Any], linears: dict[str, dict[str, Any]]) -> lis
     kurtosis = [s["input_kurtosis"] for s in own if s["input_kurtosis"] is not None]
     sqnr = [s["sqnr_db"] for s in own if s["sqnr_db"] is not None]
     heads = layer.get("first_token_mass")
+    scores = layer.get("sink_score")
     slot = layer.get("bias_slot_mass")
     return [
         str(layer["layer"]),
@@ -134,13 +139,14 @@ def _layer_row(layer: dict[str, Any], linears: dict[str, dict[str, Any]]) -> lis
         _number(layer["ratio"]),
         ", ".join(f"({t['position']}, {t['dim']})" for t in layer["top"]),
         _number(sum(heads) / len(heads)) if heads else "-",
+        f"{sum(s > 0.5 for s in scores)} of {len(scores)}" if scores else "-",
         _number(sum(slot) / len(slot)) if slot else "-",
         _number(max(kurtosis)) if kurtosis else "-",
         _number(min(sqnr)) if sqnr else "-",
     ]
 
 
-def _overridden(settings: DiagnosticsSpec, **options: int | None) -> DiagnosticsSpec:
+def _overridden(settings: DiagnosticsSpec, **options: int | str | None) -> DiagnosticsSpec:
     """`settings` with the options given on the command line."""
     given = {key: value for key, value in options.items() if value is not None}
     try:
@@ -165,6 +171,7 @@ def probe_command(
     seq_len: int | None,
     out: Path | None,
     results: Path,
+    windows: str | None = None,
 ) -> int:
     """Resolve the CLI's options, probe, print the report and where the JSON went."""
     if (path is None) == (recipe_path is None) or (recipe_path is None) != (checkpoint is None):
@@ -177,22 +184,29 @@ def probe_command(
         folder = results / recipe.name / "probe"
     else:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name).lstrip("._-")[:NAME_MAX]
-        spec = CheckpointSpec(name=name or "checkpoint", path=path)
+        source = {"gguf" if path.endswith(".gguf") else "path": path}
+        spec = CheckpointSpec(name=name or "checkpoint", **source)
         text = _text_option(data, split, PerplexitySpec(data="embedded", split="test"))
         settings = DiagnosticsSpec()
         folder = results / "probe"
-    settings = _overridden(settings, samples=samples, seq_len=seq_len)
+    settings = _overridden(settings, samples=samples, seq_len=seq_len, windows=windows)
     if text.data == TASK_DATA and settings.seq_len != text.seq_len:
         raise QBenchError(
             f"--seq-len: {settings.seq_len}, but the task's sequences are {text.seq_len} tokens; "
             "leave it out, so each window is one sequence with BOS first"
         )
+    if text.data == TASK_DATA and settings.windows == "document":
+        raise QBenchError(
+            "--windows document: a task's windows are its sequences, each with BOS first; "
+            "leave it out (stream)"
+        )
     rounding = quantizer_named(quantizer, recipe)
     out = out or folder / f"{spec.name}--{quantizer}.json"
     diagnostics = probe(spec, text, settings, rounding, out)
+    where = "document starts" if settings.windows == "document" else "the stream"
     print(
-        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {text.describe()}; "
-        f"SQNR under {quantizer}"
+        f"{spec.name}: {settings.samples} x {settings.seq_len} tokens of {text.describe()} "
+        f"(windows from {where}); SQNR under {quantizer}"
     )
     print(report(diagnostics))
     print(f"written: {out}")

@@ -8,7 +8,11 @@ A record is one JSON file, `results/<recipe>/runs/<checkpoint>--<quantizer>--<ke
 
     recipe            the recipe's name
     key               the cell's result key (64 hex digits; qbench.plan)
-    status            "ok" (metrics, details, stages) or "failed" (error)
+    status            "ok" (metrics, details, stages), "failed" (error) or "refused" (error:
+                      the quantizer cannot run on this checkpoint; refused_at "plan", decided
+                      from config and skeleton before any model work, or "run", once the
+                      model was traced; qbench_code: the digest of the qbench code that
+                      refused it, which a "run" refusal stands on)
     checkpoint        {name, spec (the recipe entry), identity (what the key holds of its
                       content: train digest, hub commit or file sha256s; see
                       qbench.checkpoints.load.CheckpointIdentity)}
@@ -58,15 +62,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qbench.checkpoints.load import CheckpointIdentity
-from qbench.errors import describe, one_line
-from qbench.versions import library_versions
+from qbench.checkpoints.spec import CheckpointIdentity
+from qbench.errors import RefusedError, describe, one_line
+from qbench.versions import code_digest, library_versions
 
 if TYPE_CHECKING:
     from qbench.plan import Cell
     from qbench.recipe import Recipe
 
-OK, FAILED, MISSING = "ok", "failed", "missing"
+OK, FAILED, REFUSED, MISSING = "ok", "failed", "refused", "missing"
 TRACEBACK_LINES = 40  # the tail of a failed cell's traceback kept in its record
 METRIC_GROUPS = ("perplexity", "tasks", "diagnostics")  # metric paths <group>.<name>
 
@@ -134,13 +138,15 @@ class Record(_Schema):
     stage: Literal["fp", "quantized"]
     precision: str
     seed: int
-    status: Literal["ok", "failed"] = OK  # records from before statuses existed are ok ones
+    status: Literal["ok", "failed", "refused"] = OK  # records before statuses: ok ones
     metrics: Metrics | None = _absent_if_none
     details: Details | None = _absent_if_none
     stages: dict[str, dict[str, dict[str, float]]] | None = _absent_if_none
     coverage: dict[str, Any] | None = None
     notes: list[str] = Field(default_factory=list)
     error: ErrorEntry | None = _absent_if_none
+    refused_at: Literal["plan", "run"] | None = _absent_if_none
+    qbench_code: str | None = _absent_if_none  # code_digest() of a refusal's qbench
     device: str | None = _absent_if_none
     fast_quant: str | None = _absent_if_none
     quantize_s: float | None = _absent_if_none
@@ -153,8 +159,10 @@ class Record(_Schema):
     def _sections_match_status(self) -> Record:
         if self.status == OK and (self.metrics is None or self.error is not None):
             raise ValueError("an ok record has metrics and no error")
-        if self.status == FAILED and (self.error is None or self.metrics is not None):
-            raise ValueError("a failed record has an error and no metrics")
+        if self.status != OK and (self.error is None or self.metrics is not None):
+            raise ValueError(f"a {self.status} record has an error and no metrics")
+        if (self.status == REFUSED) != (self.refused_at is not None):
+            raise ValueError("a refused record (and only one) says where it was refused_at")
         return self
 
     # ------------------------------------------------------------ building
@@ -169,18 +177,36 @@ class Record(_Schema):
 
     @classmethod
     def failed(cls, cell: Cell, recipe: Recipe, error: BaseException, wall_time_s: float) -> Record:
-        """A failed cell's record: the error's type, message and traceback tail; no metrics."""
-        lines = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        entry = {
-            "type": type(error).__name__,
-            "message": str(error),
-            "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
-        }
+        """A failed cell's record: the error's type, message and traceback tail; no metrics.
+        A RefusedError raised while the cell ran makes a `refused` record (refused_at run)."""
+        if isinstance(error, RefusedError):
+            return cls.refused(cell, recipe, str(error), "run", _error_entry(error), wall_time_s)
+        entry = _error_entry(error)
+        footer = _footer(cell, wall_time_s)
+        return cls.model_validate(
+            {**_header(cell, recipe), "status": FAILED, "error": entry, **footer}
+        )
+
+    @classmethod
+    def refused(
+        cls,
+        cell: Cell,
+        recipe: Recipe,
+        reason: str,
+        at: Literal["plan", "run"] = "plan",
+        entry: dict[str, str] | None = None,
+        wall_time_s: float = 0.0,
+    ) -> Record:
+        """A refused cell's record: why the quantizer cannot run here, where it was decided
+        (`at`), and the digest of the qbench code that decided it; no metrics."""
+        entry = entry or {"type": "RefusedError", "message": reason, "traceback": ""}
         return cls.model_validate(
             {
                 **_header(cell, recipe),
-                "status": FAILED,
+                "status": REFUSED,
                 "error": entry,
+                "refused_at": at,
+                "qbench_code": code_digest(),
                 **_footer(cell, wall_time_s),
             }
         )
@@ -212,6 +238,14 @@ class Record(_Schema):
     def finished(self) -> bool:
         return self.status == OK
 
+    @property
+    def stands(self) -> bool:
+        """Whether a rerun keeps this record: a finished one, or a refusal found while the
+        cell ran by the same qbench code (a plan-time refusal is decided again by every plan)."""
+        if self.status == REFUSED:
+            return self.refused_at == "run" and self.qbench_code == code_digest()
+        return self.finished
+
     def error_line(self) -> str:
         """'Type: first line of the message' of a failed record."""
         error = self.error or ErrorEntry(type="Error", message="", traceback="")
@@ -237,6 +271,15 @@ class Record(_Schema):
         return None if entry is None or isinstance(entry, bool) else float(entry)
 
 
+def _error_entry(error: BaseException) -> dict[str, str]:
+    lines = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "traceback": "\n".join(lines.splitlines()[-TRACEBACK_LINES:]),
+    }
+
+
 def _header(cell: Cell, recipe: Recipe) -> dict[str, Any]:
     return {
         "recipe": recipe.name,
@@ -257,8 +300,13 @@ def _header(cell: Cell, recipe: Recipe) -> dict[str, Any]:
 
 
 def _footer(cell: Cell, wall_time_s: float) -> dict[str, Any]:
+    from qbench.checkpoints.gguf import gguf_versions
+
+    gguf = gguf_versions() if cell.checkpoint.is_gguf else {}
     return {
-        "versions": library_versions() | (cell.quantizer.versions() if cell.quantizer else {}),
+        "versions": library_versions()
+        | gguf
+        | (cell.quantizer.versions() if cell.quantizer else {}),
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         "wall_time_s": wall_time_s,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -285,7 +333,7 @@ class ResultsTable:
         return record if record is not None and record.finished else None
 
     def state(self, cell: Cell) -> str:
-        """'ok', 'failed' or 'missing'."""
+        """'ok', 'failed', 'refused' or 'missing'."""
         record = self.record(cell)
         return MISSING if record is None else record.status
 
@@ -321,6 +369,9 @@ class ResultsTable:
 
     def failed_cells(self) -> list[Cell]:
         return [c for c in self.cells if self.state(c) == FAILED]
+
+    def refused_cells(self) -> list[Cell]:
+        return [c for c in self.cells if self.state(c) == REFUSED]
 
     def lower_is_better(self, metric: str) -> bool:
         """Perplexity is; a task is as lm-eval's entry says (lambada's perplexity: lower);

@@ -34,9 +34,11 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        if name not in self._items:
+        """The implementation registered as `name`; KeyError naming the known ones (and the
+        closest) for any other name, or for a value that is no name at all (a list, ...)."""
+        if name not in self:
             raise KeyError(
-                f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; "
+                f"unknown {self.kind} {name!r}{did_you_mean(str(name), self.names())}; "
                 f"known: {', '.join(self.names())}"
             )
         return self._items[name]
@@ -45,7 +47,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

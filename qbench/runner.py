@@ -6,32 +6,37 @@ quantized cell quantizes in place and `Pristine` (qbench.quant.restore) puts bac
 and a store of what the checkpoint's cells share: calibration token ids, the fp model's
 SmoothQuant activation absmax, GPTQ's block-0 Hessians (qbench.quant.context's
 `StepContext.statistic`). `Worker.execute` never raises for a failing cell: an exception (an OOM
-included), a non-finite perplexity, a transform that is not lossless or a quantizer the plan
-refused becomes a `status: failed` record.
+included), a non-finite perplexity or a transform that is not lossless becomes a
+`status: failed` record; a quantizer refused at plan time, or once the model is traced (a
+RefusedError), a `status: refused` one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.dispatch import check_quantizable, device_label
-from qbench.checkpoints.load import load_identified
-from qbench.checkpoints.train import cache_dir
-from qbench.errors import QBenchError
-from qbench.eval.diagnostics import diagnose, layer_sqnr, probe_ids
+from qbench.checkpoints.load import Stamps, load_identified
+from qbench.environment import cache_dir
+from qbench.errors import QBenchError, describe, storage_problem
+from qbench.eval.diagnostics import diagnose, diagnostic_walk, layer_sqnr, probe_ids
 from qbench.eval.perplexity import Perplexity, perplexity
 from qbench.eval.tasks import default_work_dir, evaluate_cell_tasks
 from qbench.plan import Cell
 from qbench.quant.formats.fused import fast_quant_mode
 from qbench.quant.quantizer import QuantizerConfig
+from qbench.quant.walk.inventory import find_blocks
 from qbench.quant.walk.restore import Pristine
 from qbench.recipe import Recipe
 from qbench.record import OK, Record
@@ -47,10 +52,6 @@ class NonFiniteMetricError(QBenchError):
     """A cell's model produced NaN or infinite perplexity."""
 
 
-class RefusedError(QBenchError):
-    """The quantizer cannot run on this checkpoint (decided at plan time)."""
-
-
 class TransformError(QBenchError):
     """A float transform changed the model's perplexity beyond its tolerance."""
 
@@ -63,6 +64,7 @@ class CheckpointContext:
     load_key: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    stamps: Stamps | None = None  # a path: checkpoint's files as loaded
     shared: dict[Any, Any] = field(default_factory=dict)
     pristine: Pristine | None = None
 
@@ -70,8 +72,16 @@ class CheckpointContext:
         """The pristine state, written now if this is the first quantized cell."""
         if self.pristine is None:
             folder = cache_dir() / "pristine"
-            folder.mkdir(parents=True, exist_ok=True)
-            self.pristine = Pristine(self.model, folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.pristine = Pristine(self.model, folder)
+            except Exception as error:
+                if not storage_problem(error):
+                    raise
+                raise QBenchError(
+                    f"{folder}: cannot write the pristine weights: {describe(error)}; free "
+                    "space there (QBENCH_CACHE_DIR)"
+                ) from None
         return self.pristine
 
     def close(self) -> None:
@@ -91,8 +101,8 @@ class Worker:
         """The loaded checkpoint of `cell` (loaded now unless the last cell's was the same)."""
         if self._context is None or self._context.load_key != cell.load_key:
             self.release()
-            model, tokenizer = load_identified(cell.checkpoint, cell.identity, self.progress)
-            self._context = CheckpointContext(cell.load_key, model, tokenizer)
+            loaded = load_identified(cell.checkpoint, cell.identity, self.progress)
+            self._context = CheckpointContext(cell.load_key, *loaded)
             self.loads += 1
         return self._context
 
@@ -108,10 +118,12 @@ class Worker:
 
         A quantized cell changes the loaded model in place; it is restored afterwards, whether
         the cell finished or failed (a failed restore drops the model: the next cell reloads).
+        A `path:` checkpoint whose files changed while the cell ran (weights may be memory
+        mapped) fails the cell and is dropped.
         """
         start = time.perf_counter()
         if cell.refusal is not None:
-            return Record.failed(cell, recipe, RefusedError(cell.refusal), 0.0)
+            return Record.refused(cell, recipe, cell.refusal)
         try:
             context = self.context(cell)
             fp = read_record(results_root, cell.fp_cell()) if cell.quantizer else None
@@ -119,7 +131,7 @@ class Worker:
                 check_quantizable(context.model)
             pristine = context.keep_pristine() if cell.quantizer else None
             try:
-                return run_cell(
+                record = run_cell(
                     cell,
                     recipe,
                     context.model,
@@ -132,10 +144,22 @@ class Worker:
             finally:
                 if pristine is not None:
                     self._restore(pristine)
+            if context.stamps is not None:
+                context.stamps.check("while the cell ran")
+            return record
         except Exception as error:  # recorded; KeyboardInterrupt and SystemExit are not caught
+            if self._context is not None and self._context.stamps is not None:
+                self._drop_if_changed(self._context.stamps)
             record = Record.failed(cell, recipe, error, time.perf_counter() - start)
         _free_memory()  # the error's traceback held tensors of the cell
         return record
+
+    def _drop_if_changed(self, stamps: Stamps) -> None:
+        """Drop the loaded checkpoint when its files changed since it loaded."""
+        try:
+            stamps.check("")
+        except QBenchError:
+            self.release()
 
     def _restore(self, pristine: Pristine) -> None:
         try:
@@ -184,7 +208,9 @@ def run_cell(
     query_types = recipe.eval.perplexity[0].query_types(probe) if probe is not None else None
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
+    walk = diagnostic_walk(model, probe) if probe is not None else None  # the float model's
     transformed_eval_s = 0.0
+    label = f"{cell.checkpoint.name} x {cell.quantizer_name}: quantizing"
 
     def evaluate_transformed(model: PreTrainedModel) -> None:
         """The float model after smoothing / rotation: its perplexity, checked against fp."""
@@ -192,24 +218,26 @@ def run_cell(
         if not quantizer.has_transform:
             return
         eval_start = time.perf_counter()
-        scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
+        with passes.paused():
+            scores = _perplexities(cell, recipe, model, tokenizer, progress, " (transformed)")
         stages["transformed"] = {"perplexity": {k: s.perplexity for k, s in scores.items()}}
         check_transformed(stages["transformed"]["perplexity"], fp, model, quantizer, notes)
         transformed_eval_s = time.perf_counter() - eval_start
 
     if quantizer is not None:
-        coverage = quantizer.apply(
-            model,
-            tokenizer,
-            seed=recipe.seed,
-            shared=shared,
-            notes=notes,
-            on_transformed=evaluate_transformed,
-        )
+        with block_passes(model, label, progress) as passes:
+            coverage = quantizer.apply(
+                model,
+                tokenizer,
+                seed=recipe.seed,
+                shared=shared,
+                notes=notes,
+                on_transformed=evaluate_transformed,
+            )
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
-    diagnostics = diagnose(model, probe, sqnr, query_types) if probe is not None else None
+    diagnostics = diagnose(model, probe, sqnr, walk, query_types) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,
@@ -245,6 +273,48 @@ def run_cell(
         fast_quant=fast_quant_mode(),  # QBENCH_FAST_QUANT: compiled fake-quant (auto: CUDA)
         quantize_s=quantize_s,
     )
+
+
+class BlockPasses:
+    """A running count of decoder-block forward passes (a tqdm counter), which `paused` stops
+    counting (an evaluation inside the quantization is not its progress)."""
+
+    def __init__(self, bar: tqdm | None) -> None:
+        self.bar, self.counting = bar, True
+
+    def count(self, *_: Any) -> None:  # a forward hook: returns None, the output stays its own
+        if self.bar is not None and self.counting:
+            self.bar.update()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+
+@contextlib.contextmanager
+def block_passes(model: PreTrainedModel, desc: str, enabled: bool) -> Iterator[BlockPasses]:
+    """Count decoder-block forward passes while a quantizer's steps run, so the long ones show
+    progress (SmoothQuant, AWQ, GPTQ and quanto calibrate block by block, AWQ runs each block
+    once per grid point); no bar (and no hooks) when not `enabled`."""
+    if not enabled:
+        yield BlockPasses(None)
+        return
+    try:
+        _, blocks = find_blocks(model)
+    except QBenchError:  # no decoder blocks: the step itself refuses or rounds without them
+        blocks = []
+    passes = BlockPasses(tqdm(desc=desc, unit=" block passes", leave=False, dynamic_ncols=True))
+    handles = [block.register_forward_hook(passes.count) for block in blocks]
+    try:
+        yield passes
+    finally:
+        for handle in handles:
+            handle.remove()
+        passes.bar.close()
 
 
 def check_transformed(
@@ -303,5 +373,4 @@ def _probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor |
     spec = recipe.eval.diagnostics
     if spec is None:
         return None
-    text = recipe.eval.perplexity[0]
-    return probe_ids(tokenizer, text.text(), spec)
+    return probe_ids(tokenizer, recipe.eval.perplexity[0], spec)

@@ -1,7 +1,8 @@
 """The results folder: records, claims, the plan, and what dead processes left behind.
 
-    results/<recipe>/plan.json        the cells of the last run (keys, names, identities) and
-                                      the recipe's columns: report and gate need nothing else
+    results/<recipe>/plan.json        the cells of the last run (keys, what each key is the
+                                      digest of, names, identities) and the recipe's columns:
+                                      report (and gate --results-only) need nothing else
     results/<recipe>/runs/<checkpoint>--<quantizer>--<key[:16]>.json    one record per cell
     results/<recipe>/runs/.claims/<same name>.lock    a claim while a process computes a cell
     results/<recipe>/runs/.invalid/   records that failed validation, moved aside
@@ -25,13 +26,15 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.errors import QBenchError, describe, warn
 from qbench.files import (
     make_directory,
@@ -40,7 +43,7 @@ from qbench.files import (
     remove_stale_temporaries,
     write_json_atomic,
 )
-from qbench.plan import Cell, plan, recipe_digest
+from qbench.plan import Cell, plan, recipe_digest, rederived_key
 from qbench.recipe import CheckpointSpec, Recipe
 from qbench.record import Key, Record, ResultsTable
 
@@ -111,11 +114,13 @@ class PlannedCell(BaseModel):
     file: str
     identity: CheckpointIdentity
     dtype: str | None = None  # the dtype it loads in (a checkpoint's `dtype: auto` resolved)
+    determinants: dict[str, Any] | None = None  # what `key` is the digest of (qbench.plan)
+    refusal: str | None = None  # why the plan refused the cell
 
 
 class PlanFile(BaseModel):
-    """results/<recipe>/plan.json: what `qbench run` planned, so that report and gate work
-    from the results folder alone (without the checkpoints or the data)."""
+    """results/<recipe>/plan.json: what `qbench run` planned, so that report (and gate with
+    --results-only) work from the results folder alone (without the checkpoints or the data)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,6 +153,8 @@ def write_plan(results_root: Path, recipe: Recipe, source: Path, cells: list[Cel
                 file=c.filename,
                 identity=c.identity,
                 dtype=c.checkpoint.dtype,
+                determinants=json.loads(c.determinants) if c.determinants else None,
+                refusal=c.refusal,
             )
             for c in cells
         ],
@@ -156,32 +163,85 @@ def write_plan(results_root: Path, recipe: Recipe, source: Path, cells: list[Cel
 
 
 def read_plan(results_root: Path, recipe: Recipe) -> list[Cell] | None:
-    """The cells of plan.json if it was planned from this recipe (same digest), else None; an
-    unreadable plan.json is ignored with a warning."""
+    """The cells of plan.json if it was planned from this recipe and every cell re-derives
+    (`recorded_plan`); else None, with a warning where plan.json is unreadable or inconsistent
+    (it is then ignored)."""
+    try:
+        return recorded_plan(results_root, recipe)[0]
+    except FileNotFoundError:
+        return None
+    except StalePlanError:
+        return None
+    except QBenchError as error:
+        warn(f"{error}; ignored: planning from the recipe instead")
+        return None
+
+
+class StalePlanError(QBenchError):
+    """plan.json was planned from another recipe (or another version of this one)."""
+
+
+def recorded_plan(results_root: Path, recipe: Recipe) -> tuple[list[Cell], PlanFile]:
+    """The cells of plan.json, each checked against `recipe`, and the file.
+
+    Checked: plan.json was planned from this recipe (same digest; else StalePlanError), it
+    lists every cell of the recipe once and no other, and every cell's key is the digest of
+    its determinants rebuilt from the recipe's own fields, the cell's identity and what the
+    determinants say of the environment at plan time (qbench.plan.rederived_key), so a cell
+    copied over another, given another's key, listed twice or left out is refused.
+    FileNotFoundError without plan.json; QBenchError naming plan.json and the problem.
+    """
     path = plan_path(results_root, recipe.name)
     try:
         planned = PlanFile.model_validate_json(read_text_nofollow(path, PLAN_LIMIT))
-    except FileNotFoundError:
-        return None
-    except ValueError as error:
-        warn(f"{path}: ignored ({describe(error)}); planning from the recipe instead")
-        return None
+    except ValueError as error:  # a ValidationError too
+        raise QBenchError(f"{path}: unreadable ({describe(error)})") from None
     if planned.recipe != recipe.name or planned.recipe_digest != recipe_digest(recipe):
-        return None
+        raise StalePlanError(f"{path}: planned from another version of the recipe")
+    try:
+        return _planned_cells(planned, recipe), planned
+    except ValueError as error:
+        raise QBenchError(f"{path}: {error}") from None
+
+
+def _planned_cells(planned: PlanFile, recipe: Recipe) -> list[Cell]:
+    """plan.json's cells as the recipe's cells, in plan order; ValueError on the first one
+    that does not re-derive (see `recorded_plan`)."""
     checkpoints = {c.name: c for c in recipe.checkpoints}
     quantizers = {q.name: q for q in recipe.quantizers}
-    cells = [
-        Cell(
-            recipe.name,
-            _planned_dtype(checkpoints[c.checkpoint], c.dtype),
-            quantizers.get(c.quantizer),
-            c.key,
-            c.identity,
+    expected = [(c, q) for c in checkpoints for q in ["fp", *quantizers]]
+    entries: dict[tuple[str, str], PlannedCell] = {}
+    for entry in planned.cells:
+        pair = (entry.checkpoint, entry.quantizer)
+        if pair not in set(expected):
+            raise ValueError(f"cell {'/'.join(pair)} is no cell of this recipe")
+        if pair in entries:
+            raise ValueError(f"cell {'/'.join(pair)} is listed twice")
+        entries[pair] = entry
+    if missing := [pair for pair in expected if pair not in entries]:
+        raise ValueError(f"cell {'/'.join(missing[0])} is missing ({len(missing)} in all)")
+    if len({e.key for e in entries.values()}) < len(entries):
+        raise ValueError("two cells share one key")
+    cells, fp_key = [], None
+    for name, quantizer in expected:
+        entry = entries[(name, quantizer)]
+        where = f"cell {name}/{quantizer}"
+        if entry.determinants is None:
+            raise ValueError(f"{where}: no determinants (an older qbench's plan): rerun qbench run")
+        checkpoint = _planned_dtype(checkpoints[name], entry.dtype)
+        config = quantizers.get(quantizer)
+        rederived = rederived_key(recipe, checkpoint, config, entry.identity, entry.determinants)
+        if rederived != entry.key:
+            raise ValueError(f"{where}: its key is not the digest of its fields and identity")
+        fp_key = entry.key if config is None else fp_key
+        blob = json.dumps(entry.determinants, sort_keys=True)
+        cell = Cell(
+            recipe.name, checkpoint, config, entry.key, entry.identity, entry.refusal, fp_key, blob
         )
-        for c in planned.cells
-        if c.checkpoint in checkpoints and (c.quantizer == "fp" or c.quantizer in quantizers)
-    ]
-    return cells if len(cells) == len(recipe.checkpoints) * (1 + len(recipe.quantizers)) else None
+        if entry.file != cell.filename:
+            raise ValueError(f"{where}: its file is '{entry.file}', not '{cell.filename}'")
+        cells.append(cell)
+    return cells
 
 
 def _planned_dtype(checkpoint: CheckpointSpec, dtype: str | None) -> CheckpointSpec:

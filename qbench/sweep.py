@@ -1,9 +1,12 @@
 """Sweeps: recipes -> plan -> cells -> executor -> results (-> leaderboards, by the CLI).
 
 Every recipe is loaded and planned before any model work, so one bad field stops the sweep
-before it starts. Cells with a finished record are skipped; missing and failed cells run, so
-a rerun retries only those. Pending cells are ordered by checkpoint (across recipes too), so
-a worker loads each checkpoint once. `qbench run RECIPE` is a sweep of one recipe, locally.
+before it starts. The cells a plan refuses (a quantizer that cannot run on a checkpoint) are
+listed and recorded as `refused` next, still before any model work. Cells with a finished
+record, or one refused while it ran by the same qbench code, are skipped; missing and failed
+cells run, so a rerun retries only those. Pending cells are ordered by checkpoint (across
+recipes too), so a worker loads each checkpoint once. `qbench run RECIPE` is a sweep of one
+recipe, locally.
 
 The driver (this module) claims each cell before it is computed and writes its record when
 it comes back, whichever executor computed it (qbench.executors: `local`, `ray`).
@@ -19,7 +22,7 @@ from qbench import store
 from qbench.eval.tasks import discard_request_cache
 from qbench.plan import Cell, plan
 from qbench.recipe import Recipe, RecipeError, load_recipe
-from qbench.record import Record
+from qbench.record import REFUSED, Record
 
 if TYPE_CHECKING:
     from qbench.executors import Executor
@@ -60,17 +63,43 @@ def plan_recipes(sources: list[Path]) -> list[PlannedRecipe]:
     return planned
 
 
+def refusals(planned: list[PlannedRecipe]) -> list[tuple[PlannedRecipe, Cell]]:
+    """The cells the plans refuse, in plan order."""
+    return [(p, cell) for p in planned for cell in p.cells if cell.refusal is not None]
+
+
+def record_refusals(planned: list[PlannedRecipe], results_root: Path) -> int:
+    """Record every cell its plan refuses as `refused` (no model work) and print one line
+    each; a record that already says the same is kept. Returns how many."""
+    found = refusals(planned)
+    for p, cell in found:
+        print(f"{p.recipe.name}: refused {cell.checkpoint.name} x {cell.quantizer_name}: "
+              f"{cell.refusal}", flush=True)  # fmt: skip
+        record = store.read_record(results_root, cell)
+        same = record is not None and record.status == REFUSED and record.refused_at == "plan"
+        if not (same and record.error.message == cell.refusal):
+            store.write_record(results_root, cell, Record.refused(cell, p.recipe, cell.refusal))
+    return len(found)
+
+
 def pending_jobs(planned: list[PlannedRecipe], results_root: Path) -> list[Job]:
-    """Cells without a finished record, grouped by checkpoint; one summary line per recipe."""
+    """Cells to compute: not refused by the plan, without a record that stands (finished, or
+    refused while it ran by this qbench code); grouped by checkpoint; one line per recipe."""
     jobs = []
     for p in planned:
         table = store.load_table(results_root, p.cells)
-        todo = [c for c in p.cells if table.finished(c) is None]
+        todo = [
+            c
+            for c in p.cells
+            if c.refusal is None and not ((r := table.record(c)) is not None and r.stands)
+        ]
+        refused = sum(c.refusal is not None or table.state(c) == REFUSED for c in p.cells)
         failed = len(table.failed_cells())
         retried = f" ({failed} failed before: retried)" if failed else ""
+        retried += f", {refused} refused" if refused else ""
+        done = len(p.cells) - len(todo) - refused
         print(
-            f"{p.recipe.name}: {len(p.cells)} cells, {len(p.cells) - len(todo)} done, "
-            f"{len(todo)} to run{retried}",
+            f"{p.recipe.name}: {len(p.cells)} cells, {done} done, {len(todo)} to run{retried}",
             flush=True,
         )
         jobs += [Job(p.recipe, p.source, cell) for cell in todo]
@@ -89,6 +118,7 @@ class Sweep:
     progress: bool = True
     ran: list[Job] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
+    refused: list[Job] = field(default_factory=list)  # refused while they ran
     elsewhere: list[Job] = field(default_factory=list)
 
     def claim(self, job: Job) -> store.Claim | None:
@@ -101,7 +131,7 @@ class Sweep:
             self.elsewhere.append(job)
             return None
         record = store.read_record(self.results_root, job.cell)
-        if record is not None and record.finished:
+        if record is not None and record.stands:
             claim.release()
             print(f"{job.label}: finished by another sweep", flush=True)
             self.elsewhere.append(job)
@@ -113,6 +143,10 @@ class Sweep:
         store.write_record(self.results_root, job.cell, record)
         self.ran.append(job)
         position = f"[{len(self.ran)}/{self.total}] {job.label}"
+        if record.status == REFUSED:
+            self.refused.append(job)
+            print(f"{position}: REFUSED {record.error.message}", flush=True)
+            return
         if not record.finished:
             self.failed.append(job)
             print(f"{position}: FAILED {record.error_line()}", flush=True)
@@ -128,22 +162,22 @@ class Sweep:
 def sweep(
     planned: list[PlannedRecipe],
     results_root: Path,
-    executor: Executor | None = None,
+    executor: Executor,
     progress: bool = True,
 ) -> Sweep:
-    """Compute every pending cell of the planned recipes (default: locally); return the tally.
+    """Compute every pending cell of the planned recipes with `executor`; return the tally.
 
-    Each recipe's plan is written to its results folder first (plan.json), and what killed
-    processes left there (unheld claim files, temporary files) is deleted.
+    Each recipe's plan is written to its results folder first (plan.json), what killed
+    processes left there (unheld claim files, temporary files) is deleted, and the refused
+    cells are recorded, all before any model work.
     """
-    from qbench.executors import LocalExecutor
-
     for p in planned:
         store.write_plan(results_root, p.recipe, p.source, p.cells)
         if removed := store.remove_leftovers(results_root, p.recipe.name):
             print(f"{p.recipe.name}: removed {removed} files left by killed runs", flush=True)
+    record_refusals(planned, results_root)
     jobs = pending_jobs(planned, results_root)
     state = Sweep(results_root, len(jobs), progress)
     if jobs:
-        (executor or LocalExecutor()).run(jobs, state)
+        executor.run(jobs, state)
     return state

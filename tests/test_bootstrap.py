@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from qbench.recipe.schema import BootstrapSpec
 from qbench.report.bootstrap import (
-    BootstrapSpec,
     Windows,
     degradation_difference,
     group_degradation,

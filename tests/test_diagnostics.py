@@ -13,10 +13,21 @@ from torch.nn import functional as F
 from qbench.checkpoints.load import load_checkpoint
 from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.cli import main
-from qbench.eval.diagnostics import diagnose, kurtosis, layer_sqnr, sqnr_db
+from qbench.data.sources import wikitext_articles
+from qbench.errors import QBenchError
+from qbench.eval.diagnostics import (
+    DiagnosticsSpec,
+    diagnose,
+    diagnostic_walk,
+    kurtosis,
+    layer_sqnr,
+    probe_ids,
+    sqnr_db,
+)
+from qbench.eval.perplexity import windows_of
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
-from qbench.recipe import CheckpointSpec
+from qbench.recipe import CheckpointSpec, PerplexitySpec
 
 SINK_DIM, TRIGGER_DIM, MASSIVE_DIM, UNIT = 10, 30, 20, 3  # hidden dims; an MLP channel
 SINK_TOKEN, TRIGGER_TOKEN, TRIGGER_POSITION = 299, 298, 5
@@ -80,9 +91,87 @@ def test_planted_massive_activation_sink_and_super_weight_are_found(qwen2_dir):
 
     best = result.details["super_weights"][0]
     assert (best["layer"], best["row"], best["column"]) == (1, MASSIVE_DIM, UNIT)
-    assert best["position"] == TRIGGER_POSITION
+    assert best["position"] == TRIGGER_POSITION and best["weight"] == 1.0
+    assert best["module"] == "model.layers.1.mlp.down_proj"
     assert result.summary["super_weight"] == [1, MASSIVE_DIM, UNIT]
+    assert result.summary["max_activation_at"] == [1, TRIGGER_POSITION, MASSIVE_DIM]
+    largest = result.details["largest_activations"][0]
+    assert (largest["layer"], largest["position"], largest["channel"]) == (
+        1,
+        TRIGGER_POSITION,
+        MASSIVE_DIM,
+    )
     assert model.config._attn_implementation == "sdpa"  # eager only while probing
+
+
+def test_the_walk_comes_from_the_inventory_and_the_traced_writers(qwen2_dir):
+    model, _ = load_checkpoint(CheckpointSpec(name="q", path=str(qwen2_dir)))
+    walk = diagnostic_walk(model, _probe())
+    assert walk.source == "inventory and structure trace" and walk.depth == 2
+    assert walk.mlp_writers == {i: [f"model.layers.{i}.mlp.down_proj"] for i in range(2)}
+    assert len(walk.linears) == 14 and "lm_head" not in walk.linears
+    assert walk.linears["model.layers.0.self_attn.o_proj"] == "attention"
+
+
+@torch.no_grad()
+def test_planted_first_token_attention_gives_exact_sink_shares(qwen2_dir):
+    """Heads 0-1 of layer 0 park their attention on the first token; every other head has
+    zero queries, so it attends uniformly (query t gives 1 / (t + 1) to each key up to t):
+    its sink score is (1/T) sum_t 1/(t+1), its first-token mass the same over t = 1..T-1."""
+    model, _ = load_checkpoint(CheckpointSpec(name="q", path=str(qwen2_dir)))
+    _plant(model)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        start = 2 * d if i == 0 else 0  # the planted heads keep their queries
+        layer.self_attn.q_proj.weight[start:] = 0
+        layer.self_attn.q_proj.bias[start:] = 0
+    ids = _probe(seq_len=32)
+    result = diagnose(model, ids)
+    uniform_score = sum(1 / (t + 1) for t in range(32)) / 32
+    uniform_mass = sum(1 / (t + 1) for t in range(1, 32)) / 31
+    for i, layer in enumerate(result.details["layers"]):
+        for head, (score, mass) in enumerate(
+            zip(layer["sink_score"], layer["first_token_mass"], strict=True)
+        ):
+            if i == 0 and head < 2:
+                assert score > 0.99 and mass > 0.99
+            else:
+                assert score == pytest.approx(uniform_score, abs=1e-6)
+                assert mass == pytest.approx(uniform_mass, abs=1e-6)
+    heads = 2 * model.config.num_attention_heads
+    assert result.summary["sink_share_0.3"] == result.summary["sink_share_0.5"] == 2 / heads
+    assert uniform_score < 0.3  # the uniform heads are below both thresholds
+
+
+def test_document_windows_start_each_document_with_bos(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = ["Too short.", *(f"Document {i}: " + "the quick brown fox " * 20 for i in range(3))]
+    for i, text in enumerate(texts):
+        (folder / f"{i}.txt").write_text(text)
+    spec = PerplexitySpec(data="text", path=str(folder))
+    ids = probe_ids(tokenizer, spec, DiagnosticsSpec(samples=2, seq_len=16, windows="document"))
+    for row, text in zip(ids.tolist(), texts[1:3], strict=True):  # the short one is skipped
+        own = tokenizer(text, add_special_tokens=False).input_ids
+        assert row == [tokenizer.bos_token_id, *own[:15]]
+    plain = DiagnosticsSpec(samples=2, seq_len=16, windows="document", bos=False)
+    assert probe_ids(tokenizer, spec, plain)[0].tolist() == tokenizer(texts[1]).input_ids[:16]
+    with pytest.raises(QBenchError, match="only 3 of the text's 4 documents have 16 tokens"):
+        probe_ids(tokenizer, spec, DiagnosticsSpec(samples=4, seq_len=16, windows="document"))
+    stream = probe_ids(tokenizer, spec, DiagnosticsSpec(samples=2, seq_len=16))
+    expected = windows_of(torch.tensor(tokenizer(spec.text()).input_ids), 16, 2)
+    assert stream.tolist() == expected.tolist()
+    assert DiagnosticsSpec(samples=8).identity() == {"samples": 8, "seq_len": 128}
+    assert DiagnosticsSpec(windows="document").identity()["windows"] == "document"
+
+
+def test_wikitext_rows_group_into_articles():
+    rows = [" \n", " = A = \n", " \n", " text a\n", " = = Section = = \n", " more\n", " = B = \n"]
+    rows += [" text b\n"]
+    assert wikitext_articles(rows) == [[" \n"], rows[1:6], rows[6:]]
 
 
 def test_bias_slot_is_reported_apart_from_the_first_token():
@@ -149,6 +238,7 @@ checkpoints:
   - {name: llama, path: LLAMA}
 quantizers:
   - {name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}
+  - {name: rot-w4a4, method: rotation, weights: {bits: 4}, activations: {bits: 4}}
 eval:
   perplexity: [{data: embedded, seq_len: 32, max_windows: 2}]
   diagnostics: {samples: 2, seq_len: 32}
@@ -163,14 +253,23 @@ def test_recipe_diagnostics_reach_results_leaderboard_and_plots(tmp_path, llama_
     for path in (results / "diag" / "runs").glob("*.json"):
         data = json.loads(path.read_text())
         cells[data["quantizer"]["name"]] = data
-    assert set(cells) == {"fp", "w4a4"}
+    assert set(cells) == {"fp", "w4a4", "rot-w4a4"}
     assert cells["fp"]["metrics"]["diagnostics"]["min_sqnr_db"] is None
     assert cells["w4a4"]["metrics"]["diagnostics"]["min_sqnr_db"] > 0
     per_layer = cells["w4a4"]["details"]["diagnostics"]["layers"]
     assert len(per_layer) == 2 and len(per_layer[0]["first_token_mass"]) == 4
+    for name in ("w4a4", "rot-w4a4"):  # the float model's walk, on the rounded modules
+        details = cells[name]["details"]["diagnostics"]
+        assert len(details["linears"]) == 14 and len(details["super_weights"]) == 2
+        assert all(v["input_kurtosis"] is not None for v in details["linears"].values())
     board = (results / "diag" / "LEADERBOARD.md").read_text()
     assert "## Outlier diagnostics" in board and "min SQNR dB w4a4" in board
-    assert (results / "diag" / "plots" / "outliers.png").stat().st_size > 0
+    assert "sink heads > 0.3" in board and "super weight (layer, row, col)" in board
+    fp = cells["fp"]["metrics"]["diagnostics"]
+    assert "({}, {}, {})".format(*fp["super_weight"]) in board
+    plots = results / "diag" / "plots"
+    assert (plots / "outliers.png").stat().st_size > 0
+    assert (plots / "outliers-llama.png").stat().st_size > 0
 
 
 def test_probe_command_prints_and_writes_json(tmp_path, llama_dir, capsys):
@@ -180,8 +279,17 @@ def test_probe_command_prints_and_writes_json(tmp_path, llama_dir, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "super-weight candidates" in printed and "first-token" in printed
     data = json.loads(out.read_text())
     assert data["quantizer"]["name"] == "w4a4" and data["summary"]["min_sqnr_db"] is not None
+    layer, row, column = data["summary"]["super_weight"]  # the sections hold the JSON's figures
+    heading = "super-weight candidates at the MLP output projections (layer, row, column):"
+    assert f"{heading}\n  ({layer}, {row}, {column}) " in printed
+    top = data["details"]["largest_activations"][0]
+    assert (
+        f"at layer {top['layer']}, position {top['position']}, channel {top['channel']}" in printed
+    )
+    for key in ("max_activation", "sink_share_0.3", "sink_share_0.5", "min_sqnr_db"):
+        value = data["summary"][key]
+        assert f"  {key}: {value:.4g}\n" in printed + "\n"
     assert main(["probe", "--path", str(llama_dir), "--quantizer", "w4x"]) == 2
     assert "give 'none', wXaY" in capsys.readouterr().err

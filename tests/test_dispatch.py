@@ -20,7 +20,7 @@ from qbench.checkpoints.load import load_checkpoint
 from qbench.eval.diagnostics import layer_sqnr
 from qbench.plan import plan
 from qbench.recipe import RecipeError, load_recipe
-from qbench.record import FAILED, OK
+from qbench.record import OK, REFUSED
 from qbench.runner import Worker
 
 LAYERS = 4
@@ -122,20 +122,21 @@ def test_a_quantized_cell_on_an_offloading_map_is_refused_at_plan_time(tmp_path)
         if c.checkpoint.name == "dispatched"
     }
     assert records["fp"].status == OK
-    assert records["w4a4"].status == FAILED and records["w4a4"].error.type == "RefusedError"
+    assert records["w4a4"].status == REFUSED and records["w4a4"].error.type == "RefusedError"
     assert worker.loads == 1  # the refused cell loaded nothing
 
 
-def test_weights_offloaded_at_load_fail_the_quantized_cell_at_run_time(tmp_path):
+def test_weights_offloaded_at_load_refuse_the_quantized_cell_at_run_time(tmp_path):
     """What a strategy (device_map: auto) offloads shows only once loaded: the quantized cell
-    fails with the reason before anything is written or quantized, the model unchanged."""
+    is refused (refused_at run) before anything is written or quantized, the model unchanged."""
     quantizers = "[{name: w4a4, method: rtn, weights: {bits: 4}, activations: {bits: 4}}]"
     recipe, cells = _recipe(tmp_path, _map_text(HALF_ON_DISK), quantizers)
     fp, quantized = (replace(c, refusal=None) for c in cells if c.checkpoint.name == "dispatched")
     worker = Worker(progress=False)
     before = worker.execute(fp, recipe, tmp_path / "r")
     failed = worker.execute(quantized, recipe, tmp_path / "r")
-    assert failed.status == FAILED and failed.error.type == "QBenchError"
+    assert failed.status == REFUSED and failed.error.type == "RefusedError"
+    assert failed.refused_at == "run" and failed.stands  # not retried by the same qbench
     assert "device_map offloads 19 modules to cpu/disk" in failed.error.message
     assert failed.error.message.endswith(CANNOT_QUANTIZE_OFFLOADED)
     assert worker._context.pristine is None  # no pristine copy of meta placeholders

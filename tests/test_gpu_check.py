@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, needs_wikitext
 
 from qbench.checkpoints.random import random_config
 from qbench.plan import plan
@@ -27,6 +27,7 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the recipe names its config file relative to the repository
 
 
+@needs_wikitext
 def test_gpu_check_recipe_covers_every_method_on_the_qwen3_shape(in_repo):
     recipe = load_recipe(GPU_CHECK)
     cells = plan(recipe, GPU_CHECK)
@@ -40,6 +41,7 @@ def test_gpu_check_recipe_covers_every_method_on_the_qwen3_shape(in_repo):
     assert {c.checkpoint.dtype for c in cells} == {"bfloat16"}  # dtype auto: the config's
 
 
+@needs_wikitext
 def test_the_scaled_down_copy_plans_at_cpu_size(in_repo, tmp_path):
     copy = sweep_bench.adapted(GPU_CHECK, tmp_path, scale_down=True)
     recipe = load_recipe(copy)

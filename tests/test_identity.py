@@ -15,7 +15,8 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from qbench.checkpoints import load
-from qbench.checkpoints.load import CheckpointIdentity, checkpoint_identity, hub_commit
+from qbench.checkpoints.load import checkpoint_identity, hub_commit
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.errors import QBenchError
 from qbench.plan import plan
 from qbench.recipe import CheckpointSpec, load_recipe

@@ -18,15 +18,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from qbench.checkpoints.catalog import VARIANTS, variant_options
 from qbench.checkpoints.gated_qwen3 import convert_gated_qwen3, load_gated_qwen3
 from qbench.checkpoints.model import (
     SOFTPICK_EPS,
-    VARIANTS,
     QBenchConfig,
     QBenchForCausalLM,
     attention_probs,
     register,
-    variant_options,
 )
 
 TINY = {

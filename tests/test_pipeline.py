@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from qbench.api import quantize_
+from qbench.executors import make_executor
 from qbench.plan import _quantizer_identity
 from qbench.quant import context
 from qbench.quant.context import StepContext
@@ -183,7 +184,8 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 1}}]}}
 
         monkeypatch.setattr(module, name, counted)
     [planned] = plan_recipes([write_recipe(tmp_path / "shared.yaml", text)])
-    assert not sweep([planned], tmp_path / "results", progress=False).failed
+    executor = make_executor("local")
+    assert not sweep([planned], tmp_path / "results", executor, progress=False).failed
     # block 0: one computation for the two plain cells, one for the two smoothed; block 1: 4
     assert calls == {"hessians": 2 + 4, "windows": 1}
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from qbench.checkpoints import random as random_source
 from qbench.checkpoints.load import checkpoint_identity, load_checkpoint
-from qbench.checkpoints.train import cache_dir
+from qbench.environment import cache_dir
 from qbench.eval.diagnostics import diagnose
 from qbench.plan import plan
 from qbench.recipe import CheckpointSpec, RecipeError, load_recipe

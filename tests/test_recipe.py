@@ -83,7 +83,7 @@ def test_valid_recipe_plans_fp_first_then_each_quantizer(tmp_path, llama_dir):
         (
             "{name: local, path: LLAMA}",
             "{name: local}",
-            "checkpoints[0]: Value error, give exactly one of hf:, path:, train:",
+            "checkpoints[0]: Value error, give exactly one of hf:, path:, gguf:, train:",
         ),
         (
             "{data: embedded,",

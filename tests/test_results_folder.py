@@ -103,7 +103,9 @@ def test_an_invalid_record_is_moved_aside_and_recomputed(
     assert again["metrics"] == good["metrics"] and again["key"] == good["key"]
 
 
-def test_report_and_gate_need_only_the_results_folder(finished, capsys):
+def test_report_and_gate_results_only_need_only_the_results_folder(finished, capsys):
+    """The report, and the gate with --results-only (which says so), read plan.json alone;
+    the gate without it plans the recipe and fails with the checkpoint gone."""
     plan = json.loads((finished.results / "folder" / "plan.json").read_text())
     assert [(c["checkpoint"], c["quantizer"]) for c in plan["cells"]] == [("m", "fp"), ("m", "w8")]
     assert plan["perplexity_columns"] == ["embedded"]
@@ -113,9 +115,13 @@ def test_report_and_gate_need_only_the_results_folder(finished, capsys):
     capsys.readouterr()
 
     assert main(["report", str(finished.recipe), "--results", str(finished.results)]) == 0
-    assert main(["gate", str(finished.recipe), "--results", str(finished.results)]) == 0
-    assert "PASSED: 1 of 1 checks passed" in capsys.readouterr().out
+    gate = ["gate", str(finished.recipe), "--results", str(finished.results)]
+    assert main([*gate, "--results-only"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED: 1 of 1 checks passed" in out and "recorded results only" in out
     assert (finished.results / "folder" / "LEADERBOARD.md").read_text() == board
+    assert main(gate) == 2
+    assert "gate: the recipe cannot be planned now" in capsys.readouterr().err
 
     # a plan.json of another version of the recipe is not used: the report plans afresh
     finished.recipe.write_text(finished.recipe.read_text().replace("bits: 8}}", "bits: 4}}"))
@@ -137,7 +143,8 @@ def test_a_planted_pickle_in_the_request_cache_is_never_loaded(tmp_path, llama_d
     (fresh,) = evaluate_tasks(model, tokenizer, specs, options, cache=cache, progress=False)
     [path] = request_cache_files(cache)
     stored = SqliteDict(str(path), decode=json.loads)
-    assert len(stored) == fresh.requests and all(isinstance(v, list) for v in stored.values())
+    assert len(stored) == fresh.requests
+    assert all(isinstance(v["answer"], list) for v in stored.values())
 
     marker = tmp_path / "pwned"
 

@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_SHAPE, randomize
 
 from qbench.api import quantize_, quantizer
-from qbench.checkpoints.model import VARIANTS, QBenchConfig, QBenchForCausalLM
+from qbench.checkpoints.catalog import VARIANTS
+from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
 from qbench.quant.formats.hadamard import (
     HadamardTransform,
     fwht,

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qbench.api import quantize_
-from qbench.checkpoints.model import VARIANTS
+from qbench.checkpoints.catalog import VARIANTS
 from qbench.data.calibration import CalibrationSpec
 from qbench.quant.context import StepContext, sample_windows
 from qbench.quant.formats.fake import fake_quant

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, needs_wikitext, write_recipe
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from qbench import runner, store
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.cli import main
 from qbench.errors import QBenchError
 from qbench.executors import RayExecutor, _cells_at_once, _check_resources
@@ -299,6 +299,7 @@ QWEN3_0_6B = dict(  # Qwen/Qwen3-0.6B's published config.json (sizes that planni
 )
 
 
+@needs_wikitext
 def test_ci_gpu_recipe_loads_and_plans(monkeypatch):
     from qbench import plan as planner
 

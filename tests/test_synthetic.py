@@ -139,7 +139,13 @@ def test_the_sink_head_is_the_one_parking_non_trigger_queries():
     probs, types = _pattern()
     swapped = probs[:, [1, 0]]  # the active-dormant head is head 1 of layer 1
     layers = [
-        {"layer": i, "max": 1.0, "ratio": 2.0, "top": [{"position": 0}], **sink_mass(p, 5, types)}
+        {
+            "layer": i,
+            "max": 1.0,
+            "ratio": 2.0,
+            "top": [{"position": 0, "dim": 0}],
+            **sink_mass(p, 5, types),
+        }
         for i, p in enumerate((probs[:, [1, 1]], swapped))
     ]
     summary = _summary(layers, {}, [])

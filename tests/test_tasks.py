@@ -19,18 +19,14 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qbench.checkpoints.load import CheckpointIdentity
+from qbench.checkpoints.spec import CheckpointIdentity
 from qbench.cli import main
 from qbench.data.sources import data_dir
 from qbench.errors import QBenchError
 from qbench.eval import task_data
-from qbench.eval.tasks import (
-    TASK_DEFS,
-    document_scores,
-    evaluate_tasks,
-    request_cache_files,
-    zero_shot_average,
-)
+from qbench.eval.task_index import TASK_DEFS
+from qbench.eval.task_scores import document_scores, zero_shot_average
+from qbench.eval.tasks import evaluate_tasks, request_cache_files
 from qbench.plan import Cell, plan
 from qbench.recipe import RecipeError, load_recipe
 from qbench.record import Record, ResultsTable
@@ -268,7 +264,7 @@ def test_hellaswag_reads_its_release_file_when_one_is_there(tiny_lm, tmp_path, m
 
 
 def test_without_local_files_online_a_task_falls_back_to_lm_evals_own(tmp_path, monkeypatch):
-    from qbench.eval.tasks import resolve_task
+    from qbench.eval.task_index import resolve_task
 
     monkeypatch.setenv("QBENCH_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

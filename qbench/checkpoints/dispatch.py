@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import check_device_map
 from torch import nn
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.registry import did_you_mean
 
 
@@ -61,11 +61,11 @@ CANNOT_QUANTIZE_OFFLOADED = (
 
 
 def check_quantizable(model: nn.Module) -> None:
-    """Raise QBenchError when a quantizer would meet offloaded weights (what a device_map
+    """Raise RefusedError when a quantizer would meet offloaded weights (what a device_map
     strategy such as `auto` offloaded shows only once the model is loaded)."""
     offloaded = offloaded_modules(model)
     if offloaded:
-        raise QBenchError(
+        raise RefusedError(
             f"the checkpoint's device_map offloads {len(offloaded)} modules to cpu/disk (e.g. "
             f"{offloaded[0]}), {CANNOT_QUANTIZE_OFFLOADED}"
         )
@@ -87,6 +87,21 @@ def offload_refusal(device_map: str | dict[str, Any] | None) -> str | None:
         f"offloads {len(offloaded)} modules to {devices} (e.g. {offloaded[0] or 'the model'}), "
         f"{CANNOT_QUANTIZE_OFFLOADED}"
     )
+
+
+def check_gpus(device_map: dict[str, Any]) -> None:
+    """Every GPU a device_map names exists here; QBenchError naming the first that does not."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for module, where in device_map.items():
+        index = where if isinstance(where, int) else None
+        if isinstance(where, str) and where.startswith("cuda"):
+            index = int(where.partition(":")[2] or 0)
+        if index is not None and index >= count:
+            have = f"{count} CUDA devices" if count else "no CUDA device"
+            raise QBenchError(
+                f"'{module or '(the whole model)'}' goes to GPU {index}, but this machine has "
+                f"{have}; map it to cpu, or remove device_map"
+            )
 
 
 def check_module_map(device_map: dict[str, Any], skeleton: nn.Module) -> None:

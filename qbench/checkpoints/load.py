@@ -1,5 +1,5 @@
-"""Checkpoints from the hub, a local HF directory, trained here, or random from a config,
-and their identity.
+"""Checkpoints from the hub, a local HF directory, a GGUF file, trained here, or random from a
+config, and their identity.
 
 Errors say what is wrong with the checkpoint's source; the planner prefixes the
 file and the field (e.g. `checkpoints[1].path`).
@@ -8,8 +8,11 @@ file and the field (e.g. `checkpoints[1].path`).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -26,19 +29,15 @@ from transformers import (
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
 from qbench.checkpoints.dispatch import default_device, input_device, offloaded_modules
+from qbench.checkpoints.gguf import gguf_config, gguf_file, gguf_folder, hub_gguf, read_gguf
+from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
-from qbench.checkpoints.train import (
-    TrainConfig,
-    cache_dir,
-    model_config,
-    train_config,
-    trained_checkpoint,
-)
+from qbench.checkpoints.spec import CheckpointIdentity, CheckpointSpec
+from qbench.checkpoints.train import TrainConfig, model_config, train_config, trained_checkpoint
+from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe, warn
-from qbench.eval.tasks import offline
-from qbench.files import read_text_nofollow, write_json_atomic
+from qbench.files import read_text_nofollow, regular_file_problem, write_json_atomic
 from qbench.quant.walk.inventory import linear_conv1d
-from qbench.recipe import CheckpointSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,28 +66,29 @@ IDENTITY_SUFFIXES = (
     ".tiktoken",
     ".py",  # remote code
 )
-
-# Config fields that are sizes: a positive integer wherever a config has them.
-SIZE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+MODEL_FILE_LIMIT = 256 << 20  # bytes of a config, tokenizer or code file (weights: any size)
 
 
 def local_dir(spec: CheckpointSpec) -> Path:
-    """The checked local directory of a `path:` checkpoint."""
+    """The checked local directory of a `path:` checkpoint: every file of its identity
+    (IDENTITY_FILES, IDENTITY_SUFFIXES) a regular file, config, tokenizer and code files at
+    most MODEL_FILE_LIMIT bytes (a FIFO would block the load, a device never end)."""
     directory = Path(spec.path).expanduser()
     if not directory.is_dir():
         raise QBenchError(f"no such directory '{spec.path}' (relative to {Path.cwd()})")
+    for path in sorted(directory.iterdir()):
+        if _identity_name(path.name) and not path.is_dir():
+            limit = 1 << 62 if path.name.endswith(WEIGHT_SUFFIXES) else MODEL_FILE_LIMIT
+            if problem := regular_file_problem(path, limit):
+                raise QBenchError(f"'{path}': {problem}; a model directory holds regular files")
     if not (directory / "config.json").is_file():
         raise QBenchError(f"'{spec.path}' has no config.json; give a Hugging Face model directory")
     return directory
+
+
+def _identity_name(name: str) -> bool:
+    return name in IDENTITY_FILES or name.endswith(IDENTITY_SUFFIXES)
 
 
 def spec_train_config(spec: CheckpointSpec) -> TrainConfig:
@@ -107,6 +107,10 @@ def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> Pretra
         return model_config(spec_train_config(spec))
     if spec.random is not None:
         return random_config(spec.random)
+    if spec.is_gguf:
+        config = gguf_config(gguf_path(spec, commit))
+        check_sizes(config, f"{gguf_path(spec, commit)} config")
+        return config
     source = local_dir(spec) if spec.path else spec.hf
     try:
         config = AutoConfig.from_pretrained(
@@ -125,40 +129,6 @@ def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> Pretra
     return config
 
 
-def check_sizes(config: PretrainedConfig, where: str) -> None:
-    """Every size field the (text) config has is a positive integer, else a QBenchError."""
-    text = config.get_text_config()
-    for name in SIZE_FIELDS:
-        value = getattr(text, name, None)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise QBenchError(f"{where}: {name}: must be a positive integer, got {value!r}")
-
-
-_ABSENT_IF_NONE = Field(default=None, exclude_if=lambda value: value is None)
-
-
-class CheckpointIdentity(BaseModel):
-    """What a checkpoint's result key holds of its content; stored in every record.
-
-    train: the training-config digest (`train:`); random: the digest of a random checkpoint's
-    resolved config, seed, planted channel, tokenizer corpus and library versions (`random:`);
-    hf / revision / commit: the hub id, the revision the recipe names and the commit it
-    resolved to (`hf:`); files: the sha256 of each file that determines the model or its
-    tokenizer (`path:`; see IDENTITY_FILES).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train: str | None = _ABSENT_IF_NONE
-    random: str | None = _ABSENT_IF_NONE
-    hf: str | None = _ABSENT_IF_NONE
-    revision: str | None = _ABSENT_IF_NONE
-    commit: str | None = _ABSENT_IF_NONE
-    files: dict[str, str] | None = _ABSENT_IF_NONE
-
-
 def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:
     """The checkpoint's content identity (reading files and refs, never loading weights).
 
@@ -169,40 +139,66 @@ def checkpoint_identity(spec: CheckpointSpec) -> CheckpointIdentity:
         return CheckpointIdentity(train=spec_train_config(spec).digest())
     if spec.random is not None:
         return CheckpointIdentity(random=random_digest(spec.random, random_config(spec.random)))
+    hub = {}
     if spec.hf is not None:
         revision = spec.revision or "main"
-        return CheckpointIdentity(
-            hf=spec.hf, revision=revision, commit=hub_commit(spec.hf, revision)
-        )
+        hub = {"hf": spec.hf, "revision": revision, "commit": hub_commit(spec.hf, revision)}
+        if spec.gguf_file is None:
+            return CheckpointIdentity(**hub)
+    if spec.is_gguf:
+        path = gguf_path(spec, hub.get("commit"))
+        types = read_gguf(path).tensor_types
+        return CheckpointIdentity(**hub, gguf=file_digest(path), gguf_types=types)
     return CheckpointIdentity(files=directory_digests(local_dir(spec)))
+
+
+def gguf_path(spec: CheckpointSpec, commit: str | None = None) -> Path:
+    """The local GGUF file of a `gguf:` checkpoint, or of an `hf:` one's `gguf_file` at
+    `commit` (default: the commit `spec.revision` names now)."""
+    if spec.gguf is not None:
+        return gguf_file(spec.gguf)
+    commit = commit or hub_commit(spec.hf, spec.revision or "main")
+    return hub_gguf(spec.hf, spec.gguf_file, commit)
 
 
 def identity_files(directory: Path) -> list[Path]:
     """The files of a model directory that determine its model and tokenizer, sorted."""
-    return sorted(
-        path
-        for path in directory.iterdir()
-        if path.is_file() and (path.name in IDENTITY_FILES or path.name.endswith(IDENTITY_SUFFIXES))
-    )
+    found = (path for path in directory.iterdir() if path.is_file() and _identity_name(path.name))
+    return sorted(found)
 
 
 def directory_digests(directory: Path) -> dict[str, str]:
-    """{file name: sha256} of the directory's identity files (whole contents), each hashed once
-    per (resolved path, size, mtime, ctime, inode, device) and remembered in
-    $QBENCH_CACHE_DIR/file-digests.json."""
+    """{file name: sha256} of the directory's identity files (whole contents), through the
+    digest cache of `_digests`."""
+    return _digests(identity_files(directory))
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of one file, through the digest cache of `_digests`."""
+    return _digests([path])[path.name]
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
+    """{file name: sha256} of `paths`. A file owned by this user and writable by no one else is
+    hashed once per (resolved path, size, mtime, ctime, inode, device), remembered in
+    $QBENCH_CACHE_DIR/file-digests.json (itself trusted only when this user owns it and no one
+    else may write it); any other file is hashed at every plan, since whoever may write it, or
+    the cache, could pair new bytes with an old digest."""
     known = _read_digest_cache()
     digests, changed = {}, False
-    for path in identity_files(directory):
+    for path in paths:
         resolved = path.resolve()
         stamp = _stamp(resolved)
-        entry = known.get(str(resolved))
+        trusted = _own_file(resolved.stat())
+        entry = known.get(str(resolved)) if trusted else None
         if entry is None or entry.stamp != stamp:
             entry = DigestEntry(stamp=stamp, sha256=_sha256(resolved))
-            if _stamp(resolved) == stamp:  # not rewritten while we read it
+            if trusted and _stamp(resolved) == stamp:  # not rewritten while we read it
                 known[str(resolved)], changed = entry, True
         digests[path.name] = entry.sha256
     if changed:
-        write_json_atomic(_digest_cache_path(), {k: v.model_dump() for k, v in known.items()})
+        entries = {k: v.model_dump() for k, v in known.items()}
+        write_json_atomic(_digest_cache_path(), entries, mode=0o600)  # this user's alone
     return digests
 
 
@@ -225,10 +221,14 @@ def _digest_cache_path() -> Path:
 
 
 def _read_digest_cache() -> dict[str, DigestEntry]:
-    """The remembered digests; an unreadable cache is ignored (and rewritten) with a warning."""
+    """The remembered digests; an unreadable cache, or one another user owns or may write, is
+    ignored (and rewritten) with a warning."""
     path = _digest_cache_path()
     try:
-        return _DIGEST_CACHE.validate_json(read_text_nofollow(path, DIGEST_CACHE_LIMIT))
+        text = read_text_nofollow(path, DIGEST_CACHE_LIMIT)
+        if not _own_file(path.stat()):
+            raise ValueError("owned by another user or writable by others, so not trusted")
+        return _DIGEST_CACHE.validate_json(text)
     except FileNotFoundError:
         return {}
     except ValueError as error:  # a ValidationError too
@@ -236,9 +236,14 @@ def _read_digest_cache() -> dict[str, DigestEntry]:
         return {}
 
 
+def _own_file(status: os.stat_result) -> bool:
+    """Owned by this process's user, and writable by neither its group nor others."""
+    return status.st_uid == os.geteuid() and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def _stamp(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev]
 
 
 def _sha256(path: Path) -> str:
@@ -309,6 +314,8 @@ def checkpoint_dtype(spec: CheckpointSpec, config: PretrainedConfig) -> str:
         return spec.dtype
     if spec.train is not None:
         return "float32"
+    if spec.is_gguf:
+        return read_gguf(gguf_path(spec)).dtype
     dtype = config.dtype
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
     if name not in DTYPES:
@@ -340,6 +347,9 @@ def load_checkpoint(
     if dtype == "auto":  # planned cells name the resolved dtype; a direct call resolves it here
         dtype = checkpoint_dtype(spec, checkpoint_config(spec, commit))
     hub = {"revision": revision, "local_files_only": offline()}  # offline: the hub cache only
+    if spec.is_gguf:  # its dequantized folder, like path:
+        path = gguf_path(spec, commit)
+        source, hub = str(gguf_folder(path, file_digest(path), dtype, progress)), {}
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=DTYPES[dtype],
@@ -387,13 +397,57 @@ def check_causal(model: PreTrainedModel) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Stamps:
+    """The stat stamps (size, mtime, ctime, inode, device) of a `path:` checkpoint's identity
+    files, taken before it loads: `check` after the load (and after each cell, since weights
+    may be memory-mapped) proves that the bytes read are the bytes the plan hashed."""
+
+    spec: CheckpointSpec
+    stamps: dict[str, list[int]]
+
+    @classmethod
+    def take(cls, spec: CheckpointSpec) -> Stamps:
+        return cls(spec, _directory_stamps(local_dir(spec)))
+
+    def check(self, when: str) -> None:
+        """QBenchError naming the files that changed (or appeared, or went) `when`."""
+        try:
+            now = _directory_stamps(local_dir(self.spec))
+        except QBenchError:
+            now = {}
+        names = now.keys() | self.stamps.keys()
+        changed = sorted(n for n in names if now.get(n) != self.stamps.get(n))
+        if changed:
+            raise QBenchError(
+                f"checkpoint '{self.spec.name}': {', '.join(changed)} changed in "
+                f"'{self.spec.path}' {when}: what was read may not be what the plan hashed; "
+                "rerun to plan (and key) the files as they are"
+            )
+
+
+def _directory_stamps(directory: Path) -> dict[str, list[int]]:
+    return {path.name: _stamp(path.resolve()) for path in identity_files(directory)}
+
+
 def load_identified(
     spec: CheckpointSpec, identity: CheckpointIdentity, progress: bool = True
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Stamps | None]:
     """Load the checkpoint exactly as planned: an `hf:` checkpoint at the planned commit, a
-    `path:` checkpoint only while its files still have the planned digests (QBenchError
-    naming the changed files otherwise)."""
+    `path:` or GGUF checkpoint only while its files still have the planned digests, and a
+    `path:` one unchanged until the load returns (QBenchError naming the changed files
+    otherwise). Returns the model, the tokenizer and, for `path:`, the files' stamps (check
+    them after using the model: qbench.runner)."""
+    if identity.gguf is not None:
+        path = gguf_path(spec, identity.commit)
+        if file_digest(path) != identity.gguf:
+            raise QBenchError(
+                f"checkpoint '{spec.name}': {path} changed since the plan; rerun to plan (and "
+                "key) the new file"
+            )
+    stamps = None
     if identity.files is not None:
+        stamps = Stamps.take(spec)  # before the digests: a later change shows in check()
         now = directory_digests(local_dir(spec))
         changed = sorted(
             n for n in now.keys() | identity.files.keys() if now.get(n) != identity.files.get(n)
@@ -403,4 +457,7 @@ def load_identified(
                 f"checkpoint '{spec.name}': {', '.join(changed)} changed in '{spec.path}' since "
                 "the plan; rerun to plan (and key) the new files"
             )
-    return load_checkpoint(spec, progress, commit=identity.commit)
+    model, tokenizer = load_checkpoint(spec, progress, commit=identity.commit)
+    if stamps is not None:
+        stamps.check("while it loaded")
+    return model, tokenizer, stamps

@@ -73,37 +73,13 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from qbench.registry import did_you_mean
+from qbench.checkpoints.catalog import VARIANTS
 
 GateKind = Literal["none", "headwise", "elementwise"]
 SoftmaxKind = Literal["standard", "off_by_one", "softpick"]
 NormKind = Literal["rmsnorm", "preaffine", "gatednorm"]
 
 SOFTPICK_EPS = 1e-8
-
-# Short variant names used by the trainer -> the config options they change from the defaults.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "gate-headwise": {"attn_output_gate": "headwise"},
-    "gate-elementwise": {"attn_output_gate": "elementwise"},
-    "attn-bias": {"attn_kv_bias": True},
-    "context-scaling": {"attn_context_scaling": True},
-    "softmax-off-by-one": {"attn_softmax": "off_by_one"},
-    "softpick": {"attn_softmax": "softpick"},
-    "preaffine": {"norm": "preaffine"},
-    "gatednorm": {"norm": "gatednorm"},
-}
-
-
-def variant_options(name: str) -> dict[str, Any]:
-    """Config options of the variant `name` (a copy of VARIANTS[name])."""
-    if name not in VARIANTS:
-        raise ValueError(
-            f"unknown variant '{name}'{did_you_mean(name, list(VARIANTS))}; "
-            f"known: {', '.join(VARIANTS)}"
-        )
-    return dict(VARIANTS[name])
-
 
 # Config fields that select the architecture variant.
 _OPTIONS = (

@@ -23,10 +23,9 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import (
@@ -35,55 +34,21 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
-from qbench.checkpoints.train import build_once, cache_dir, train_tokenizer
-from qbench.config import Seed, StrictModel
+from qbench.checkpoints.limits import check_sizes
+from qbench.data.bpe import build_once, train_tokenizer
 from qbench.data.sources import embedded_rows, load_text, text_fingerprint
+from qbench.environment import cache_dir
 from qbench.errors import QBenchError
+from qbench.files import read_regular_file
 from qbench.registry import did_you_mean
 from qbench.versions import library_versions
+
+if TYPE_CHECKING:
+    from qbench.checkpoints.spec import RandomSpec
 
 TOKENIZER_VOCAB = 4096  # the tokenizer's vocabulary: min(model's vocab_size, this)
 MIN_VOCAB = 257  # the byte-level alphabet (256) and EOS
 SAVED_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class MassiveChannel(StrictModel):
-    """One residual channel scaled up in the input embedding (a planted massive activation)."""
-
-    dim: int = Field(ge=0)
-    scale: float
-
-
-class RandomSpec(BaseModel):
-    """A random checkpoint: a config file and/or a model_type, config fields inline, a seed.
-
-    Keys other than the four below are config fields of the model type, checked against its
-    transformers config class (an unknown field is an error with a "did you mean").
-    """
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    config: str | None = None  # a config.json, relative to the working directory
-    model_type: str | None = None  # default: the config file's
-    seed: Seed = 0
-    massive_channel: MassiveChannel | None = None
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        """The config fields given inline."""
-        return dict(self.model_extra or {})
-
-    @model_validator(mode="after")
-    def _checked(self) -> RandomSpec:
-        """Without a config file everything is known now: build the config (no weights)."""
-        if self.model_type is not None:
-            _config_class(self.model_type)
-        if self.config is None:
-            try:
-                random_config(self)
-            except QBenchError as error:
-                raise ValueError(str(error)) from None
-        return self
 
 
 def causal_lm_types() -> list[str]:
@@ -93,7 +58,8 @@ def causal_lm_types() -> list[str]:
     return sorted({*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *extra})
 
 
-def _config_class(model_type: str) -> type[PretrainedConfig]:
+def config_class(model_type: str) -> type[PretrainedConfig]:
+    """transformers' config class of a causal-LM `model_type`; ValueError naming the known ones."""
     known = causal_lm_types()
     if model_type not in known:
         raise ValueError(
@@ -103,13 +69,20 @@ def _config_class(model_type: str) -> type[PretrainedConfig]:
     return CONFIG_MAPPING[model_type]
 
 
+CONFIG_LIMIT = 16 << 20  # bytes of a config.json
+
+
 def _file_fields(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
+    if not file.exists():
+        raise QBenchError(f"config: no such file '{path}' (relative to {Path.cwd()})")
     try:
-        fields = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QBenchError(f"config: no such file '{path}' (relative to {Path.cwd()})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        data = read_regular_file(file, CONFIG_LIMIT)
+    except QBenchError as error:
+        raise QBenchError(f"config: {error}") from None
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise QBenchError(f"config: '{path}' is not a JSON config: {error}") from None
     if not isinstance(fields, dict):
         raise QBenchError(f"config: '{path}' holds no JSON object of config fields")
@@ -127,23 +100,24 @@ def random_config(spec: RandomSpec) -> PretrainedConfig:
     if model_type is None:
         raise QBenchError("give model_type: or a config: file that names its model_type")
     try:
-        config_class = _config_class(model_type)
+        build_class = config_class(model_type)
     except ValueError as error:
         raise QBenchError(str(error)) from None
     try:
-        config = config_class(**fields)
+        config = build_class(**fields)
     except Exception as error:  # TypeError, ValueError, huggingface_hub's validation errors
         reason = " ".join(str(error).split())
-        raise QBenchError(f"{config_class.__name__} rejects these fields: {reason}") from None
-    default = set(config_class().to_dict())
+        raise QBenchError(f"{build_class.__name__} rejects these fields: {reason}") from None
+    default = set(build_class().to_dict())
     unknown = sorted(set(config.to_dict()) - default)
     if unknown:
-        known = sorted(default | set(RandomSpec.model_fields))
+        known = sorted(default | set(type(spec).model_fields))
         hint = did_you_mean(unknown[0], known)
         raise QBenchError(
             f"unknown config field(s) {unknown} for model_type {model_type}{hint}: "
-            f"not a field of transformers' {config_class.__name__}"
+            f"not a field of transformers' {build_class.__name__}"
         )
+    check_sizes(config)
     _check_buildable(config, spec)
     return config
 
@@ -205,11 +179,15 @@ def tokenizer_vocab(config: PretrainedConfig) -> int:
     return min(config.vocab_size, TOKENIZER_VOCAB)
 
 
+def random_checkpoint_dir(spec: RandomSpec, config: PretrainedConfig) -> Path:
+    """Where the checkpoint `spec` (with its resolved `config`) is built, in the cache."""
+    return cache_dir() / "checkpoints" / f"random-{config.model_type}-{random_digest(spec, config)}"
+
+
 def random_checkpoint(spec: RandomSpec, progress: bool = True) -> Path:
     """The directory of the checkpoint `spec` describes, built first if needed."""
     config = random_config(spec)
-    digest = random_digest(spec, config)
-    target = cache_dir() / "checkpoints" / f"random-{config.model_type}-{digest}"
+    target = random_checkpoint_dir(spec, config)
     return build_once(target, lambda out: build(spec, config, out, progress))
 
 

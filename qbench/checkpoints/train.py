@@ -8,133 +8,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from qbench.checkpoints.catalog import PRESETS, Preset, variant_options
 from qbench.checkpoints.dispatch import default_device
-from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM, variant_options
-from qbench.data.sources import load_text, text_fingerprint, text_source
+from qbench.checkpoints.model import QBenchConfig, QBenchForCausalLM
+from qbench.data.bpe import build_once, corpus_tokens
+from qbench.data.sources import load_text, text_fingerprint
 from qbench.data.synthetic import Task, TaskSpec, build_task
-from qbench.registry import Registry
+from qbench.environment import cache_dir
 from qbench.versions import library_versions
-
-EOS = "<|endoftext|>"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Model shape and optimisation schedule of a training run."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    seq_len: int
-    batch_size: int
-    steps: int
-    lr: float
-    warmup: int
-    weight_decay: float = 0.1
-    # Added later; None keeps the digests of checkpoints trained before they existed.
-    beta2: float | None = None  # AdamW's second beta; None: 0.95
-    min_lr: float | None = None  # the cosine's floor as a fraction of lr; None: 0.1
-
-
-PRESETS: Registry[Preset] = Registry("training preset")
-PRESETS.register("tiny")(
-    Preset(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        seq_len=128,
-        batch_size=16,
-        steps=600,
-        lr=3e-3,
-        warmup=50,
-    )
-)
-# About an hour on a 2-core CPU: 1.6 s/step measured (tiny: 0.27 s/step) x 2200 steps
-# = 9.0M tokens, about one epoch of the shared corpus; minutes on a GPU.
-PRESETS.register("small")(
-    Preset(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        seq_len=256,
-        batch_size=16,
-        steps=2200,
-        lr=2e-3,
-        warmup=100,
-    )
-)
-# For one GPU: natural text up to the scale where Gu et al. (ICLR 2025, "When Attention Sink
-# Emerges in Language Models") see sinks form (1-2B tokens). 12 layers x 768 wide, GQA 12/4,
-# SwiGLU 2048, BPE 8192: 88M parameters (75.5M in the blocks, 6.3M in lm_head's matmul).
-# 64 x 1024 = 65,536 tokens per step x 15,300 steps = 1.003B tokens. Training FLOPs: 6 x 81.8M
-# (weights) + 6 x 12 x 1024 x 768 (causal attention scores and values, fwd + bwd) = 0.55
-# GFLOP per token, 5.5e17 in all: 56 min at 165 TFLOP/s (17% of an H100 SXM's 989 dense
-# bf16 TFLOP/s), 31 min at 30%. Estimated, not measured: the README says on what basis.
-PRESETS.register("gpu-1b")(
-    Preset(
-        vocab_size=8192,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        seq_len=1024,
-        batch_size=64,
-        steps=15_300,
-        lr=1e-3,
-        warmup=500,
-        weight_decay=0.1,
-    )
-)
-
-# Synthetic-task preset (train.task; qbench.data.synthetic): the model's vocabulary is the
-# task's (vocab_size is used only when the preset trains on text). 2 layers x 64 wide, one head
-# per layer, 2000 steps x 64 x 32 = 4.1M tokens at a constant 2e-2 (AdamW, betas 0.9 / 0.99,
-# weight decay 0.1): the copy head parks non-trigger queries on BOS (mass >= 0.9) within ~600
-# steps and BOS's residual state peaks (max/median ~40); about 110 s of CPU per checkpoint.
-# The README's "Synthetic tasks" table says what else was tried and what formed.
-PRESETS.register("synthetic-sink")(
-    Preset(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        seq_len=32,
-        batch_size=64,
-        steps=2000,
-        lr=2e-2,
-        warmup=30,
-        weight_decay=0.1,
-        beta2=0.99,
-        min_lr=1.0,
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -200,92 +91,15 @@ def model_config(config: TrainConfig) -> QBenchConfig:
     )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QBENCH_CACHE_DIR", "~/.cache/qbench")).expanduser()
-
-
 def trained_checkpoint(config: TrainConfig, progress: bool = True) -> Path:
     """The directory of the checkpoint `config` describes, training it first if needed."""
     target = cache_dir() / "checkpoints" / f"{config.preset}-{config.variant}-{config.digest()}"
     return build_once(target, lambda out: train(config, out, progress))
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """`target`, built first if absent: into a staging folder, then renamed into place, so
-    an interrupted build leaves nothing behind (and a concurrent one loses harmlessly)."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".training-"))
-    try:
-        build(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def train_tokenizer(rows: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `rows`; EOS doubles as BOS."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(rows, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS)
-
-
 def tokenized_corpus(config: TrainConfig) -> tuple[PreTrainedTokenizerFast, torch.Tensor]:
     """The corpus's tokenizer and its train split as token ids (EOS after each row)."""
     return corpus_tokens(config.corpus, config.corpus_fingerprint, config.hyper.vocab_size)
-
-
-def corpus_tokens(
-    corpus: str, fingerprint: str, vocab_size: int
-) -> tuple[PreTrainedTokenizerFast, torch.Tensor]:
-    """A BPE tokenizer of `vocab_size` trained on the corpus's train split, and that split as
-    token ids (EOS after each row).
-
-    Cached by corpus fingerprint and vocabulary size: every checkpoint of a comparison reads
-    the very same tokens, and a large corpus is tokenized once.
-    """
-    key = [fingerprint, vocab_size, library_versions()]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    target = build_once(
-        cache_dir() / "corpora" / digest, lambda out: _tokenize(corpus, vocab_size, out)
-    )
-    tokens = torch.load(target / "tokens.pt", weights_only=True).long()
-    return PreTrainedTokenizerFast.from_pretrained(target), tokens
-
-
-TOKENIZE_ROWS = 256  # rows tokenized at a time: a large corpus never lists its ids in Python
-
-
-def _tokenize(corpus: str, vocab_size: int, out: Path) -> None:
-    rows = text_source(corpus).rows("train")
-    tokenizer = train_tokenizer(rows, vocab_size)
-    eos = [tokenizer.eos_token_id]
-    chunks = [
-        np.asarray(
-            [
-                i
-                for row in tokenizer(rows[start : start + TOKENIZE_ROWS])["input_ids"]
-                for i in [*row, *eos]
-            ],
-            dtype=np.int32,
-        )
-        for start in range(0, len(rows), TOKENIZE_ROWS)
-    ]
-    tokenizer.save_pretrained(out)
-    torch.save(torch.from_numpy(np.concatenate(chunks)), out / "tokens.pt")
 
 
 def initial_model(config: TrainConfig) -> QBenchForCausalLM:

@@ -31,7 +31,7 @@ def path_documents(path: str) -> list[str]:
     target = resolve_path(path)
     if not target.exists():
         raise QBenchError(f"no such file or folder '{path}' (relative paths start at {Path.cwd()})")
-    documents = [decode_file(f) for f in ([target] if target.is_file() else text_files(target))]
+    documents = [decode_file(f) for f in (text_files(target) if target.is_dir() else [target])]
     if not any(document.strip() for document in documents):
         raise QBenchError(f"'{path}' holds no text (only empty or blank files)")
     return documents

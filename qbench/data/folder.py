@@ -14,8 +14,10 @@ import re
 from pathlib import Path
 
 from qbench.errors import QBenchError
+from qbench.files import read_regular_file, regular_file_problem
 
 SPLITS = ("train", "valid")
+TEXT_FILE_LIMIT = 1 << 30  # bytes per text file: more is not a document to tokenize whole
 VALID_FRACTION = 20  # the last 1/20 of each file's paragraphs is held out
 
 _START = re.compile(r"\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^*]*\*\*\*", re.I)
@@ -24,12 +26,19 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def text_files(folder: Path) -> list[Path]:
-    """The *.txt files below `folder`, sorted; a clear error when there are none."""
+    """The *.txt files below `folder`, sorted (a directory named *.txt is walked, not read);
+    a clear error when there are none, or when one is not a regular file (a FIFO, a device,
+    a broken symlink) or is larger than TEXT_FILE_LIMIT."""
     if not folder.is_dir():
         raise QBenchError(f"no such folder '{folder}' (relative paths start at {Path.cwd()})")
-    files = sorted(folder.rglob("*.txt"))
+    files = sorted(path for path in folder.rglob("*.txt") if not path.is_dir())
     if not files:
         raise QBenchError(f"folder '{folder}' holds no .txt files")
+    for path in files:
+        if problem := regular_file_problem(path, TEXT_FILE_LIMIT):
+            raise QBenchError(
+                f"'{path}' in folder '{folder}': {problem}; text folders hold regular .txt files"
+            )
     return files
 
 
@@ -41,8 +50,9 @@ def read_document(path: Path) -> str:
 def decode_file(path: Path, fallback: str | None = None) -> str:
     """A file's text as UTF-8 (a BOM dropped), else in the `fallback` encoding, with LF
     newlines. Without a fallback, bytes that are not UTF-8 are a QBenchError naming the file,
-    the byte and its offset."""
-    raw = path.read_bytes()
+    the byte and its offset; so is a path that is not a regular file of at most
+    TEXT_FILE_LIMIT bytes."""
+    raw = read_regular_file(path, TEXT_FILE_LIMIT)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

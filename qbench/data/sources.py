@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ class TextSource:
 
     `separator` joins the rows; `documents` and `windows` are the source's evaluation
     convention (the first N rows; the first N perplexity windows), None meaning all;
-    `origin(split)` says what the split is read from here (a file, a sample, the hub).
+    `origin(split)` says what the split is read from here (a file, a sample, the hub);
+    `articles` groups rows into documents where a row is not one (WikiText-2's lines).
     """
 
     name: str
@@ -49,6 +51,7 @@ class TextSource:
     documents: int | None = None
     windows: int | None = None
     origin: Callable[[str], str] | None = None
+    articles: Callable[[list[str]], list[list[str]]] | None = None  # rows -> documents' rows
 
     def describe(self, split: str) -> str:
         """Where `split` comes from in this environment."""
@@ -99,6 +102,16 @@ def _cached_text(source: str, split: str, max_documents: int | None, root: Path 
     """Read once per data folder: plan and runner both need the text."""
     found = text_source(source)
     return found.separator.join(found.rows(split)[:max_documents])
+
+
+def source_documents(source: str, split: str, max_documents: int | None) -> list[str]:
+    """The documents of the text `source_text` joins: its first `max_documents` rows, grouped
+    into documents where the source's rows are lines (each group joined with the separator)."""
+    found = text_source(source)
+    rows = found.rows(split)[:max_documents]
+    if found.articles is None:
+        return rows
+    return [found.separator.join(article) for article in found.articles(rows)]
 
 
 def path_text(path: str, max_documents: int | None = None) -> str:
@@ -186,7 +199,25 @@ def corpus_rows(split: str) -> list[str]:
     return embedded_rows(split)
 
 
-@_add("wikitext2", ("test", "valid"), "WikiText-2 raw, GPTQ-style rows")
+_WIKITEXT_TITLE = re.compile(r" = [^=].* = ")  # " = Robert Boulter = "; sections are " = = ... "
+
+
+def wikitext_articles(rows: list[str]) -> list[list[str]]:
+    """WikiText-2 rows grouped into articles: each starts at a top-level title line."""
+    articles: list[list[str]] = []
+    for row in rows:
+        if _WIKITEXT_TITLE.fullmatch(row.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(row)
+    return articles
+
+
+@_add(
+    "wikitext2",
+    ("test", "valid"),
+    "WikiText-2 raw, GPTQ-style rows",
+    articles=wikitext_articles,
+)
 def wikitext2_rows(split: str) -> list[str]:
     """WikiText-2 raw rows: lines with their trailing newline, blank lines as ""."""
     root = data_dir()

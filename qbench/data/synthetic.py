@@ -34,18 +34,19 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-import numpy as np
-import torch
 from pydantic import BeforeValidator, Field
-from tokenizers import Tokenizer, models, pre_tokenizers
-from torch import Tensor
-from transformers import PreTrainedTokenizerFast
 
 from qbench.config import StrictModel
 from qbench.data.sources import load_text, text_fingerprint
 from qbench.errors import QBenchError
+
+if TYPE_CHECKING:  # the specs are torch-free (a recipe loads without the model libraries)
+    import numpy as np
+    import torch
+    from torch import Tensor
+    from transformers import PreTrainedTokenizerFast
 
 BOS = "<|endoftext|>"  # the trainer's BOS / EOS, so task and text checkpoints agree
 UNK = "<unk>"
@@ -54,7 +55,6 @@ DEFAULT_BPE_SIZE = 512
 HELD_OUT_SEQUENCES = 2048  # sequences in each held-out split
 SPLITS = ("valid", "test")
 MAX_SYMBOLS = 4096  # the transition matrix is dense: [V, V]
-_RENDER = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
 
 
 class BigramBackcopy(StrictModel):
@@ -111,6 +111,8 @@ class Task:
 
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> Tensor:
         """[batch, seq_len] ids: BOS, then the process; a function of the generator's state."""
+        import torch
+
         ids = torch.empty(batch, seq_len, dtype=torch.long)
         ids[:, 0] = BOS_ID
         if seq_len > 1:
@@ -138,6 +140,8 @@ class Task:
         the split's name (far from any training seed a recipe writes)."""
         if split not in SPLITS:
             raise QBenchError(f"a task has splits {', '.join(SPLITS)}, not '{split}'")
+        import torch
+
         seed = int(hashlib.sha256(f"{self.spec.name}/{split}".encode()).hexdigest()[:15], 16)
         return self.sample(HELD_OUT_SEQUENCES, seq_len, torch.Generator().manual_seed(seed))
 
@@ -147,6 +151,9 @@ class Task:
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """A WordLevel tokenizer over the symbols (whitespace-split), BOS a special token."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
         vocab = {symbol: i for i, symbol in enumerate(self.symbols)}
         tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
         tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -174,6 +181,8 @@ def build_task(spec: TaskSpec, corpus: str) -> Task:
 
 @functools.cache
 def _built(spec: TaskSpec, corpus: str, fingerprint: str) -> Task:
+    import torch
+
     text = load_text(corpus, "train")
     if spec.vocabulary == "characters":
         symbols, ids = _characters(text, spec.vocab_size)
@@ -208,6 +217,8 @@ def _built(spec: TaskSpec, corpus: str, fingerprint: str) -> Task:
 def _bigram_counts(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Counts [n, n] of consecutive pairs of kept symbols (ids >= 0; -1 breaks a pair) and
     of each symbol [n]."""
+    import numpy as np
+
     a, b = ids[:-1], ids[1:]
     kept = (a >= 0) & (b >= 0)
     pairs = np.bincount(a[kept] * n + b[kept], minlength=n * n).reshape(n, n)
@@ -217,19 +228,25 @@ def _bigram_counts(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _characters(text: str, keep: int | None) -> tuple[list[str], np.ndarray]:
     """The text's most frequent characters (as byte-level symbols), and the text as their
     indices (-1 for a character not kept)."""
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    render = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     values, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
     order = np.lexsort((values, -counts))[:keep]  # by frequency, then code point
     index = np.full(len(values), -1, dtype=np.int64)
     index[order] = np.arange(len(order))
-    symbols = [_RENDER.pre_tokenize_str(chr(values[i]))[0][0] for i in order]
+    symbols = [render.pre_tokenize_str(chr(values[i]))[0][0] for i in order]
     return symbols, index[inverse]
 
 
 def _tokens(corpus: str, fingerprint: str, size: int) -> tuple[list[str], np.ndarray]:
     """A byte-level BPE of `size` trained on the text: its tokens that occur, by frequency,
     and the text's token ids as their indices (-1 at the EOS between documents)."""
-    from qbench.checkpoints.train import corpus_tokens  # the trainer's cached BPE
+    import numpy as np
+
+    from qbench.data.bpe import corpus_tokens  # the trainer's cached BPE
 
     tokenizer, ids = corpus_tokens(corpus, fingerprint, size)
     ids = ids.numpy().astype(np.int64)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.context import StepContext
 from qbench.quant.methods.rtn import round_embeddings, untie_word_embeddings
 from qbench.quant.refusal import refusal_of
@@ -93,7 +93,7 @@ def check_runnable(quantizer: QuantizerConfig, model: nn.Module, found: Inventor
     where = f"quantizer '{quantizer.name}'"
     config = getattr(model, "config", None)
     if problem := refusal_of(quantizer, where, model_name(model), config, found):
-        raise QBenchError(problem)
+        raise RefusedError(problem)
 
 
 def quantized_modules(model: nn.Module, found: Inventory) -> list[str]:

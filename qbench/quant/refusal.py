@@ -17,21 +17,29 @@ if TYPE_CHECKING:
 
 
 def refusal_of(
-    quantizer: QuantizerConfig, where: str, checkpoint: str, config: Any, found: Inventory
+    quantizer: QuantizerConfig,
+    where: str,
+    checkpoint: str,
+    config: Any,
+    found: Inventory,
+    context: tuple[int, str] | None = None,
 ) -> str | None:
     """Why `quantizer` (named `where` in messages, e.g. "quantizers[2] 'w4a4'") cannot run on
     `checkpoint` (its name) with config `config` (a transformers PretrainedConfig, or None for
-    a bare module tree) and inventory `found`, as a line naming the field: calibration windows
-    longer than the context, a KV group that does not divide head_dim, a group or block that
-    does not divide a target's width, or what the method itself cannot do on this
+    a bare module tree) and inventory `found`, as a line naming the field: a step's
+    calibration windows longer than the `context` ((tokens, what says so); default: the
+    config's max_position_embeddings), a KV group that does not divide head_dim, a group or
+    block that does not divide a target's width, or what the method itself cannot do on this
     architecture (`QuantizerConfig.refusal`). None: it can run."""
     text = text_config(config)
-    context = getattr(text, "max_position_embeddings", None)
-    for field, calibration in quantizer.calibrations():
-        if context is not None and calibration.seq_len > context:
+    limit = getattr(text, "max_position_embeddings", None)
+    context = context or ((limit, "max_position_embeddings") if limit is not None else None)
+    for field, calibration in quantizer.calibrations() if context is not None else ():
+        if calibration.seq_len > context[0]:
+            field = "calibration" if quantizer.method else field  # as the recipe wrote it
             return (
                 f"{where}.{field}.seq_len: {calibration.seq_len} exceeds checkpoint "
-                f"'{checkpoint}''s max_position_embeddings {context}"
+                f"'{checkpoint}''s {context[1]} {context[0]}; use seq_len <= {context[0]}"
             )
     if (
         quantizer.kv is not None

@@ -35,19 +35,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field
 
-from qbench.config import StrictModel
-
-
-class BootstrapSpec(StrictModel):
-    """How intervals are drawn: resamples, the generator's seed, the confidence level."""
-
-    iterations: int = Field(default=1000, ge=100, le=1_000_000)
-    seed: int = Field(default=0, ge=0)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+if TYPE_CHECKING:
+    from qbench.recipe.schema import BootstrapSpec
 
 
 @dataclass(frozen=True)

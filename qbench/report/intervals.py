@@ -25,8 +25,8 @@ import numpy as np
 from tabulate import tabulate
 
 from qbench.files import write_json_atomic
+from qbench.recipe.schema import BootstrapSpec
 from qbench.report.bootstrap import (
-    BootstrapSpec,
     Interval,
     Member,
     Windows,
@@ -100,7 +100,7 @@ def interval_note(spec: BootstrapSpec) -> list[str]:
 # ---------------------------------------------------------------- tasks
 
 
-def _doc_scores(record: Record | None, task: str) -> list[float] | None:
+def doc_scores(record: Record | None, task: str) -> list[float] | None:
     details = record.details if record is not None else None
     runs = (details.tasks if details is not None else None) or {}
     return (runs.get(task) or {}).get("doc_scores")
@@ -112,7 +112,7 @@ def task_intervals(
     """Δ score (quantized − fp) per task and of the average over the higher-is-better tasks
     (key "average"), with paired intervals over documents; None where a record lacks
     per-document scores."""
-    scores = {t: (_doc_scores(fp, t), _doc_scores(result, t)) for t in tasks}
+    scores = {t: (doc_scores(fp, t), doc_scores(result, t)) for t in tasks}
     intervals: dict[str, Interval | None] = {
         t: _scores_interval([pair], spec) for t, pair in scores.items()
     }

@@ -7,22 +7,22 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from qbench.checkpoints.gguf import dequantized_from, gguf_versions
 from qbench.eval.perplexity import CONVENTION
 from qbench.files import write_text_atomic
 from qbench.plan import Cell
 from qbench.quant.walk.coverage import coverage_label
 from qbench.recipe import Recipe
-from qbench.record import ResultsTable
-from qbench.report.bootstrap import BootstrapSpec
+from qbench.recipe.schema import BootstrapSpec
+from qbench.record import FAILED, MISSING, REFUSED, ResultsTable
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
-from qbench.report.outliers import outlier_section, write_outlier_plots
+from qbench.report.outlier_verdict import outlier_verdict_section
+from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
-from qbench.report.verdict import verdict_section
+from qbench.report.verdicts import verdict_section
 from qbench.store import load_table, report_cells
 from qbench.versions import library_versions
-
-MISSING, FAILED = "missing", "failed"
 
 
 def write_leaderboard(
@@ -34,6 +34,7 @@ def write_leaderboard(
     path = results_root / recipe.name / "LEADERBOARD.md"
     write_text_atomic(path, leaderboard(recipe, source, table))
     write_outlier_plots(recipe, table, path.parent / "plots")
+    write_checkpoint_plots(recipe, table, path.parent / "plots")
     write_task_outputs(recipe, table, path.parent)
     write_intervals(recipe, table, path.parent)
     return path
@@ -56,8 +57,8 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             for col in columns:
                 if staged:
                     row.append(_transformed_cell(table, cell, col))
-                if table.state(cell) == FAILED:
-                    row += [FAILED, "", ""]
+                if (state := table.state(cell)) in (FAILED, REFUSED):
+                    row += [state, "", ""]
                     continue
                 bold = cell.quantizer is not None and cell.key == best[col]
                 row += _perplexity_cells(table, cell, col, bold, recipe.report.bootstrap)
@@ -68,9 +69,12 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
     packages = library_versions()
     for quantizer in recipe.quantizers:  # a library backend adds its library
         packages |= quantizer.versions()
+    if any(checkpoint.is_gguf for checkpoint in recipe.checkpoints):
+        packages |= gguf_versions()
     versions = ", ".join(f"{k} {v}" for k, v in packages.items())
-    failed = table.failed_cells()
+    failed, refused = table.failed_cells(), table.refused_cells()
     failures = f", {len(failed)} failed" if failed else ""
+    failures += f", {len(refused)} refused" if refused else ""
     return "\n".join(
         [
             f"# qbench leaderboard: {recipe.name}",
@@ -88,11 +92,13 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *(_STAGE_NOTE if staged else []),
             "",
             *_column_notes(recipe),
+            *_checkpoint_notes(recipe, table),
             "",
+            *verdict_section(recipe, table),
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),
-            *verdict_section(recipe, table),
+            *outlier_verdict_section(recipe, table),
             *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",
@@ -101,19 +107,33 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
 
 
 def _failure_section(table: ResultsTable, source: Path) -> list[str]:
-    """The failed cells and their errors (the records hold the traceback)."""
-    failed = table.failed_cells()
-    if not failed:
-        return []
-    rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error_line()] for c in failed]
-    return [
-        "## Failed cells",
-        "",
-        tabulate(rows, ["checkpoint", "quantizer", "error"], tablefmt="github"),
-        "",
-        f"Each record under runs/ holds the traceback; `qbench run {source}` retries them.",
-        "",
-    ]
+    """The refused cells and their reasons, the failed cells and their errors (the records
+    hold the traceback)."""
+    lines = []
+    if refused := table.refused_cells():
+        rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error.message]
+                for c in refused]  # fmt: skip
+        lines += [
+            "## Refused cells",
+            "",
+            tabulate(rows, ["checkpoint", "quantizer", "why"], tablefmt="github"),
+            "",
+            "A refused quantizer cannot do what its label says on that checkpoint; it is "
+            "decided before any model work (or once the model is traced) and not retried "
+            "until the recipe, the checkpoint or qbench changes.",
+            "",
+        ]
+    if failed := table.failed_cells():
+        rows = [[c.checkpoint.name, c.quantizer_name, table.record(c).error_line()] for c in failed]
+        lines += [
+            "## Failed cells",
+            "",
+            tabulate(rows, ["checkpoint", "quantizer", "error"], tablefmt="github"),
+            "",
+            f"Each record under runs/ holds the traceback; `qbench run {source}` retries them.",
+            "",
+        ]
+    return lines
 
 
 def _column_notes(recipe: Recipe) -> list[str]:
@@ -123,6 +143,27 @@ def _column_notes(recipe: Recipe) -> list[str]:
         notes.append(
             f"- `{spec.column} ppl`: {spec.describe()}; seq_len {spec.seq_len}{limit}. "
             f"{CONVENTION}."
+        )
+    return notes
+
+
+def _checkpoint_notes(recipe: Recipe, table: ResultsTable) -> list[str]:
+    """What the float weights of GGUF checkpoints are: the file's dequantized tensors."""
+    notes = []
+    for checkpoint in recipe.checkpoints:
+        cell = next((c for c in table.cells if c.checkpoint.name == checkpoint.name), None)
+        identity = cell.identity if cell is not None else None
+        if identity is None or identity.gguf is None:
+            continue
+        types = identity.gguf_types or {}
+        counts = ", ".join(f"{kind}: {count}" for kind, count in types.items())
+        origin = dequantized_from(types)
+        what = f"dequantized from {origin}" if origin else "the file's float tensors"
+        file = Path(checkpoint.gguf or checkpoint.gguf_file or "").name
+        notes.append(
+            f"- `{checkpoint.name}`: GGUF file `{file}` (sha256 {identity.gguf[:12]}…; tensors "
+            f"{counts}): its {checkpoint.dtype} weights are {what}"
+            + (", not the weights the file was quantized from." if origin else ".")
         )
     return notes
 

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from qbench.eval.tasks import zero_shot_average
+from qbench.eval.task_scores import zero_shot_average
 from qbench.files import save_figure, write_json_atomic
 from qbench.plan import Cell
 from qbench.recipe import Recipe
 from qbench.record import MISSING, Record, ResultsTable, TaskScore
 from qbench.report.bootstrap import Interval
-from qbench.report.intervals import NO_INTERVAL, task_intervals
+from qbench.report.intervals import NO_INTERVAL, doc_scores, task_intervals
 
 # ---------------------------------------------------------------- aggregates
 
@@ -78,6 +79,7 @@ def summary(recipe: Recipe, table: ResultsTable) -> list[dict[str, Any]]:
                 "tasks": {
                     t: _task_record(task_entry(record, t), task_entry(fp_record, t))
                     | {"delta_interval": _as_dict(intervals.get(t))}
+                    | _chance_record(record, t, recipe.report.bootstrap.confidence)
                     for t in tasks
                 },
                 "average": average,
@@ -92,6 +94,33 @@ def summary(recipe: Recipe, table: ResultsTable) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def chance(record: Record | None, task: str) -> float | None:
+    """A task's chance level as its run recorded it (a uniform guess's accuracy), or None."""
+    details = record.details if record is not None else None
+    runs = (details.tasks if details is not None else None) or {}
+    return (runs.get(task) or {}).get("chance")
+
+
+def score_low(record: Record | None, task: str, confidence: float) -> float | None:
+    """The lower end of a task score's two-sided `confidence` interval (normal, from the
+    per-document scores' spread, else from lm-eval's stderr); None without a score."""
+    entry = task_entry(record, task)
+    if entry is None:
+        return None
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    scores = doc_scores(record, task)
+    if scores is not None and len(scores) > 1:
+        return entry.value - z * statistics.stdev(scores) / math.sqrt(len(scores))
+    return entry.value - z * entry.stderr if entry.stderr is not None else entry.value
+
+
+def _chance_record(record: Record | None, task: str, confidence: float) -> dict[str, Any]:
+    """{chance, at_chance}: at_chance when the score's interval reaches down to chance (the
+    task cannot tell this model from a guess); None where either is unknown."""
+    level, low = chance(record, task), score_low(record, task, confidence)
+    return {"chance": level, "at_chance": None if level is None or low is None else low <= level}
 
 
 def _task_record(entry: TaskScore | None, fp: TaskScore | None) -> dict[str, Any]:
@@ -198,8 +227,25 @@ def tasks_section(recipe: Recipe, table: ResultsTable) -> list[str]:
     ]
     for checkpoint in recipe.checkpoints:
         lines += _per_task_table(recipe, checkpoint.name, records)
+    lines += _chance_lines(recipe, records)
     lines += ["## Perplexity per cell", ""]
     return lines
+
+
+def _chance_lines(recipe: Recipe, records: dict[Any, Any]) -> list[str]:
+    """One line per (checkpoint, task) whose fp score is not above chance."""
+    confidence = recipe.report.bootstrap.confidence
+    lines = []
+    for checkpoint in recipe.checkpoints:
+        for task, entry in records[(checkpoint.name, "fp")]["tasks"].items():
+            if entry["at_chance"]:
+                lines.append(
+                    f"- **{task}** on `{checkpoint.name}`: fp {_pct(entry['value'])}%, chance "
+                    f"{_pct(entry['chance'])}% (within the score's {confidence:.0%} interval): "
+                    "at chance: this task says nothing about this checkpoint, nor its "
+                    "quantized cells' recovery."
+                )
+    return ["### At chance", "", *lines, ""] if lines else []
 
 
 def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) -> list[str]:
@@ -212,8 +258,18 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
         )
         for t in tasks
     }  # fmt: skip
+    level = {
+        t: next(
+            (r["tasks"][t]["chance"] for (c, _), r in records.items()
+             if c == checkpoint and r["tasks"][t]["chance"] is not None),
+            None,
+        )
+        for t in tasks
+    }  # fmt: skip
     headers = ["precision", "quantizer"]
-    headers += [f"{t} ({metric[t]})" if metric[t] else t for t in tasks]
+    for t in tasks:
+        about = [metric[t] or "", f"chance {_pct(level[t])}" if level[t] is not None else ""]
+        headers.append(f"{t} ({'; '.join(a for a in about if a)})" if any(about) else t)
     headers += ["avg", "Δ avg", "recovery"]
     rows = []
     for precision, names in _blocks(recipe):
@@ -225,6 +281,8 @@ def _per_task_table(recipe: Recipe, checkpoint: str, records: dict[Any, Any]) ->
                 value = _pct(entry["value"])
                 if value is not None and entry["stderr"] is not None:
                     value += f" ± {_pct(entry['stderr'])}"
+                if value is not None and entry["at_chance"]:
+                    value += " (at chance)"
                 row.append(_show(value))
             row.append(_show(_pct(r["average"])))
             if name == "fp":
@@ -281,7 +339,9 @@ def _notes(recipe: Recipe, table: ResultsTable) -> list[str]:
         f"{recipe.report.bootstrap.confidence:.0%} interval of a paired bootstrap over "
         "documents, each task's documents drawn within it, both cells scored on the same "
         f"draws ({recipe.report.bootstrap.iterations} resamples); `{NO_INTERVAL}`: a record "
-        "has no per-document scores (written before qbench kept them).",
+        "has no per-document scores (written before qbench kept them). `chance`: the accuracy "
+        "of a uniform guess (1 / choices, averaged over the documents); `(at chance)`: the fp "
+        "score's interval reaches down to it, so the task cannot tell the model from a guess.",
         "",
         "Tasks: " + "; ".join(described) + ". Sources: local = lm-eval's prompts and metrics "
         "on the release files in QBENCH_DATA_DIR; lm-eval = lm-eval's own task and dataset; "
@@ -303,38 +363,57 @@ def write_task_outputs(recipe: Recipe, table: ResultsTable, folder: Path) -> lis
 
 
 def write_recovery_plot(recipe: Recipe, records: list[dict[str, Any]], folder: Path) -> Path:
-    """Grouped bars: recovery of the zero-shot average per checkpoint and quantizer."""
+    """Grouped bars from 0: recovery of the zero-shot average per checkpoint and quantizer,
+    with the paired bootstrap interval of each (from the Δ avg interval) as error bars."""
     from matplotlib.figure import Figure
 
     checkpoints = [c.name for c in recipe.checkpoints]
     quantizers = [q.name for q in recipe.quantizers]
-    by_cell = {(r["checkpoint"], r["quantizer"]): r["recovery"] for r in records}
+    by_cell = {(r["checkpoint"], r["quantizer"]): r for r in records}
     figure = Figure(figsize=(max(6, 1.2 * len(checkpoints) * max(1, len(quantizers))), 4),
                     layout="constrained")  # fmt: skip
     axes = figure.subplots()
     width = 0.8 / max(1, len(quantizers))
-    shown = [100 * v for v in by_cell.values() if v is not None]
-    bottom = max(0.0, 5 * math.floor((min([*shown, 100.0]) - 2) / 5))  # zoom on the spread
     for j, quantizer in enumerate(quantizers):
         xs = [i + (j - (len(quantizers) - 1) / 2) * width for i in range(len(checkpoints))]
-        values = [by_cell.get((c, quantizer)) for c in checkpoints]
-        heights = [100 * v - bottom if v is not None else 0.0 for v in values]
-        bars = axes.bar(xs, heights, width, bottom=bottom, label=quantizer)
-        for bar, value in zip(bars, values, strict=True):
+        entries = [by_cell.get((c, quantizer)) or {} for c in checkpoints]
+        values = [e.get("recovery") for e in entries]
+        spans = [_recovery_span(e) for e in entries]
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        pairs = list(zip(values, spans, strict=True))
+        errors = [  # below and above each bar
+            [100 * (v - s[0]) if v is not None and s else 0.0 for v, s in pairs],
+            [100 * (s[1] - v) if v is not None and s else 0.0 for v, s in pairs],
+        ]
+        bars = axes.bar(xs, heights, width, yerr=errors, capsize=3, label=quantizer)
+        for bar, value, span in zip(bars, values, spans, strict=True):
             x = bar.get_x() + width / 2
             if value is None:
                 bar.set_visible(False)
-                axes.text(x, bottom, MISSING, rotation=90, ha="center", va="bottom",
+                axes.text(x, 0, MISSING, rotation=90, ha="center", va="bottom",
                           fontsize="x-small")  # fmt: skip
             else:
-                axes.text(x, 100 * value, f"{100 * value:.1f}", ha="center", va="bottom",
+                top = 100 * (span[1] if span else value)
+                axes.text(x, top, f"{100 * value:.1f}", ha="center", va="bottom",
                           fontsize="x-small")  # fmt: skip
-    axes.set_ylim(bottom=bottom)
+    axes.set_ylim(bottom=0)
     axes.axhline(100, color="black", linestyle="--", linewidth=1)
     axes.set_xticks(range(len(checkpoints)), checkpoints)
     axes.set(ylabel="recovery of zero-shot average (% of fp)")
-    axes.set_title(f"{recipe.name}: quantized / fp, average over {len(recipe.eval.tasks)} tasks")
+    confidence = recipe.report.bootstrap.confidence
+    axes.set_title(
+        f"{recipe.name}: quantized / fp, average over {len(recipe.eval.tasks)} tasks "
+        f"({confidence:.0%} paired bootstrap intervals)"
+    )
     if quantizers:
         axes.legend(fontsize="small")
     axes.grid(axis="y", alpha=0.3)
     return save_figure(figure, folder / "recovery.png")
+
+
+def _recovery_span(entry: dict[str, Any]) -> tuple[float, float] | None:
+    """(low, high) recovery of a cell's average from its Δ avg interval and fp average."""
+    interval, base = entry.get("delta_interval"), entry.get("fp_average")
+    if not interval or not base:
+        return None
+    return (base + interval["low"]) / base, (base + interval["high"]) / base

@@ -84,7 +84,8 @@ class TensorQuant(StrictModel):
             return data
         name = data.get("format", "int")
         symmetric = data.get("symmetric", cls.model_fields["symmetric"].default)
-        if name in SCALE_RULES and (name != "int" or symmetric is True):
+        known = isinstance(name, str) and name in SCALE_RULES  # else the field's own error
+        if known and (name != "int" or symmetric is True):
             return {**data, "scale_rule": SCALE_RULES[name][0]}
         return data
 

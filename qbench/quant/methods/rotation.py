@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qbench.errors import QBenchError
+from qbench.errors import QBenchError, RefusedError
 from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
 from qbench.quant.methods.rtn import untie_word_embeddings
@@ -163,7 +163,7 @@ def _check_rotatable(model: nn.Module, structure: Structure) -> None:
         if group.spec and group.spec.bias and any(not _can_take_bias(t) for t in group.readers):
             problems.append(f"{group.name} has a bias its readers have no bias to take")
     if problems:
-        raise QBenchError(f"rotation is not lossless on {kind}: {'; '.join(problems)}")
+        raise RefusedError(f"rotation is not lossless on {kind}: {'; '.join(problems)}")
 
 
 def _can_take_bias(target: Target) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qbench.errors import QBenchError
+from qbench.errors import RefusedError
 from qbench.quant.methods.folding import scale_norm_group
 from qbench.quant.walk.blockwise import forward_batches
 from qbench.quant.walk.structure import NormGroup, probe_ids, trace_structure
@@ -53,7 +53,7 @@ def smoothable_groups(model: nn.Module, note: Callable[[str], None]) -> list[Nor
     unsmoothed = sum(len(b.direct_readers) for b in structure.blocks)
     unsmoothed += sum(len(g.readers) for g in groups if g not in usable)
     if not usable:
-        raise QBenchError(
+        raise RefusedError(
             f"smoothquant: no norm with a per-channel scale feeds the linears of "
             f"{model.config.model_type} (post-norm only, or norms without a weight): nothing to "
             "smooth; use rtn, gptq or rotation"

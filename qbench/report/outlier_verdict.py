@@ -31,7 +31,7 @@ PEAK_POSITION = "diagnostics.max_activation_position"
 SHORT = {"more than baseline": "more", "less than baseline": "less", "not distinguishable": "≈"}
 
 
-def verdict_section(recipe: Recipe, table: ResultsTable) -> list[str]:
+def outlier_verdict_section(recipe: Recipe, table: ResultsTable) -> list[str]:
     """Markdown: the per-group outlier and degradation table and the verdict (with
     report.baseline and eval.diagnostics only)."""
     baseline = recipe.report.baseline
