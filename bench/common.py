@@ -13,8 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from qbench.checkpoints.catalog import PRESETS
-from qbench.checkpoints.load import DTYPES, device, load_checkpoint
-from qbench.checkpoints.train import train_tokenizer
+from qbench.checkpoints.dispatch import default_device
+from qbench.checkpoints.load import DTYPES, load_checkpoint
+from qbench.data.bpe import train_tokenizer
 from qbench.data.sources import embedded_rows
 from qbench.quant.formats.fused import MODE_VARIABLE
 from qbench.recipe import CheckpointSpec
@@ -48,7 +49,7 @@ def load_model(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTok
             max_position_embeddings=2048,
         )
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device(), DTYPES[args.dtype]).eval()
+        model = LlamaForCausalLM(config).to(default_device(), DTYPES[args.dtype]).eval()
         return model, tokenizer
     spec = {"path": args.path} if args.path else {"train": {"preset": "tiny"}}
     checkpoint = CheckpointSpec(name="bench", dtype=args.dtype, **spec)

@@ -54,8 +54,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from qbench.api import quantize_, quantizer
 from qbench.checkpoints.catalog import PRESETS
-from qbench.checkpoints.load import device
-from qbench.checkpoints.train import train_tokenizer
+from qbench.checkpoints.dispatch import default_device
+from qbench.data.bpe import train_tokenizer
 from qbench.data.calibration import CalibrationSpec
 from qbench.data.sources import data_dir, embedded_rows
 from qbench.quant.context import sample_windows
@@ -115,7 +115,7 @@ def llama(hidden: int, mlp: int, heads: int, layers: int, vocab: int) -> LlamaFo
         max_position_embeddings=2048,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device()).eval()
+    return LlamaForCausalLM(config).to(default_device()).eval()
 
 
 @dataclass
@@ -207,7 +207,7 @@ def block_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
     model = llama(4096, 11008, 32, 1, len(tokenizer))
     print(describe(model))
     spec = CalibrationSpec.model_validate(calibration)
-    batch = sample_windows(tokenizer, spec, seed=0)[: spec.batch_size].to(device())
+    batch = sample_windows(tokenizer, spec, seed=0)[: spec.batch_size].to(default_device())
     with torch.no_grad():
         plain = min(seconds(lambda: model(batch)) for _ in range(3))
     narrow = llama(128, 384, 2, 32, len(tokenizer))  # counts the block forwards of 32 blocks

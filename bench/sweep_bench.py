@@ -49,7 +49,7 @@ def make_checkpoint(folder: Path, hidden: int, layers: int) -> Path:
     """A random Llama (fp32) with a small BPE tokenizer, saved as a Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qbench.checkpoints.train import train_tokenizer
+    from qbench.data.bpe import train_tokenizer
     from qbench.data.sources import embedded_rows
 
     torch.manual_seed(0)

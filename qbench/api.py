@@ -142,7 +142,7 @@ def evaluate(
 
     >>> import qbench
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from qbench.checkpoints.train import train_tokenizer
+    >>> from qbench.data.bpe import train_tokenizer
     >>> from qbench.data.sources import embedded_rows
     >>> tokenizer = train_tokenizer(embedded_rows("train")[:30], vocab_size=300)
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,

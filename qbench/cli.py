@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", default="embedded")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int)
+    train.add_argument("--task", help="a synthetic task (e.g. bigram-backcopy) over --corpus")
     train.set_defaults(command=_train)
 
     probe = commands.add_parser("probe", help="outlier diagnostics of one checkpoint")
@@ -232,8 +233,9 @@ def _train(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         seed=args.seed,
         steps=args.steps,
+        task=args.task,
     )
-    print(trained_checkpoint(train_config(**spec.model_dump())))
+    print(trained_checkpoint(train_config(**dict(spec))))
     return 0
 
 
@@ -253,6 +255,7 @@ def _validated(model: type, **values: object) -> object:
 def _list(args: argparse.Namespace) -> int:
     from qbench.checkpoints.catalog import PRESETS, VARIANTS
     from qbench.data.sources import TEXT_SOURCES
+    from qbench.data.synthetic import TRAIN_TASKS
     from qbench.eval.task_index import local_task_names
     from qbench.executors import EXECUTORS
     from qbench.quant.steps import ROUNDINGS, SHORTHANDS, TRANSFORMS
@@ -266,6 +269,7 @@ def _list(args: argparse.Namespace) -> int:
         + "; perplexity also: text (path:), hub (dataset:, config:, split:, text_column:)",
     )
     print("presets:     ", ", ".join(PRESETS.names()))
+    print("train tasks: ", ", ".join(TRAIN_TASKS), "(train.task; perplexity data: task)")
     print("variants:    ", ", ".join(sorted(VARIANTS)))
     print("tasks:       ", ", ".join(local_task_names()), "(local; or any lm-eval task name)")
     print("executors:   ", ", ".join(EXECUTORS.names()))

@@ -11,9 +11,10 @@ from tabulate import tabulate
 
 from qbench.checkpoints.load import checkpoint_config, load_checkpoint
 from qbench.config import NAME_MAX
+from qbench.data.synthetic import SPLITS as TASK_SPLITS
 from qbench.errors import QBenchError, describe
 from qbench.eval.diagnostics import Diagnostics, diagnose, layer_sqnr, probe_ids
-from qbench.eval.specs import DiagnosticsSpec
+from qbench.eval.specs import TASK_DATA, DiagnosticsSpec
 from qbench.files import write_json_atomic
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.recipe import CheckpointSpec, PerplexitySpec, Recipe, load_recipe
@@ -75,7 +76,8 @@ def probe(
     checkpoint_config(checkpoint)  # a bad config.json is one clear error, before loading
     model, tokenizer = load_checkpoint(checkpoint)
     ids = probe_ids(tokenizer, text, spec)
-    diagnostics = diagnose(model, ids, layer_sqnr(model, ids, quantizer) if quantizer else None)
+    sqnr = layer_sqnr(model, ids, quantizer) if quantizer else None
+    diagnostics = diagnose(model, ids, sqnr, query_types=text.query_types(ids))
     write_json_atomic(
         out,
         {
@@ -188,6 +190,16 @@ def probe_command(
         settings = DiagnosticsSpec()
         folder = results / "probe"
     settings = _overridden(settings, samples=samples, seq_len=seq_len, windows=windows)
+    if text.data == TASK_DATA and settings.seq_len != text.seq_len:
+        raise QBenchError(
+            f"--seq-len: {settings.seq_len}, but the task's sequences are {text.seq_len} tokens; "
+            "leave it out, so each window is one sequence with BOS first"
+        )
+    if text.data == TASK_DATA and settings.windows == "document":
+        raise QBenchError(
+            "--windows document: a task's windows are its sequences, each with BOS first; "
+            "leave it out (stream)"
+        )
     rounding = quantizer_named(quantizer, recipe)
     out = out or folder / f"{spec.name}--{quantizer}.json"
     diagnostics = probe(spec, text, settings, rounding, out)
@@ -205,6 +217,10 @@ def _text_option(data: str | None, split: str | None, default: PerplexitySpec) -
     """The text named by --data / --split (a registered source), else `default`."""
     if data is None and split is None:
         return default
+    if data is None and default.data == TASK_DATA:  # the recipe's task, another split
+        if split not in TASK_SPLITS:
+            raise QBenchError(f"--split: '{split}': a task's splits are {', '.join(TASK_SPLITS)}")
+        return default.model_copy(update={"split": split})
     fields = {"data": data} if data else default.model_dump(exclude_none=True)
     try:
         return PerplexitySpec(**fields | ({"split": split} if split else {}))

@@ -210,6 +210,7 @@ def run_cell(
     start = time.perf_counter()
     stages, notes, caveats, coverage = {}, [], [], None
     probe = _probe(recipe, tokenizer)
+    query_types = recipe.eval.perplexity[0].query_types(probe) if probe is not None else None
     quantizer = cell.quantizer
     sqnr = layer_sqnr(model, probe, quantizer) if probe is not None and quantizer else None
     walk = diagnostic_walk(model, probe) if probe is not None else None  # the float model's
@@ -245,7 +246,7 @@ def run_cell(
     quantize_s = time.perf_counter() - start - transformed_eval_s
     scores = _perplexities(cell, recipe, model, tokenizer, progress)
     check_finite(scores)
-    diagnostics = diagnose(model, probe, sqnr, walk) if probe is not None else None
+    diagnostics = diagnose(model, probe, sqnr, walk, query_types) if probe is not None else None
     tasks = (
         evaluate_cell_tasks(
             model,

@@ -48,7 +48,7 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qbench.checkpoints.train import train_tokenizer
+    from qbench.data.bpe import train_tokenizer
     from qbench.data.sources import embedded_rows
 
     path = tmp_path_factory.mktemp("tokenizer")

@@ -11,6 +11,7 @@ import torch
 from conftest import write_recipe
 
 from qbench.checkpoints import train as training
+from qbench.checkpoints.model import QBenchForCausalLM
 from qbench.data.folder import folder_rows
 from qbench.data.sources import load_text, text_source
 from qbench.recipe import RecipeError, load_recipe
@@ -149,3 +150,23 @@ def test_shared_corpus_falls_back_to_embedded_with_a_warning(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="no shared corpus at .*; using the embedded corpus"):
         rows = text_source("corpus").rows("train")
     assert rows == text_source("embedded").rows("train")
+
+
+def test_the_gpu_preset_reaches_1b_tokens_and_trains_on_the_cpu_for_two_steps(tmp_path):
+    """gpu-1b is sized for an hour on one H100 (README); here two steps of one 128-token
+    sequence check that the preset's model builds, trains, saves and loads (one of its steps,
+    64 x 1024 tokens, would take about an hour on two CPU cores)."""
+    preset = training.PRESETS.get("gpu-1b")
+    assert preset.steps * preset.batch_size * preset.seq_len >= 1_000_000_000
+    config = training.train_config("gpu-1b", "baseline", "embedded", seed=0, steps=2)
+    config = replace(config, hyper=replace(config.hyper, batch_size=1, seq_len=128))
+    model = training.initial_model(config)
+    # 88.08M in matrices (the README's count), 19,200 in norm weights
+    assert sum(p.numel() for p in model.parameters()) == 88_099_584
+    training.train(config, tmp_path, progress=False)
+    log = json.loads((tmp_path / "train_config.json").read_text())
+    assert log["tokens_seen"] == 2 * 128 and log["device"] == "cpu"
+    losses = [p["loss"] for p in json.loads((tmp_path / "loss.json").read_text())]
+    assert len(losses) == 2 and all(8 < loss < 10 for loss in losses)  # ln 8192 = 9.01
+    trained = QBenchForCausalLM.from_pretrained(tmp_path)
+    assert trained.config.num_hidden_layers == 12 and trained.config.vocab_size == 8192

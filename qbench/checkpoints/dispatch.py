@@ -22,6 +22,11 @@ from qbench.quant.walk.onload import CANNOT_QUANTIZE_OFFLOADED, input_device
 from qbench.registry import did_you_mean
 
 
+def default_device() -> torch.device:
+    """Where models load and train: CUDA if available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_label(model: nn.Module) -> str:
     """'cuda:0', 'cpu', or for a dispatched model its map's devices, e.g. 'device_map: 0, 1,
     disk' (the record's `device`)."""

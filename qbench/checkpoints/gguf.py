@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from qbench.checkpoints.train import build_once
+from qbench.data.bpe import build_once
 from qbench.environment import cache_dir, offline
 from qbench.errors import QBenchError, describe
 

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
-from qbench.checkpoints.dispatch import input_device
+from qbench.checkpoints.dispatch import default_device, input_device
 from qbench.checkpoints.gguf import gguf_config, gguf_file, gguf_folder, hub_gguf, read_gguf
 from qbench.checkpoints.limits import check_sizes
 from qbench.checkpoints.random import random_checkpoint, random_config, random_digest
@@ -70,10 +70,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILE_LIMIT = 256 << 20  # bytes of a config, tokenizer or code file (weights: any size)
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def local_dir(spec: CheckpointSpec) -> Path:
     """The checked local directory of a `path:` checkpoint: every file of its identity
     (IDENTITY_FILES, IDENTITY_SUFFIXES) a regular file, config, tokenizer and code files at
@@ -97,7 +93,7 @@ def _identity_name(name: str) -> bool:
 
 def spec_train_config(spec: CheckpointSpec) -> TrainConfig:
     t = spec.train
-    return train_config(t.preset, t.variant, t.corpus, t.seed, t.steps)
+    return train_config(t.preset, t.variant, t.corpus, t.seed, t.steps, t.task)
 
 
 def checkpoint_config(spec: CheckpointSpec, commit: str | None = None) -> PretrainedConfig:
@@ -367,7 +363,7 @@ def load_checkpoint(
     )
     linear_conv1d(model)  # GPT-2's [in, out] Conv1D as nn.Linear: one layout to quantize
     if spec.device_map is None:
-        model.to(device())
+        model.to(default_device())
     check_causal(model.eval())
     return model, tokenizer
 

@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import (
 
 from qbench.checkpoints import model as _family  # noqa: F401  (registers model_type "qbench")
 from qbench.checkpoints.limits import check_sizes
-from qbench.checkpoints.train import build_once, train_tokenizer
+from qbench.data.bpe import build_once, train_tokenizer
 from qbench.data.sources import embedded_rows, load_text, text_fingerprint
 from qbench.environment import cache_dir
 from qbench.errors import QBenchError

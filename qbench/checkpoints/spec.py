@@ -20,6 +20,7 @@ from pydantic import (
 from qbench.checkpoints.catalog import PRESETS, variant_options
 from qbench.config import Count, Seed, StrictModel, check_name
 from qbench.data.sources import text_source
+from qbench.data.synthetic import TaskField, TaskSource
 from qbench.errors import QBenchError
 from qbench.registry import did_you_mean
 
@@ -104,13 +105,23 @@ def _in_registry(registry: Any, name: str) -> str:
 
 
 class TrainSpec(StrictModel):
-    """A checkpoint trained here, cached by a hash of its full config."""
+    """A checkpoint trained here, cached by a hash of its full config: on the text of
+    `corpus`, or with `task:` on a synthetic task over it (qbench.data.synthetic; `task:
+    bigram-backcopy` or `task: {name: bigram-backcopy, vocabulary: ..., vocab_size: ...,
+    triggers: ...}`), whose sequences are the preset's seq_len long."""
 
     preset: str = "tiny"
     variant: str = "baseline"
     corpus: str = "embedded"
     seed: Seed = 0
     steps: Count | None = None
+    task: TaskField | None = None
+
+    def task_source(self) -> TaskSource | None:
+        """The task's held-out data as perplexity data (None without a task)."""
+        if self.task is None:
+            return None
+        return TaskSource(self.task, self.corpus, PRESETS.get(self.preset).seq_len)
 
     @field_validator("preset")
     @classmethod

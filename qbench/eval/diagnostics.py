@@ -24,6 +24,11 @@ Definitions (h is the residual stream after a decoder layer):
   score exceeds 0.3 / 0.5 (their Sink metric, epsilon 0.3). With an attention-bias slot
   (qbench attn_kv_bias: column 0 of the map), the first token is column 1 and the slot's own
   mass is reported as `bias_slot_mass`. HF models are switched to eager attention meanwhile.
+  With query types (a synthetic task's probe, qbench.data.synthetic: windows that start with
+  BOS, queries split into non-trigger / trigger), the same mass per type; the sink head is the
+  head with the largest mass from the first type (non-trigger: where the task rewards a no-op),
+  and `sink_mass_<type>` are that head's masses (Guo et al. 2024's active-dormant head: near 1
+  from non-trigger queries, low from trigger queries).
 - kurtosis: Pearson's E[(x - mean)^4] / var^2 over all elements (3 for a Gaussian), of each
   linear layer's input and of each weight matrix.
 - super-weight candidates (Yu et al. 2024, "The Super Weight in Large Language Models"): at each
@@ -50,7 +55,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
 from qbench.eval.perplexity import windows_of
 from qbench.eval.specs import DiagnosticsSpec
@@ -58,7 +62,7 @@ from qbench.quant.formats.fake import fake_quant
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.quant.walk.inventory import inventory
 from qbench.quant.walk.kvcache import eager_attention
-from qbench.quant.walk.onload import offloaded_modules
+from qbench.quant.walk.onload import input_device, offloaded_modules
 from qbench.quant.walk.select import quantized_targets
 from qbench.quant.walk.structure import trace_structure
 
@@ -191,11 +195,13 @@ def diagnose(
     ids: Tensor,
     sqnr: dict[str, float | None] | None = None,
     walk: Walk | None = None,
+    query_types: dict[str, Tensor] | None = None,
 ) -> Diagnostics:
     """Outlier figures of `model` on `ids` ([samples, seq_len]); `sqnr`: per-linear SQNR
     (`layer_sqnr`, measured on the unquantized model before a cell quantizes it), recorded
     beside each linear; `walk`: the unquantized model's (`diagnostic_walk`), for a quantized
-    one (default: read off `model` itself)."""
+    one (default: read off `model` itself); `query_types`: boolean masks [samples, seq_len] of
+    queries by type (the first type picks the sink head), for the first-token mass per type."""
     walk = walk or diagnostic_walk(model, ids)
     ids = ids.to(input_device(model))
     layers = model.get_submodule(walk.blocks_path)
@@ -212,7 +218,7 @@ def diagnose(
     hooks += [(_module(model, name, inner=False), _store(spikes, name, _spike)) for name in writers]
     with _eager_attention(model), _hooked(hooks):
         attentions = model(input_ids=ids, output_attentions=True).attentions
-    sinks = [sink_mass(a, ids.shape[1]) for a in attentions or ()]
+    sinks = [sink_mass(a, ids.shape[1], query_types) for a in attentions or ()]
     candidates = _super_weights(model, walk, spikes)
     per_layer = [
         {
@@ -261,10 +267,14 @@ def massive_activations(h: Tensor) -> dict[str, Any]:
     return {"max": top[0]["value"], "median": median, "ratio": ratio, "top": top}
 
 
-def sink_mass(probs: Tensor, seq_len: int) -> dict[str, list[float]]:
+def sink_mass(
+    probs: Tensor, seq_len: int, query_types: dict[str, Tensor] | None = None
+) -> dict[str, list[float | None]]:
     """Per head of an attention map [b, heads, queries, keys]: the mean attention on the first
     token over samples and queries 1..t-1 (`first_token_mass`) and over every query
-    (`sink_score`, Gu et al.'s), and on a bias slot (when the map has seq_len + 1 columns)."""
+    (`sink_score`, Gu et al.'s), and on a bias slot (when the map has seq_len + 1 columns);
+    with `query_types` ({type: mask [samples, seq_len]}), also over each type's queries
+    (`first_token_mass_<type>`; None for a type with no query)."""
     has_slot = probs.shape[-1] == seq_len + 1
     first = probs[..., int(has_slot)].float()  # [b, heads, queries]
     mass = {
@@ -273,6 +283,12 @@ def sink_mass(probs: Tensor, seq_len: int) -> dict[str, list[float]]:
     }
     if has_slot:
         mass["bias_slot_mass"] = probs[:, :, 1:, 0].float().mean(dim=(0, 2)).tolist()
+    for name, mask in (query_types or {}).items():
+        chosen = mask[:, 1:].to(probs.device)  # [b, t-1]
+        count = int(chosen.sum())
+        on_first = first[:, :, 1:].transpose(1, 2)[chosen]  # [count, heads]
+        per_head = (on_first.sum(0) / count).tolist() if count else [None] * probs.shape[1]
+        mass[f"first_token_mass_{name}"] = per_head
     return mass
 
 
@@ -364,11 +380,14 @@ def _summary(
         "max_activation": peak["max"],
         "max_activation_layer": peak["layer"],
         "max_activation_at": [peak["layer"], top["position"], top["dim"]],
+        "max_activation_position": top["position"],
         "max_median_ratio": _max(layer["ratio"] for layer in layers),
         "first_token_mass": sum(sinks) / len(sinks) if sinks else None,
         "max_layer_first_token_mass": _max(
             _mean(layer.get("first_token_mass")) for layer in layers
         ),
+        "max_head_first_token_mass": _max(iter(sinks)),
+        **_sink_head(layers),
         **sink_shares(layers),
         "bias_slot_mass": sum(slots) / len(slots) if slots else None,
         "max_input_kurtosis": _max(s["input_kurtosis"] for s in linears.values()),
@@ -376,6 +395,28 @@ def _summary(
         "min_sqnr_db": min(sqnr) if sqnr else None,
         "mean_sqnr_db": sum(sqnr) / len(sqnr) if sqnr else None,
         "super_weight": [best["layer"], best["row"], best["column"]] if best else None,
+    }
+
+
+def _sink_head(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """With query types: the head with the largest first-token mass from the first type
+    (`sink_head`: [layer, head]) and its mass from each type (`sink_mass_<type>`)."""
+    types = [k for k in layers[0] if k.startswith("first_token_mass_")] if layers else []
+    heads = [
+        (value, i, h)
+        for i, layer in enumerate(layers)
+        for h, value in enumerate(layer.get(types[0], []) if types else [])
+        if value is not None
+    ]
+    if not heads:
+        return {}
+    _, layer, head = max(heads)
+    return {
+        "sink_head": [layer, head],
+        **{
+            f"sink_mass_{key.removeprefix('first_token_mass_')}": layers[layer][key][head]
+            for key in types
+        },
     }
 
 

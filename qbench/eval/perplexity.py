@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qbench.checkpoints.dispatch import input_device
 from qbench.errors import QBenchError
+from qbench.quant.walk.onload import input_device
 
 CONVENTION = (
     "GPTQ-style token perplexity: the documents joined as stated, tokenized once, cut into "

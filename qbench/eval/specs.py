@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
 
 from qbench.config import Count, StrictModel, check_name, reject_duplicates
 from qbench.data.external import hub_documents, path_documents, resolve_path
@@ -19,6 +19,9 @@ from qbench.data.sources import (
     source_documents,
     source_text,
 )
+from qbench.data.synthetic import SPLITS as TASK_SPLITS
+from qbench.data.synthetic import TaskSource
+from qbench.errors import QBenchError
 
 TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._()-]*")
 
@@ -48,10 +51,15 @@ class PerplexitySpec(StrictModel):
     Defaults come from the source's convention: `split` is 'test' where the source has one,
     else its only split; c4 reads its first 1100 documents (`max_documents`) and scores its
     first 256 windows (`max_windows`), as GPTQ and QuaRot do.
+
+    `data: task, checkpoint: NAME` scores the held-out split (`valid`, default, or `test`) of
+    the synthetic task checkpoint (or group) NAME is trained on; seq_len defaults to that
+    checkpoint's, so each window is one sequence with BOS first (the recipe checks both).
     """
 
     data: str
     split: str | None = None
+    checkpoint: str | None = None  # data: task
     path: str | None = None  # data: text
     dataset: str | None = None  # data: hub
     config: str | None = None  # data: hub
@@ -61,6 +69,7 @@ class PerplexitySpec(StrictModel):
     batch_size: Count = 8
     max_windows: Count | None = None
     name: str | None = None
+    _task: TaskSource | None = PrivateAttr(default=None)  # data: task, set by the Recipe
 
     _name = field_validator("name")(check_name)
 
@@ -68,6 +77,8 @@ class PerplexitySpec(StrictModel):
     @classmethod
     def _source_convention(cls, data: Any) -> Any:
         """Fill split, max_documents and max_windows from a registered source's convention."""
+        if isinstance(data, dict) and data.get("data") == TASK_DATA:
+            return {"split": TASK_SPLITS[0], **data}
         if not isinstance(data, dict) or data.get("data") not in TEXT_SOURCES:
             return data
         source = TEXT_SOURCES.get(data["data"])
@@ -87,17 +98,26 @@ class PerplexitySpec(StrictModel):
             TEXT_SOURCES.get(data)
         except KeyError as error:
             raise ValueError(
-                f"{error.args[0]}; or `text` (with path:) or `hub` (with dataset:, split:)"
+                f"{error.args[0]}; or `text` (with path:), `hub` (with dataset:, split:) or "
+                "`task` (with checkpoint:)"
             ) from None
         return data
 
     @model_validator(mode="after")
     def _fields_fit_the_data(self) -> PerplexitySpec:
         given = {f for f in _SOURCE_FIELDS if getattr(self, f) is not None}
-        allowed = {"text": {"path"}, "hub": {"split", "dataset", "config", "text_column"}}
+        allowed = {
+            "text": {"path"},
+            "hub": {"split", "dataset", "config", "text_column"},
+            TASK_DATA: {"split", "checkpoint"},
+        }
         extra = sorted(given - allowed.get(self.data, {"split"}))
         if extra:
             raise ValueError(f"{extra[0]}: does not apply to data: {self.data}")
+        if self.data == TASK_DATA and self.split not in TASK_SPLITS:
+            raise ValueError(f"split '{self.split}': a task's splits are {', '.join(TASK_SPLITS)}")
+        if self.data == TASK_DATA and self.max_documents is not None:
+            raise ValueError("max_documents: does not apply to data: task (use max_windows)")
         if self.data not in EXTERNAL_DATA:
             if self.split is None:
                 splits = ", ".join(TEXT_SOURCES.get(self.data).splits)
@@ -132,10 +152,33 @@ class PerplexitySpec(StrictModel):
         if self.data == "hub":
             column = self.text_column or "text"
             return hub_text(self.dataset, self.config, self.split, column, self.max_documents)
+        if self.data == TASK_DATA:
+            return self.task_source.text(self.split)
         return source_text(self.data, self.split, self.max_documents)
 
+    @property
+    def task_source(self) -> TaskSource:
+        """The task of `data: task` (resolved from its checkpoint when the recipe loads)."""
+        if self._task is None:
+            raise QBenchError(
+                f"data: task, checkpoint: {self.checkpoint}: task data is a recipe checkpoint's "
+                "task; score it through a recipe (qbench run), which resolves the checkpoint"
+            )
+        return self._task
+
+    def query_types(self, ids: Any) -> dict[str, Any] | None:
+        """The task's query-type masks of token windows `ids` [n, seq_len] (data: task), for
+        the diagnostics' first-token mass per type; None for other data."""
+        return self.task_source.task().query_types(ids) if self.data == TASK_DATA else None
+
     def documents(self) -> list[str]:
-        """The documents `text()` joins, each whole (WikiText-2: its articles)."""
+        """The documents `text()` joins, each whole (WikiText-2: its articles); a task's
+        data has none (its windows are its sequences)."""
+        if self.data == TASK_DATA:
+            raise QBenchError(
+                "data: task has no documents: its windows are its sequences, each with BOS "
+                "first; use diagnostics windows: stream"
+            )
         if self.data == "text":
             return path_documents(self.path)[: self.max_documents]
         if self.data == "hub":
@@ -153,6 +196,8 @@ class PerplexitySpec(StrictModel):
             if not resolve_path(self.path).is_dir():
                 kind = "a file: one document"
             return f"`{self.path}` ({kind}); {first} joined with a blank line"
+        if self.data == TASK_DATA:
+            return f"checkpoint {self.checkpoint}'s task: {self.task_source.describe(self.split)}"
         if self.data == "hub":
             config = f", config {self.config}" if self.config else ""
             return (
@@ -165,13 +210,16 @@ class PerplexitySpec(StrictModel):
         return f"{self.data} {self.split} split ({origin}); {first} joined with {joined}"
 
 
-EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}}  # data: -> required fields
-_SOURCE_FIELDS = ("split", "path", "dataset", "config", "text_column")
-_NEW_FIELDS = ("path", "dataset", "config", "text_column", "max_documents")
+TASK_DATA = "task"
+# data: -> required fields
+EXTERNAL_DATA = {"text": {"path"}, "hub": {"dataset", "split"}, TASK_DATA: {"checkpoint"}}
+_SOURCE_FIELDS = ("split", "checkpoint", "path", "dataset", "config", "text_column")
+_NEW_FIELDS = ("checkpoint", "path", "dataset", "config", "text_column", "max_documents")
 _NEEDS = {
     "path": "a UTF-8 file, or a folder of .txt files",
     "dataset": "a Hugging Face dataset id, e.g. allenai/c4",
     "split": "the split's name, e.g. validation",
+    "checkpoint": "the name of a checkpoint (or group) trained with train.task",
 }
 
 

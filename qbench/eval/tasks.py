@@ -111,8 +111,8 @@ def evaluate_tasks(
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from qbench.checkpoints.dispatch import input_device
     from qbench.eval.request_cache import JsonCachingLM
+    from qbench.quant.walk.onload import input_device
 
     runs = []
     batch = (

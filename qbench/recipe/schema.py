@@ -4,13 +4,15 @@ configure (qbench.checkpoints.spec, qbench.eval.specs, qbench.quant.quantizer)."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from qbench.checkpoints.catalog import PRESETS
 from qbench.checkpoints.spec import CheckpointSpec
 from qbench.config import Seed, StrictModel, check_name, reject_duplicates
-from qbench.eval.specs import EvalSpec
+from qbench.data.synthetic import TaskSource
+from qbench.eval.specs import TASK_DATA, EvalSpec
 from qbench.quant.quantizer import QuantizerConfig
 from qbench.registry import did_you_mean
 
@@ -82,6 +84,13 @@ class Recipe(StrictModel):
 
     _name = field_validator("name")(check_name)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_windows(cls, data: Any) -> Any:
+        """`data: task` windows default to its checkpoint's sequence length, and so do the
+        diagnostics' windows when they probe it (checked after validation)."""
+        return _task_window_defaults(data)
+
     @field_validator("checkpoints")
     @classmethod
     def _expand_seeds(cls, checkpoints: list[CheckpointSpec]) -> list[CheckpointSpec]:
@@ -131,6 +140,48 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _task_data(self) -> Recipe:
+        """Resolve each `data: task` to its checkpoint's task; every checkpoint must be trained
+        on that task and corpus (its tokenizer reads the task's symbols), each window must be
+        one sequence, and so must the diagnostics' when they probe it."""
+        for i, spec in enumerate(self.eval.perplexity):
+            if spec.data != TASK_DATA:
+                continue
+            where = f"eval.perplexity[{i}]"
+            source = _named_task(self.checkpoints, spec.checkpoint, f"{where}.checkpoint")
+            for j, checkpoint in enumerate(self.checkpoints):
+                train = checkpoint.train
+                if train is None or (train.task, train.corpus) != (source.spec, source.corpus):
+                    raise ValueError(
+                        f"checkpoints[{j}] '{checkpoint.name}': {where} scores the task data of "
+                        f"'{spec.checkpoint}' ({source.spec.describe()} over {source.corpus}), "
+                        "which only a checkpoint trained on that task and corpus reads; train it "
+                        "so, or score other data"
+                    )
+            if spec.seq_len != source.seq_len:
+                raise ValueError(
+                    f"{where}.seq_len: {spec.seq_len}, but the task's sequences are "
+                    f"{source.seq_len} tokens (checkpoint '{spec.checkpoint}''s preset): leave it "
+                    f"out or give {source.seq_len}, so each window is one sequence with BOS first"
+                )
+            spec._task = source
+        probed = self.eval.perplexity[0]
+        diagnostics = self.eval.diagnostics
+        if probed.data == TASK_DATA and diagnostics and diagnostics.seq_len != probed.seq_len:
+            raise ValueError(
+                f"eval.diagnostics.seq_len: {diagnostics.seq_len}, but they probe the task data "
+                f"of eval.perplexity[0], whose sequences are {probed.seq_len} tokens: leave it out "
+                f"or give {probed.seq_len}, so the first token of each window is BOS"
+            )
+        if probed.data == TASK_DATA and diagnostics and diagnostics.windows == "document":
+            raise ValueError(
+                "eval.diagnostics.windows: document, but they probe the task data of "
+                "eval.perplexity[0], whose windows are its sequences, each with BOS first: "
+                "leave it out (stream)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _diagnosable(self) -> Recipe:
         for i, quantizer in enumerate(self.quantizers if self.eval.diagnostics is not None else []):
             if not quantizer.diagnosable:
@@ -154,3 +205,48 @@ class Recipe(StrictModel):
                         f"gate: unknown metric '{metric}'{did_you_mean(metric, known)}; "
                         f"this recipe's metrics: {', '.join(known)}"
                     )
+
+
+def _named_task(checkpoints: list[CheckpointSpec], name: str, where: str) -> TaskSource:
+    """The task of checkpoint (or group) `name`, as perplexity data."""
+    named = [c for c in checkpoints if name in (c.name, c.group)]
+    if not named:
+        known = list(dict.fromkeys(n for c in checkpoints for n in (c.group, c.name) if n))
+        raise ValueError(f"{where}: no checkpoint or group '{name}'{did_you_mean(name, known)}")
+    source = named[0].train.task_source() if named[0].train is not None else None
+    if source is None:
+        raise ValueError(f"{where}: '{name}' is not trained on a task; give it train.task")
+    return source
+
+
+def _task_window_defaults(data: Any) -> Any:
+    """The recipe's raw mapping with `seq_len` filled in for `data: task` entries (the named
+    checkpoint's preset's) and for eval.diagnostics when it probes such an entry; malformed
+    input is left as it is, for validation to report."""
+    evaluation = data.get("eval") if isinstance(data, dict) else None
+    entries = evaluation.get("perplexity") if isinstance(evaluation, dict) else None
+    if not isinstance(entries, list) or not isinstance(data.get("checkpoints"), list):
+        return data
+    lengths = {}
+    for checkpoint in data["checkpoints"]:
+        train = checkpoint.get("train") if isinstance(checkpoint, dict) else None
+        preset = train.get("preset", "tiny") if isinstance(train, dict) else None
+        if isinstance(preset, str) and preset in PRESETS:
+            for key in ("name", "group"):
+                lengths.setdefault(checkpoint.get(key), PRESETS.get(preset).seq_len)
+    filled = [
+        {"seq_len": lengths[e.get("checkpoint")], **e}
+        if isinstance(e, dict) and e.get("data") == TASK_DATA and e.get("checkpoint") in lengths
+        else e
+        for e in entries
+    ]
+    diagnostics = evaluation.get("diagnostics")
+    diagnostics = {} if diagnostics is True else diagnostics
+    first = filled[0] if filled else None
+    probes_task = isinstance(first, dict) and first.get("data") == TASK_DATA
+    if isinstance(diagnostics, dict) and probes_task and "seq_len" in first:
+        diagnostics = {"seq_len": first["seq_len"], **diagnostics}
+    update = {"perplexity": filled}
+    if "diagnostics" in evaluation:
+        update["diagnostics"] = diagnostics
+    return {**data, "eval": {**evaluation, **update}}

@@ -19,6 +19,7 @@ from qbench.report.breakdown import breakdown_section, part_names
 from qbench.report.intervals import comparison_section, delta_cells, interval_note, write_intervals
 from qbench.report.interventions import intervention_section, is_intervention
 from qbench.report.learned import learned_section
+from qbench.report.outlier_verdict import outlier_verdict_section
 from qbench.report.outliers import outlier_section, write_checkpoint_plots, write_outlier_plots
 from qbench.report.seeds import seed_section
 from qbench.report.tasks_table import tasks_section, write_task_outputs
@@ -116,6 +117,7 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *_failure_section(table, source),
             *seed_section(recipe, table),
             *comparison_section(recipe, table),
+            *outlier_verdict_section(recipe, table),
             *outlier_section(recipe, table),
             f"Versions: {versions}.",
             "",

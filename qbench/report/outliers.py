@@ -20,6 +20,9 @@ SUMMARY_COLUMNS = [
     ("max_activation_at", "at (layer, pos, ch)", "({}, {}, {})"),
     ("max_median_ratio", "max/median", "{:.1f}"),
     ("first_token_mass", "first-token mass", "{:.3f}"),
+    ("max_head_first_token_mass", "max head first-token mass", "{:.3f}"),
+    ("sink_mass_non_trigger", "sink head BOS mass non-trigger", "{:.3f}"),
+    ("sink_mass_trigger", "sink head BOS mass trigger", "{:.3f}"),
     ("sink_share_0.3", "sink heads > 0.3", "{:.1%}"),
     ("sink_share_0.5", "sink heads > 0.5", "{:.1%}"),
     ("bias_slot_mass", "bias-slot mass", "{:.3f}"),
@@ -67,13 +70,16 @@ def outlier_section(recipe: Recipe, table: ResultsTable) -> list[str]:
         tabulate(rows, headers, tablefmt="github", disable_numparse=True),
         "",
         f"Unquantized model, {windows} of {text.data} {text.split}. max |h|: largest "
-        "residual-stream magnitude over layers, at (layer, position, channel); max/median: its "
-        "largest ratio to the layer's median |h|; first-token mass: attention on the first "
-        "token, mean over layers, heads and queries 1..t-1 (bias-slot mass: on the learned "
-        "attention-bias slot); sink heads > eps: the share of all heads whose first-token "
-        "score (mean over all queries) exceeds eps (Gu et al. 2025's Sink metric, eps 0.3); "
-        "super weight: the MLP output projection's W[row, column] at its largest input and "
-        "output spikes, largest |input| x |output| over layers (Yu et al. 2024); kurtosis: "
+        "residual-stream magnitude over layers, at (layer, position, channel; position 0 = the "
+        "first token); max/median: its largest ratio to the layer's median |h|; first-token "
+        "mass: attention on the first token, mean over layers, heads and queries 1..t-1 (max "
+        "head: the largest of one head; sink head BOS mass: on a synthetic task's data, the "
+        "head with the largest mass from non-trigger queries, from its non-trigger and its "
+        "trigger queries; bias-slot mass: on the learned attention-bias slot); sink heads > "
+        "eps: the share of all heads whose first-token score (mean over all queries) exceeds "
+        "eps (Gu et al. 2025's Sink metric, eps 0.3); super weight: the MLP output "
+        "projection's W[row, column] at its largest input and output spikes, largest |input| "
+        "x |output| over layers (Yu et al. 2024); kurtosis: "
         "Pearson (3 = Gaussian); min SQNR: the worst linear layer's output under that "
         "quantizer's formats. Per-layer plots: plots/outliers.png (all checkpoints) and "
         "plots/outliers-<checkpoint>.png (residual peaks, first-token score per head, the MLP "

@@ -23,9 +23,12 @@ DIAGNOSTIC_COLUMNS = [
     ("diagnostics.max_activation", "max \\|h\\|", "{:.2f}"),
     ("diagnostics.max_median_ratio", "max/median", "{:.1f}"),
     ("diagnostics.first_token_mass", "first-token mass", "{:.3f}"),
+    ("diagnostics.sink_mass_non_trigger", "sink BOS mass non-trigger", "{:.3f}"),
+    ("diagnostics.sink_mass_trigger", "sink BOS mass trigger", "{:.3f}"),
     ("diagnostics.max_input_kurtosis", "max kurtosis (inputs)", "{:.1f}"),
     ("diagnostics.min_sqnr_db", "min SQNR dB", "{:.1f}"),
 ]
+TASK_COLUMNS = ("diagnostics.sink_mass_non_trigger", "diagnostics.sink_mass_trigger")
 
 
 # How a quantized value compares with its fp value: (function, format, signed).
@@ -93,7 +96,15 @@ def seed_section(recipe: Recipe, table: ResultsTable) -> list[str]:
         return []
     quantizers = ["fp", *(q.name for q in recipe.quantizers)]
     columns = [spec.column for spec in recipe.eval.perplexity]
-    diagnostics = DIAGNOSTIC_COLUMNS if recipe.eval.diagnostics else []
+    members = [m for group in groups.values() for m in group]
+    diagnostics = [  # a synthetic task's sink columns only where records have them
+        column
+        for column in (DIAGNOSTIC_COLUMNS if recipe.eval.diagnostics else [])
+        if column[0] not in TASK_COLUMNS
+        or any(
+            v is not None for q in quantizers for v in group_values(members, q, table, column[0])
+        )
+    ]
     rows = []
     for name, members in groups.items():
         for quantizer in quantizers:
