@@ -238,11 +238,12 @@ QUANTIZER_SCHEMA = 2  # 2: a quantizer is its pipeline (transforms, rounding): k
 def _quantizer_identity(quantizer: QuantizerConfig) -> dict:
     """The quantizer's pipeline and formats (its name and shorthand aside), with the schema
     version of that layout; `targets:` / `ignore:` / `convs:` / `keep_float:` only where given
-    (keys from before they existed stay valid)."""
+    (keys from before they existed stay valid); never `breakdown:`, which adds cells of its own
+    and changes nothing a cell computes."""
     unset = {f for f in ("targets", "ignore", "convs", "keep_float") if not getattr(quantizer, f)}
     return {
         "schema": QUANTIZER_SCHEMA,
-        **quantizer.model_dump(exclude={"name", "method", *unset}),
+        **quantizer.model_dump(exclude={"name", "method", "breakdown", *unset}),
     }
 
 

@@ -227,3 +227,20 @@ def test_a_directory_in_place_of_the_leaderboard_is_one_error_and_keeps_the_reco
     )
     assert "Traceback" not in err
     assert len(list(_runs(finished).glob("*.json"))) == 2  # the cells computed are saved
+
+
+def test_report_notes_end_the_leaderboard_and_change_no_cell(finished, capsys):
+    """`report.notes` are printed under "Notes" without recomputing a cell; a note beyond
+    2,000 characters is one error naming the field."""
+    text = finished.recipe.read_text()
+    finished.recipe.write_text(text + "report: {notes: ['rotation hurts **this** model']}\n")
+    capsys.readouterr()
+    assert _run(finished, "--no-progress") == 0
+    assert "2 cells, 2 done, 0 to run" in capsys.readouterr().out
+    board = (finished.results / "folder" / "LEADERBOARD.md").read_text()
+    assert "## Notes\n\n- rotation hurts **this** model\n" in board
+
+    finished.recipe.write_text(text + f"report: {{notes: ['{'x' * 2001}']}}\n")
+    assert _run(finished, "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report.notes[0]: String should have at most 2000" in err[0]

@@ -4,7 +4,7 @@ configure (qbench.checkpoints.spec, qbench.eval.specs, qbench.quant.quantizer)."
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -63,11 +63,16 @@ class ResourcesSpec(StrictModel):
 
 
 class ReportSpec(StrictModel):
-    """How the leaderboard draws its intervals, and which group every group is compared with
-    (`baseline`: a checkpoint group's name, or a checkpoint's outside any group)."""
+    """How the leaderboard draws its intervals, which group every group is compared with
+    (`baseline`: a checkpoint group's name, or a checkpoint's outside any group), and `notes`:
+    findings the recipe's author states beside the numbers (markdown, a section "Notes" at the
+    end of the leaderboard; at most 20 of at most 2,000 characters each)."""
 
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     baseline: str | None = None
+    notes: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
+        default_factory=list, max_length=20
+    )
 
 
 class Recipe(StrictModel):

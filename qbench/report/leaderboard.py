@@ -119,10 +119,18 @@ def leaderboard(recipe: Recipe, source: Path, table: ResultsTable) -> str:
             *comparison_section(recipe, table),
             *outlier_verdict_section(recipe, table),
             *outlier_section(recipe, table),
+            *_notes_section(recipe),
             f"Versions: {versions}.",
             "",
         ]
     )
+
+
+def _notes_section(recipe: Recipe) -> list[str]:
+    """The recipe's `report.notes`, one bullet each."""
+    if not recipe.report.notes:
+        return []
+    return ["## Notes", "", *(f"- {note.strip()}" for note in recipe.report.notes), ""]
 
 
 def _marks(texts: list[str], numbers: dict[str, int]) -> str:
