@@ -25,7 +25,7 @@
    quantization and total seconds (the records' quantize_s and wall_time_s), against the RTN
    W4A4 cell's.
 
-The "before" figures of the README come from this script run on main's code
+The "before" figures of docs/speed.md come from this script run on main's code
 (PYTHONPATH=<a checkout of main>): it uses the public API and the CLI only.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/scale_bench.py [--only depth|block|offload|sweep]

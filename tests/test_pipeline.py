@@ -191,10 +191,12 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 1}}]}}
 
 
 def _readme_quantizer_blocks() -> list[str]:
-    """The README's YAML blocks that list quantizers (items with a method or a rounding)."""
+    """The YAML blocks of the README and its docs/ pages (the recipe reference lives in
+    docs/recipes.md) that list quantizers (items with a method or a rounding)."""
     from conftest import REPO
 
-    text = (REPO / "README.md").read_text()
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
     blocks = [b.split("```")[0] for b in text.split("```yaml")[1:]]
     return [
         b for b in blocks if b.lstrip().startswith("- ") and ("method:" in b or "rounding:" in b)

@@ -115,7 +115,7 @@ PRESETS.register("gpu-1b")(
 # per layer, 2000 steps x 64 x 32 = 4.1M tokens at a constant 2e-2 (AdamW, betas 0.9 / 0.99,
 # weight decay 0.1): the copy head parks non-trigger queries on BOS (mass >= 0.9) within ~600
 # steps and BOS's residual state peaks (max/median ~40); about 110 s of CPU per checkpoint.
-# The README's "Synthetic tasks" table says what else was tried and what formed.
+# docs/outliers.md's "Synthetic tasks" table says what else was tried and what formed.
 PRESETS.register("synthetic-sink")(
     Preset(
         vocab_size=512,
