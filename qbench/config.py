@@ -40,7 +40,10 @@ NAME_MAX = 100  # characters; a result file name holds a checkpoint and a quanti
 Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
-def check_name(name: str) -> str:
+def check_name(name: str | None) -> str | None:
+    """`name` unchanged where valid (None: a name left to its default); ValueError if not."""
+    if name is None:
+        return None
     if len(name) > NAME_MAX or not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"{name!r} must be at most {NAME_MAX} letters, digits, '.', '_' or '-', starting "

@@ -189,3 +189,11 @@ def test_cli_reports_one_error_and_exits_nonzero(tmp_path, capsys):
         capsys.readouterr().err.strip()
         == f"qbench: error: {tmp_path / 'absent.yaml'}: no such recipe file"
     )
+
+
+def test_an_eval_spec_validates_its_own_dump():
+    """A spec without a name round-trips (the name is optional: check_name passes None)."""
+    from qbench.eval.specs import PerplexitySpec
+
+    spec = PerplexitySpec(data="embedded")
+    assert PerplexitySpec.model_validate(spec.model_dump()) == spec
