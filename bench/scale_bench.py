@@ -257,12 +257,14 @@ def half_on_disk(layers: int) -> dict[str, str]:
 
 def offload_child(layout: str, checkpoint: str, method: str, calibration: dict) -> None:
     """Load `checkpoint` whole or half on disk, quantize it with `method`; print JSON: the
-    process's RSS before loading and once loaded, its peak RSS while quantizing, the bytes of
-    the resident parameters, seconds."""
+    process's RSS before loading and once loaded, its peak RSS while quantizing, its peak
+    anonymous RSS (RssAnon sampled every 5 ms: memory not backed by a file, so without the
+    pages of memory-mapped weights and offload files) and the same before loading, the bytes
+    of the resident parameters, seconds."""
     import psutil
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    before = psutil.Process().memory_info().rss
+    before, before_anon = psutil.Process().memory_info().rss, _status_bytes("RssAnon")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     with tempfile.TemporaryDirectory(prefix="offload-") as folder:
         config = AutoModelForCausalLM.from_pretrained(checkpoint, device_map="meta").config
@@ -275,19 +277,42 @@ def offload_child(layout: str, checkpoint: str, method: str, calibration: dict) 
         spec = quantizer(name="m", **methods(calibration)[method])
         Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
         cpu, start = time.process_time(), time.perf_counter()
-        quantize_(model, spec, tokenizer)
+        with _anonymous_peak() as anonymous:
+            quantize_(model, spec, tokenizer)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        peak = _high_water_mark()
-    figures = {"before": before, "loaded": loaded, "peak": peak, "resident": resident}
+        peak = _status_bytes("VmHWM")
+    figures = {"before": before, "loaded": loaded, "peak": peak, "resident": resident,
+               "before_anon": before_anon, "peak_anon": anonymous[0]}  # fmt: skip
     print(json.dumps({**figures, "seconds": wall, "cpu": cpu}))
 
 
-def _high_water_mark() -> int:
-    """The process's peak resident memory since the last reset (VmHWM, Linux), in bytes."""
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM: peak resident since the last reset;
+    RssAnon: anonymous resident memory now), in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+@contextlib.contextmanager
+def _anonymous_peak() -> Iterator[list[int]]:
+    """[the largest RssAnon seen], sampled every 5 ms by a thread while the block runs."""
+    import threading
+
+    peak, done = [_status_bytes("RssAnon")], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _status_bytes("RssAnon"))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
 
 
 def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -308,20 +333,27 @@ def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
                 for layout in ("whole", "disk")
             }
             whole, disk = (found[k]["peak"] - found[k]["before"] for k in ("whole", "disk"))
+            anon = {k: found[k]["peak_anon"] - found[k]["before_anon"] for k in found}
             estimate = found["disk"]["resident"] + block + activations
             rows.append([method, f"{whole / MIB:.0f} ({found['whole']['cpu']:.1f} s CPU)",
                          f"{disk / MIB:.0f} ({found['disk']['cpu']:.1f} s CPU)",
-                         f"{disk / whole:.2f}", f"{found['disk']['resident'] / MIB:.0f}",
+                         f"{disk / whole:.2f}", f"{anon['whole'] / MIB:.0f}",
+                         f"{anon['disk'] / MIB:.0f}", f"{anon['disk'] / anon['whole']:.2f}",
+                         f"{found['disk']['resident'] / MIB:.0f}",
                          f"{estimate / MIB:.0f}"])  # fmt: skip
-            print(f"  {method}: whole {whole / MIB:.0f} MiB, half on disk {disk / MIB:.0f} MiB")
+            shares = f"{whole / MIB:.0f} / {disk / MIB:.0f} MiB"
+            anonymous = f"{anon['whole'] / MIB:.0f} / {anon['disk'] / MIB:.0f} MiB"
+            print(f"  {method}: whole / half on disk {shares}; anonymous {anonymous}")
     header = ["method", "whole: peak MiB (CPU s)", "half on disk: peak MiB (CPU s)",
-              "disk / whole", "resident part MiB",
+              "disk / whole", "whole: peak anonymous MiB", "half on disk: peak anonymous MiB",
+              "anonymous disk / whole", "resident part MiB",
               "estimate: resident + 1 block + activations, MiB"]  # fmt: skip
     title = (f"3. Quantizing with half the blocks and the embedding on disk: random Llama, "
              f"hidden {width}, {layers} blocks, vocabulary 32000, {total / MIB:.0f} MiB in "
              f"fp32 (one block {block / MIB:.0f} MiB), {args.sequences} x {args.seq_len} "
              f"calibration tokens ({activations / MIB:.0f} MiB of block inputs and outputs); "
-             "peak RSS while quantizing, above the process's RSS before loading")  # fmt: skip
+             "peak RSS while quantizing, above the process's RSS before loading; peak anonymous "
+             "RSS (not file-backed: no mapped weight or offload pages), the same")  # fmt: skip
     table(title, header, rows)
 
 
