@@ -40,7 +40,7 @@ import json
 from pathlib import Path
 
 import torch
-from rotation_compare import linears
+from rotation_compare import linears, rounded_perplexity
 from rotation_weights_study import (
     errors,
     fold_norms,
@@ -59,20 +59,6 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 def output_errors(model: nn.Module, held_out: torch.Tensor) -> dict[str, dict[str, float]]:
     xs = {n.replace(".linear", ""): x for n, x in inputs(model, held_out).items()}
     return {n: errors(w.detach(), rtn(w.detach()), xs[n]) for n, w in linears(model).items()}
-
-
-@torch.no_grad()
-def perplexity_keeping(model: nn.Module, test: torch.Tensor, keep: set[str]) -> float:
-    """Perplexity with every decoder linear but those in `keep` rounded (restored after)."""
-    saved = {n: w.detach().clone() for n, w in linears(model).items()}
-    for n, w in linears(model).items():
-        if n not in keep:
-            w.copy_(rtn(w))
-    try:
-        return perplexity(model, test)
-    finally:
-        for n, w in linears(model).items():
-            w.copy_(saved[n])
 
 
 @torch.no_grad()
@@ -171,7 +157,7 @@ def main() -> None:
                 continue
             names = list(linears(model))
             for label, keep in spans(names).items():
-                value = perplexity_keeping(model, test, keep)
+                value = rounded_perplexity(model, test, frozenset(keep))
                 out[name][label] = value
                 print(f"{name:14}   {label} in float: {value:.2f}", flush=True)
         if args.out:
@@ -207,10 +193,10 @@ def main() -> None:
         }
         tried = ["all q,k,v", "all down_proj", "all o_proj"]
         tried += sorted(score, key=score.get, reverse=True)[: args.top]
-        out[name]["perplexity"] = {"none": perplexity_keeping(model, test, set())}
+        out[name]["perplexity"] = {"none": rounded_perplexity(model, test)}
         line = f"{name:14} none {out[name]['perplexity']['none']:.1f}"
         for group in tried:
-            value = perplexity_keeping(model, test, candidates[group])
+            value = rounded_perplexity(model, test, frozenset(candidates[group]))
             out[name]["perplexity"][group] = value
             line += f"; {group} {value:.1f}"
         print(line, flush=True)

@@ -50,11 +50,15 @@ def w4_errors(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def rounded_perplexity(model: nn.Module, test: torch.Tensor) -> float:
-    """Perplexity with every decoder linear per-channel W4 RTN (weights restored after)."""
+def rounded_perplexity(
+    model: nn.Module, test: torch.Tensor, keep: frozenset[str] = frozenset()
+) -> float:
+    """Perplexity with every decoder linear but those in `keep` per-channel W4 RTN (weights
+    restored after)."""
     saved = {n: w.detach().clone() for n, w in linears(model).items()}
-    for w in linears(model).values():
-        w.copy_(rtn(w))
+    for n, w in linears(model).items():
+        if n not in keep:
+            w.copy_(rtn(w))
     try:
         return perplexity(model, test)
     finally:

@@ -41,8 +41,7 @@ from qbench.errors import QBenchError
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.spec import WeightQuant
 from qbench.quant.methods.folding import (
-    HALF_TOLERANCE,
-    LOSSLESS_TOLERANCE,
+    lossless_tolerance,
     relative_error,
     scale_norm_group,
 )
@@ -287,7 +286,7 @@ def check_scaling(
         for handle in handles:
             handle.remove()
     dtype = reference[0].dtype
-    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    tolerance = lossless_tolerance(dtype)
     if not error <= tolerance:
         raise QBenchError(
             f"awq: scaling decoder block {inputs.index} changed its float output by {error:.2e} "

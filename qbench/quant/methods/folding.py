@@ -13,6 +13,12 @@ LOSSLESS_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 HALF_TOLERANCE = 2e-2  # bfloat16 / float16 weights round the changed values
 
 
+def lossless_tolerance(dtype: torch.dtype) -> float:
+    """The relative L2 error a float-equivalent change may leave in `dtype` (LOSSLESS_TOLERANCE,
+    HALF_TOLERANCE for half precisions)."""
+    return LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+
+
 @torch.no_grad()
 def scale_norm_group(group: NormGroup, scales: torch.Tensor) -> None:
     """The norm takes 1/s (w / s; Gemma's 1 + w -> (1 + w) / s - 1; a bias b / s), every

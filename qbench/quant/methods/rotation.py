@@ -43,7 +43,7 @@ from torch import nn
 
 from qbench.errors import QBenchError, RefusedError
 from qbench.quant.formats.hadamard import HadamardTransform
-from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
+from qbench.quant.methods.folding import lossless_tolerance, relative_error
 from qbench.quant.methods.rtn import untie_word_embeddings
 from qbench.quant.walk.experts import set_input_step
 from qbench.quant.walk.inventory import Target, replace_module, set_weight
@@ -405,7 +405,7 @@ def check_lossless(model: nn.Module, prepared: Prepared, method: str) -> None:
     after = model(input_ids=prepared.ids).logits.double()
     error = relative_error(after, prepared.before)
     dtype = next(model.parameters()).dtype
-    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    tolerance = lossless_tolerance(dtype)
     if not error <= tolerance:
         raise QBenchError(
             f"{method} changed the logits of {model.config.model_type} by {error:.2e} "

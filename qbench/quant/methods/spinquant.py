@@ -60,7 +60,7 @@ from qbench.quant.artifacts import Learned, StaleArtifact
 from qbench.quant.formats.fake import fake_quant
 from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.formats.spec import KVQuant, TensorQuant
-from qbench.quant.methods.folding import HALF_TOLERANCE, LOSSLESS_TOLERANCE, relative_error
+from qbench.quant.methods.folding import lossless_tolerance, relative_error
 from qbench.quant.methods.rotation import (
     DenseRotation,
     OnlineRotation,
@@ -597,7 +597,7 @@ def _check_construction(model: nn.Module, prepared: Prepared, rotations: Rotatio
     finally:
         rotations.rounding = True
     dtype = next(model.parameters()).dtype
-    tolerance = LOSSLESS_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    tolerance = lossless_tolerance(dtype)
     if not error <= tolerance:
         raise QBenchError(
             f"spinquant: the rotated network it trains differs from "
