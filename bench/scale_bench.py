@@ -18,8 +18,12 @@
 3. offload: peak resident memory (and time) of quantizing a checkpoint with half its decoder
    blocks and its embedding on disk (accelerate's offload; qbench onloads one block at a time)
    against quantizing the whole model, per method, each in a fresh process (the peak above
-   the process's memory before loading), with the estimate "resident part + one block +
-   cached calibration activations" beside it.
+   the process's memory before loading), with the estimate "resident part + the largest
+   region onloaded at once (a block; the embedding table for rotation) + cached calibration
+   activations + the method's state (GPTQ: two blocks' Hessians)" beside it. With
+   MALLOC_MMAP_THRESHOLD_=131072 in the environment (the children inherit it) the resident
+   set follows the live tensors; glibc's default keeps freed buffers in its heap (the
+   table's title says which was in effect).
 4. sweep: with --path (a Hugging Face folder or a .gguf file, e.g. SmolLM2-135M's in
    ../shared/models), a sweep of fp and one cell per method through `qbench run`: each cell's
    quantization and total seconds (the records' quantize_s and wall_time_s), against the RTN
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,6 +88,11 @@ def methods(calibration: dict) -> dict[str, dict]:
             "method": "awq",
             "calibration": calibration,
             "weights": {"bits": 4, "group": 128},
+        },
+        "awq w4a16 g64": {  # (SmolLM2's widths, 576 and 1536, are no multiple of 128)
+            "method": "awq",
+            "calibration": calibration,
+            "weights": {"bits": 4, "group": 64},
         },
         "rotation w4a4": {"method": "rotation", **w4a4},
         "gptq w4a16": {"method": "gptq", "calibration": calibration, "weights": {"bits": 4}},
@@ -324,6 +334,9 @@ def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
         tokenizer.save_pretrained(folder)
         total = sum(p.numel() * 4 for p in model.parameters())
         block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+        embedding = model.model.embed_tokens.weight.numel() * 4
+        linears = [m for m in model.model.layers[0].modules() if isinstance(m, nn.Linear)]
+        hessians = sum(m.in_features**2 * 8 for m in linears)  # GPTQ's, float64, one block
         del model
         activations = 2 * args.sequences * args.seq_len * width * 4  # a block's inputs, outputs
         rows = []
@@ -334,27 +347,43 @@ def offload_table(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
             }
             whole, disk = (found[k]["peak"] - found[k]["before"] for k in ("whole", "disk"))
             anon = {k: found[k]["peak_anon"] - found[k]["before_anon"] for k in found}
-            estimate = found["disk"]["resident"] + block + activations
+            # the region onloaded at once: a block, or the embedding table rotation rewrites;
+            # GPTQ's Hessians of two blocks (block 0's are kept for the checkpoint's cells)
+            region = embedding if method.startswith("rotation") else block
+            state = 2 * hessians if method.startswith("gptq") else 0
+            estimate = found["disk"]["resident"] + region + activations + state
             rows.append([method, f"{whole / MIB:.0f} ({found['whole']['cpu']:.1f} s CPU)",
                          f"{disk / MIB:.0f} ({found['disk']['cpu']:.1f} s CPU)",
                          f"{disk / whole:.2f}", f"{anon['whole'] / MIB:.0f}",
                          f"{anon['disk'] / MIB:.0f}", f"{anon['disk'] / anon['whole']:.2f}",
                          f"{found['disk']['resident'] / MIB:.0f}",
-                         f"{estimate / MIB:.0f}"])  # fmt: skip
+                         f"{estimate / MIB:.0f}", f"{disk / estimate:.2f}"])  # fmt: skip
             shares = f"{whole / MIB:.0f} / {disk / MIB:.0f} MiB"
             anonymous = f"{anon['whole'] / MIB:.0f} / {anon['disk'] / MIB:.0f} MiB"
             print(f"  {method}: whole / half on disk {shares}; anonymous {anonymous}")
     header = ["method", "whole: peak MiB (CPU s)", "half on disk: peak MiB (CPU s)",
               "disk / whole", "whole: peak anonymous MiB", "half on disk: peak anonymous MiB",
               "anonymous disk / whole", "resident part MiB",
-              "estimate: resident + 1 block + activations, MiB"]  # fmt: skip
+              "estimate: resident + largest region + activations + state, MiB",
+              "peak / estimate (half on disk)"]  # fmt: skip
     title = (f"3. Quantizing with half the blocks and the embedding on disk: random Llama, "
              f"hidden {width}, {layers} blocks, vocabulary 32000, {total / MIB:.0f} MiB in "
              f"fp32 (one block {block / MIB:.0f} MiB), {args.sequences} x {args.seq_len} "
              f"calibration tokens ({activations / MIB:.0f} MiB of block inputs and outputs); "
              "peak RSS while quantizing, above the process's RSS before loading; peak anonymous "
-             "RSS (not file-backed: no mapped weight or offload pages), the same")  # fmt: skip
+             "RSS (not file-backed: no mapped weight or offload pages), the same; glibc's "
+             f"mmap threshold: {ALLOCATOR})")  # fmt: skip
     table(title, header, rows)
+
+
+# MALLOC_MMAP_THRESHOLD_=131072 fixes glibc's threshold: every buffer of 128 KiB or more is
+# mapped and returned at free, so RSS follows the live tensors; by default the threshold rises
+# to the largest buffer freed, and freed activations and weight copies stay in the heap.
+ALLOCATOR = (
+    f"fixed at {os.environ['MALLOC_MMAP_THRESHOLD_']} bytes (MALLOC_MMAP_THRESHOLD_)"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ
+    else "glibc's default (dynamic)"
+)
 
 
 def _run_child(arguments: list[str], calibration: dict) -> dict:
@@ -366,7 +395,7 @@ def _run_child(arguments: list[str], calibration: dict) -> dict:
     return json.loads(lines[-1])
 
 
-SWEEP_METHODS = ("rtn w4a4", "rtn w4a4 clip-search", "smoothquant w8a8", "awq w4a16 g128",
+SWEEP_METHODS = ("rtn w4a4", "rtn w4a4 clip-search", "smoothquant w8a8", "awq w4a16 g64",
                  "rotation w4a4", "gptq w4a16", "gptq + rotation w4a4")  # fmt: skip
 
 
@@ -400,6 +429,10 @@ def sweep_table(args: argparse.Namespace) -> None:
             print(f"  {name}: {cpu:.1f} s CPU", flush=True)
     rtn = figures.get("rtn-w4a4")
     for name, (record, cpu) in figures.items():
+        if record.metrics is None:  # refused or failed: its reason instead of figures
+            reason = record.error.message[:120] if record.error else ""
+            rows.append([name, record.status, "-", "-", reason, f"{cpu:.1f}"])
+            continue
         quantize_s = record.quantize_s or 0.0
         ratio = f"{record.wall_time_s / rtn[0].wall_time_s:.2f}" if rtn else "-"
         rows.append([name, f"{quantize_s:.1f}", f"{record.wall_time_s:.1f}", ratio,

@@ -29,41 +29,65 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=IDS).logits.double()
 
 
-def _direct_mlp_scales(model: nn.Module, grid: int = 20) -> torch.Tensor:
-    """The reference's auto_scale for block 0's post_attention_layernorm -> gate, up, written
-    out on Llama's modules: x the norm's output, the MLP's output the inspected error."""
-    block = model.model.layers[0]
-    seen = []
-    handle = block.post_attention_layernorm.register_forward_hook(lambda m, a, y: seen.append(y))
+def _direct_scales(
+    model: nn.Module, norm: nn.Module, linears: list[nn.Linear], inspected: nn.Module, grid=20
+) -> torch.Tensor:
+    """The reference's auto_scale (llm-awq's _search_module_scale) for one norm group, written
+    out: x the norm's output, the error that of `inspected` (module2inspect) called again on
+    the inputs it received in the float forward."""
+    seen = {}
+    handles = [
+        norm.register_forward_hook(lambda _, __, y: seen.setdefault("x", y)),
+        inspected.register_forward_pre_hook(
+            lambda _, a, k: seen.setdefault("call", (a, k)), with_kwargs=True
+        ),
+    ]
     with torch.no_grad():
-        model(input_ids=IDS)
-    handle.remove()
-    x = seen[0]
-    mlp = block.mlp
+        model(input_ids=IDS, use_cache=False)  # (a cache would grow at every call below)
+    for handle in handles:
+        handle.remove()
+    args, kwargs = seen["call"]
+
+    def output() -> torch.Tensor:
+        y = inspected(*args, **kwargs)
+        return y[0] if isinstance(y, tuple) else y
+
     with torch.no_grad():
-        reference = mlp(x)
-        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
-        originals = [mlp.gate_proj.weight.clone(), mlp.up_proj.weight.clone()]
+        reference = output()
+        x_mean = seen["x"].abs().reshape(-1, seen["x"].shape[-1]).mean(0)
+        originals = [linear.weight.clone() for linear in linears]
         best, best_error = None, float("inf")
         for step in range(grid):
             scales = x_mean.pow(step / grid).clamp(min=1e-4)
             scales = scales / (scales.max() * scales.min()).sqrt()
-            for linear, w in zip((mlp.gate_proj, mlp.up_proj), originals, strict=True):
+            for linear, w in zip(linears, originals, strict=True):
                 linear.weight.copy_(fake_quant(w * scales, W4G16) / scales)
-            error = (mlp(x) - reference).pow(2).mean().item()
+            error = (output() - reference).pow(2).mean().item()
             if error < best_error:
                 best, best_error = scales, error
-        for linear, w in zip((mlp.gate_proj, mlp.up_proj), originals, strict=True):
+        for linear, w in zip(linears, originals, strict=True):
             linear.weight.copy_(w)
     return best
 
 
-def test_mlp_scales_equal_the_reference_loop_on_one_block():
+@pytest.mark.parametrize(
+    ("norm", "readers", "inspected"),
+    [
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn"),
+    ],
+)  # fmt: skip
+def test_norm_group_scales_equal_the_reference_loop_on_one_block(norm, readers, inspected):
+    """As llm-awq's auto_scale: q/k/v judged by self_attn's output, gate/up by the MLP's."""
     model = family_model("llama")
-    expected = _direct_mlp_scales(copy.deepcopy(model))
-    norm = model.model.layers[0].post_attention_layernorm.weight.detach().clone()
+    direct = copy.deepcopy(model)
+    at = direct.model.layers[0].get_submodule
+    expected = _direct_scales(direct, at(norm), [at(r) for r in readers], at(inspected))
+    block = model.model.layers[0]
+    before = block.get_submodule(norm).weight.detach().clone()
     awq(model, _inputs(model, 4), weights=W4G16, clip=False)
-    found = norm / model.model.layers[0].post_attention_layernorm.weight.detach()
+    found = before / block.get_submodule(norm).weight.detach()
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
 
 

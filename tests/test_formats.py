@@ -304,6 +304,11 @@ def _rows(kind: str, shape: tuple[int, int]) -> torch.Tensor:
         normal = torch.randn(*shape, generator=generator)
         chi2 = torch.randn(3, *shape, generator=generator).pow(2).sum(0)
         return normal / (chi2 / 3).sqrt()
+    if kind == "outlier":  # one value a row 100x the rest (a super weight's row)
+        rows = torch.randn(*shape, generator=generator)
+        at = torch.randint(0, shape[1], (shape[0],), generator=generator)
+        rows[torch.arange(shape[0]), at] *= 100
+        return rows
     if kind == "on-grid":  # already on a 4-bit grid, with a zero row
         rows = torch.randint(-8, 8, shape, generator=generator).float() * 0.05
         rows[0] = 0
@@ -311,7 +316,7 @@ def _rows(kind: str, shape: tuple[int, int]) -> torch.Tensor:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "heavy", "on-grid"])
+@pytest.mark.parametrize("kind", ["gaussian", "heavy", "outlier", "on-grid"])
 @pytest.mark.parametrize(
     ("bits", "symmetric", "rule", "norm", "width"),
     [

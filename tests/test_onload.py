@@ -19,12 +19,15 @@ from qbench.api import quantize_, quantized, quantizer
 from qbench.checkpoints.dispatch import input_device
 from qbench.checkpoints.load import load_checkpoint
 from qbench.checkpoints.random import random_checkpoint
+from qbench.quant.walk.inventory import inventory
 from qbench.quant.walk.onload import STORES_ATTRIBUTE, offload_hook, offloaded_modules
 from qbench.record import OK
 from qbench.runner import Worker
 
 CALIBRATION = {"data": "embedded", "sequences": 4, "seq_len": 32, "batch_size": 2}
 W4A4 = {"weights": {"bits": 4}, "activations": {"bits": 4}}
+# a ratio a random model's largest down_proj output reaches: super weights are found
+SUPER_WEIGHTS = {"max_count": 2, "min_ratio": 1.5, "calibration": CALIBRATION}
 # Every step of main's quantizers that qbench computes itself, alone and composed.
 METHODS = {
     "rtn": {"method": "rtn", **W4A4},
@@ -46,7 +49,19 @@ METHODS = {
     "embeddings-lm_head": {"method": "rtn", "weights": {"bits": 4}, "embeddings": True,
                            "lm_head": True},
     "kv-only": {"method": "rtn", "kv": {"bits": 4, "group": 8}},
+    # the sink-aware steps: tokens kept in float, super weights found and held out
+    "rtn-keep-float": {"method": "rtn", **W4A4, "kv": {"bits": 4},
+                       "keep_float": {"first_tokens": 1, "outlier_tokens": {"ratio": 2},
+                                      "super_weights": SUPER_WEIGHTS}},
+    "gptq-super-weights": {"method": "gptq", "calibration": CALIBRATION, "weights": {"bits": 4},
+                           "keep_float": {"super_weights": SUPER_WEIGHTS}},
+    # the papers' interventions (ablations: a changed float model)
+    "zero-sw-sa": {"method": "zero_super_weights", "restore_activation": True, **SUPER_WEIGHTS},
+    "zero-control": {"method": "zero_large_weights", **SUPER_WEIGHTS},
+    "clip-massive": {"method": "clip_massive_activations", "threshold": 2.0},
+    "no-sink": {"method": "remove_attention_sink"},
 }  # fmt: skip
+CHANGE_NO_WEIGHT = ("kv-only", "clip-massive", "no-sink")  # a KV step or hooks only
 IDS = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
@@ -90,11 +105,12 @@ def test_every_method_on_half_the_blocks_on_disk_equals_the_whole_model(tmp_path
     assert not any(p.device.type != "meta" for p in dispatched.model.layers[-1].parameters())
     assert all(p.device.type != "meta" for p in dispatched.model.layers[0].parameters())
     stores = vars(dispatched).get(STORES_ATTRIBUTE, [])
-    if config.quantizes_linears:
-        (store,) = stores
-        assert Path(store.folder).parent == tmp_path / "offload" and store.index
-    else:  # the KV cache alone changes no weight
+    if name in CHANGE_NO_WEIGHT:
         assert not stores
+    else:
+        (store,) = stores
+        if config.quantizes_linears:  # every block rewritten, those on disk to .dat files
+            assert Path(store.folder).parent == tmp_path / "offload" and store.index
     assert _digest(weights) == digest
 
 
@@ -197,3 +213,16 @@ def test_an_offloaded_gpt2_gets_its_linears_and_quantizes_as_the_whole_model(tmp
         with quantized(dispatched, quantizer(**METHODS[name]), tokenizer) as found:
             assert found == expected
             _assert_equal(_logits(dispatched), expected_logits)
+
+
+@pytest.mark.parametrize("name", ["gptq", "rotation-kv"])
+def test_onloaded_copies_do_not_outlive_their_block(tmp_path, name):
+    """A module a method took out of an onloaded block (a linear whose Parameter QuantLinear
+    took over, a writer HadamardInput wraps) gets its meta placeholders back as the block is
+    offloaded again: what still refers to it (an inventory taken before) keeps no onloaded copy,
+    so memory does not grow by a block for every offloaded block quantized."""
+    _, (model, tokenizer), _ = _models(tmp_path)
+    last = inventory(model).in_block(LAYERS - 1)  # offloaded to disk
+    quantize_(model, quantizer(**METHODS[name]), tokenizer)
+    kept = [n for n, t in last.items() for p in t.module.parameters() if p.device.type != "meta"]
+    assert last and not kept

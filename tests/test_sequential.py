@@ -116,3 +116,25 @@ def test_awq_grid_with_replayed_upstream_modules_equals_the_whole_block(
     assert any(replayed) == replays  # a group with modules before its readers
     for (name, a), b in zip(fast.state_dict().items(), whole.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_awq_grid_runs_only_up_to_the_inspected_module():
+    """q/k/v's grid points stop at self_attn's output (the MLP after it does not run); gate/up's
+    and down's run the MLP (attention, and gate/up for down, replayed). Completed calls of block
+    0's down_proj, per batch: the reference pass, grid x 2 points, the lossless check and the
+    pass giving block 1 its inputs (grid x 3 + 3 when every point ran the whole block); of its
+    q_proj: q/k/v's grid, the same passes and the two replay recordings. Plus once each in the
+    probe tracing the structure."""
+    grid, batches = 5, 2
+    model = family_model("llama")
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    inputs = BlockInputs(model, inventory(model), ids, 2)
+    calls = {"mlp.down_proj": 0, "self_attn.q_proj": 0}
+    block = model.model.layers[0]
+    for name in calls:
+        block.get_submodule(name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    awq_module.awq(model, inputs, WeightQuant(bits=3, group=16), grid, clip=False)
+    assert calls["mlp.down_proj"] == 1 + batches * (2 * grid + 3)
+    assert calls["self_attn.q_proj"] == 1 + batches * (grid + 5)

@@ -18,11 +18,13 @@ from qbench.quant.methods.superweights import (
     SuperWeight,
     find_super_weights,
     mlp_writers,
+    set_entry,
     spikes,
 )
 from qbench.quant.walk.inventory import find_blocks, set_weight
 from qbench.quant.walk.kvcache import KV_ATTENTION_PREFIX, kv_sites
 from qbench.quant.walk.meters import add_meter
+from qbench.quant.walk.onload import onloaded
 
 if TYPE_CHECKING:
     from qbench.quant.context import StepContext
@@ -60,7 +62,7 @@ def zero_super_weights(
     found = _super_weights(context, search, "zero_super_weights")
     writers = {name: context.model.get_submodule(name) for name in {w.module for w in found}}
     for weight in found:
-        set_weight(writers[weight.module].weight[weight.row, weight.column], torch.tensor(0.0))
+        set_entry(context.model, weight.module, weight.row, weight.column, 0.0)
     if restore_activation:
         for name, module in writers.items():
             module.register_forward_hook(_restorer([w for w in found if w.module == name]))
@@ -98,16 +100,17 @@ def zero_large_weights(context: StepContext, search: SuperWeightSearch) -> None:
     taken = {(w.module, w.row, w.column) for w in found}
     zeroed = []
     for weight in found:
-        matrix = context.model.get_submodule(weight.module).weight
-        magnitude = matrix.detach().abs().float()
-        for module, row, column in taken:
-            if module == weight.module:
-                magnitude[row, column] = -1
-        row, column = divmod(int(magnitude.argmax()), matrix.shape[1])
-        zeroed.append({"module": weight.module, "row": row, "column": column,
-                       "value": float(matrix[row, column])})  # fmt: skip
-        taken.add((weight.module, row, column))
-        set_weight(matrix[row, column], torch.tensor(0.0))
+        with onloaded(context.model, weight.module):  # where the model offloads it
+            matrix = context.model.get_submodule(weight.module).weight
+            magnitude = matrix.detach().abs().float()
+            for module, row, column in taken:
+                if module == weight.module:
+                    magnitude[row, column] = -1
+            row, column = divmod(int(magnitude.argmax()), matrix.shape[1])
+            zeroed.append({"module": weight.module, "row": row, "column": column,
+                           "value": float(matrix[row, column])})  # fmt: skip
+            taken.add((weight.module, row, column))
+            set_weight(matrix[row, column], torch.tensor(0.0))
     _record(
         context, "zero_large_weights", zeroed=zeroed, super_weights=[w.as_dict() for w in found]
     )

@@ -10,9 +10,14 @@ by block on cached calibration inputs (qbench.quant.blockwise):
    s = x_mean^r (clamped at 1e-4, then divided by sqrt(max(s) min(s))) (with `duo_scaling`,
    s = x_mean^r / w_mean^(1-r), llm-compressor's option, w_mean the mean of |W| / max|W| per
    group over the readers' columns); the readers' weights become Q(W diag(s)) diag(s)^-1 with Q
-   the recipe's weight quantizer, the decoder block runs on its calibration inputs, and the
-   ratio with the smallest mean squared error of the block's output against the float block's
-   wins. Then the input's producer takes 1/s and the readers' columns s, a float-lossless change:
+   the recipe's weight quantizer, and the ratio with the smallest mean squared error of the
+   inspected module's output against its float output wins. The inspected module is the
+   reference's module2inspect: the smallest submodule of the block holding every reader (its
+   parent where that is one fused reader), e.g. self_attn for q/k/v, mlp for gate/up and for
+   down; the block itself where the readers span it (a parallel block). A grid point runs the
+   block on its calibration inputs only up to the inspected module's last call, the modules
+   before the readers replaying their recorded outputs, so it runs what the group feeds.
+   Then the input's producer takes 1/s and the readers' columns s, a float-lossless change:
    - a residual norm and its readers (attention inputs; MLP or experts' inputs, the router
      taking the scales without setting them), as every AWQ mapping starts;
    - a gated MLP's up projection (rows / s) and its down projection (columns * s), found in
@@ -91,11 +96,13 @@ def _awq_block(
     units = [(_rounded(g.readers), g.norm, lambda s, g=g: scale_norm_group(g, s)) for g in groups]
     units += [([down], down.module, lambda s, u=up, d=down: scale_pair(u, d, s))
               for up, down in block.gated_pairs]  # fmt: skip
-    first = _reference_pass(inputs, [(producer, readers) for readers, producer, _ in units])
-    for (readers, _, apply), mean in zip(units, first.means, strict=True):
+    chains = [_inspectable(inputs.blocks[inputs.index], readers) for readers, _, _ in units]
+    groups = [(producer, readers) for readers, producer, _ in units]
+    first = _reference_pass(inputs, groups, {m for chain in chains for m in chain})
+    for (readers, _, apply), mean, chain in zip(units, first.means, chains, strict=True):
         replay = _Replay.record(inputs, first.upstream(readers, block), readers)
-        scales = search_scales(inputs, first.outputs, readers, mean, weights, grid, duo_scaling,
-                               replay)  # fmt: skip
+        scales = search_scales(inputs, first.inspected(chain), readers, mean, weights, grid,
+                               duo_scaling, replay)  # fmt: skip
         apply(scales)
     linears = {t.name: t.module for t in _block_linears(block)} if clip else {}
     samples = check_scaling(inputs, first.outputs, linears)
@@ -110,17 +117,54 @@ def _rounded(readers: list[Target]) -> list[Target]:
     return [r for r in readers if r.kind != "router"]
 
 
+def _inspectable(block: nn.Module, readers: list[Target]) -> list[nn.Module]:
+    """The modules a group's grid point may be judged by, smallest first: the readers' lowest
+    common ancestor in `block` (its parent where that is one reader, a fused projection), then
+    each module above it up to `block` (the first of them the block calls is inspected)."""
+    names = {module: name for name, module in block.named_modules()}
+    if not readers or any(r.module not in names for r in readers):
+        return [block]
+    paths = [names[r.module].split(".") if names[r.module] else [] for r in readers]
+    common: list[str] = []  # the leading names every path shares
+    for names_here in zip(*paths, strict=False):
+        if len(set(names_here)) > 1:
+            break
+        common.append(names_here[0])
+    if any(len(path) == len(common) for path in paths):
+        common = common[:-1]
+    return [block.get_submodule(".".join(common[:i])) for i in range(len(common), -1, -1)]
+
+
+@dataclass
+class _Inspected:
+    """The module a group's grid is judged by and its float outputs [*, out]: `expected[b]`
+    holds one per call in calibration batch b (none where it was not called, e.g. an expert
+    no token reached in that batch)."""
+
+    module: nn.Module
+    expected: list[list[torch.Tensor]]
+
+
 @dataclass
 class _FirstPass:
     """What the block's first pass saw: its float outputs per batch, the mean |x| per channel
-    of each group's input, and when each submodule's calls started (first) and ended (last) in
-    the first batch (a counter of module calls), to tell which modules run before a group's
-    readers."""
+    of each group's input, the float outputs of the modules a grid may inspect (per batch, per
+    call), and when each submodule's calls started (first) and ended (last) in the first batch
+    (a counter of module calls), to tell which modules run before a group's readers."""
 
     outputs: list[torch.Tensor]
     means: list[torch.Tensor]
+    calls: dict[nn.Module, list[list[torch.Tensor]]]
     starts: dict[nn.Module, int]
     ends: dict[nn.Module, int]
+
+    def inspected(self, chain: list[nn.Module]) -> _Inspected:
+        """The first module of `chain` (see _inspectable) called with a tensor output, the
+        block (the chain's last) otherwise."""
+        for module in chain[:-1]:
+            if any(self.calls.get(module, [])):
+                return _Inspected(module, self.calls[module])
+        return _Inspected(chain[-1], [[output] for output in self.outputs])
 
     def upstream(self, readers: list[Target], block: BlockStructure) -> list[nn.Module]:
         """The largest submodules of the block holding a target whose every call ends before
@@ -147,10 +191,21 @@ def _block_targets(block: BlockStructure) -> list[Target]:
 
 
 def _reference_pass(
-    inputs: BlockInputs, groups: list[tuple[nn.Module, list[Target]]]
+    inputs: BlockInputs,
+    groups: list[tuple[nn.Module, list[Target]]],
+    inspectable: set[nn.Module],
 ) -> _FirstPass:
     """One pass of the float block: its outputs, each group's input means (what a norm outputs,
-    what a gated pair's down linear receives) and the order of the submodules' calls."""
+    what a gated pair's down linear receives), the outputs of the `inspectable` submodules and
+    the order of the submodules' calls."""
+    block = inputs.blocks[inputs.index]
+    batch = [0]
+    calls = {m: [[] for _ in inputs.hidden] for m in inspectable if m is not block}
+
+    def keep(module: nn.Module, _: tuple, y: object) -> None:
+        if isinstance(output := _first(y), torch.Tensor):
+            calls[module][batch[0]].append(output.detach().clone())
+
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     starts: dict[nn.Module, int] = {}
@@ -168,7 +223,6 @@ def _reference_pass(
     def end(module: nn.Module, _: tuple, __: object) -> None:
         ends[module] = next(clock)
 
-    block = inputs.blocks[inputs.index]
     order = []  # the call order is read in the first batch (every batch calls alike)
     for module in block.modules():
         if module is not block:
@@ -182,25 +236,32 @@ def _reference_pass(
                 lambda _, __, y, i=index: add(i, y[0] if isinstance(y, tuple) else y)
             )
         handles.append(hook)
+    handles += [module.register_forward_hook(keep) for module in calls]
     outputs = []
     try:
         for output in inputs.run():
             outputs.append(output)
+            batch[0] += 1
             for handle in order:
                 handle.remove()
     finally:
         for handle in handles + order:
             handle.remove()
     means = [(sums[i] / counts[i]).float() for i in range(len(groups))]
-    return _FirstPass(outputs, means, starts, ends)
+    return _FirstPass(outputs, means, calls, starts, ends)
+
+
+def _first(output: object) -> object:
+    """A module's main output: the first of a tuple (attention's, an MoE block's)."""
+    return output[0] if isinstance(output, tuple) and output else output
 
 
 class _Replay:
     """Submodules answering each call with the output they gave in a recorded pass, so that a
     grid point runs only what a group's readers feed (exactly: those outputs do not depend on
-    the readers' weights). Outputs are recorded per call, over one pass of all batches."""
+    the readers' weights). `outputs[module][b]`: its outputs per call in calibration batch b."""
 
-    def __init__(self, outputs: dict[nn.Module, list[Any]]) -> None:
+    def __init__(self, outputs: dict[nn.Module, list[list[Any]]]) -> None:
         self.outputs = outputs
         self.next: dict[nn.Module, Iterator[Any]] = {}
 
@@ -212,13 +273,16 @@ class _Replay:
         starts (None when there are none)."""
         if not modules:
             return None
-        outputs: dict[nn.Module, list[Any]] = {m: [] for m in modules}
-        handles = [m.register_forward_hook(lambda m, _, y: outputs[m].append(y)) for m in modules]
+        outputs: dict[nn.Module, list[list[Any]]] = {m: [] for m in modules}
+        handles = [m.register_forward_hook(lambda m, _, y: outputs[m][-1].append(y))
+                   for m in modules]  # fmt: skip
         handles += [r.module.register_forward_pre_hook(_enough) for r in readers]
         block = inputs.blocks[inputs.index]
         try:
             for hidden, arguments in zip(inputs.hidden, inputs.arguments, strict=True):
                 rest, kwargs = arguments[inputs.index]
+                for calls in outputs.values():
+                    calls.append([])
                 with contextlib.suppress(_Enough):
                     block(hidden, *rest, **kwargs)
         finally:
@@ -228,8 +292,8 @@ class _Replay:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Inside the block, the modules replay their recorded outputs (`rewind` before each
-        pass over the batches)."""
+        """Inside the block, the modules replay their recorded outputs (`rewind` to a batch
+        before running the block on it)."""
         saved = {m: vars(m).get("forward") for m in self.outputs}
         for module in self.outputs:
             vars(module)["forward"] = lambda *_, __m=module, **___: _copy(next(self.next[__m]))
@@ -242,8 +306,8 @@ class _Replay:
                 else:
                     vars(module)["forward"] = forward
 
-    def rewind(self) -> None:
-        self.next = {m: iter(outputs) for m, outputs in self.outputs.items()}
+    def rewind(self, batch: int) -> None:
+        self.next = {m: iter(outputs[batch]) for m, outputs in self.outputs.items()}
 
 
 class _Enough(Exception):
@@ -297,7 +361,7 @@ def check_scaling(
 
 def search_scales(
     inputs: BlockInputs,
-    reference: list[torch.Tensor],
+    inspected: _Inspected,
     readers: list[Target],
     x_mean: torch.Tensor,
     weights: WeightQuant,
@@ -305,9 +369,9 @@ def search_scales(
     duo_scaling: bool = False,
     replay: _Replay | None = None,
 ) -> torch.Tensor:
-    """The scales s [in] whose Q(W diag(s)) diag(s)^-1 readers give the block output closest
-    to `reference` (mean squared error), over the grid of ratios (see the module docstring).
-    `replay`: modules upstream of the readers, replaying their outputs at each grid point."""
+    """The scales s [in] whose Q(W diag(s)) diag(s)^-1 readers give the inspected module's
+    output closest to its float output (mean squared error), over the grid of ratios (see the
+    module docstring). `replay`: modules upstream of the readers, replaying their outputs."""
     matrices = [m for reader in readers for _, m in reader.input_matrices()]
     saved = [m.detach().clone() for m in matrices]
     w_mean = _weight_mean(saved, weights) if duo_scaling else None
@@ -321,10 +385,8 @@ def search_scales(
             scales = scales / (scales.max() * scales.min()).sqrt()
             for matrix, original in zip(matrices, saved, strict=True):
                 s = scales.to(matrix.device, matrix.dtype)
-                matrix.copy_(fake_quant(original * s, weights) / s)
-            if replay is not None:
-                replay.rewind()
-            error = _block_error(inputs, reference)
+                matrix.copy_(fake_quant(original * s, weights).div_(s))
+            error = _inspected_error(inputs, inspected, replay)
             if error < best_error:
                 best, best_error = scales, error
     for matrix, original in zip(matrices, saved, strict=True):
@@ -340,12 +402,42 @@ def _weight_mean(matrices: list[torch.Tensor], weights: WeightQuant) -> torch.Te
     return (groups / groups.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(rows.shape).mean(0)
 
 
-def _block_error(inputs: BlockInputs, reference: list[torch.Tensor]) -> float:
+def _inspected_error(inputs: BlockInputs, inspected: _Inspected, replay: _Replay | None) -> float:
+    """Mean squared error of the inspected module's outputs against their float values, the
+    block run on each calibration batch that calls it, up to its last call there."""
+    block = inputs.blocks[inputs.index]
     total, count = 0.0, 0
-    for output, expected in zip(inputs.run(), reference, strict=True):
-        total += (output.float() - expected.float()).pow(2).sum().item()
-        count += expected.numel()
+    for batch, expected in enumerate(inspected.expected):
+        if not expected:
+            continue
+        if replay is not None:
+            replay.rewind(batch)
+        rest, kwargs = inputs.arguments[batch][inputs.index]
+        compare = _Comparison(expected)
+        handle = inspected.module.register_forward_hook(compare)
+        try:
+            with contextlib.suppress(_Enough):
+                block(inputs.hidden[batch], *rest, **kwargs)
+        finally:
+            handle.remove()
+        total, count = total + compare.total, count + compare.count
     return total / count
+
+
+class _Comparison:
+    """A forward hook summing the squared error of a module's calls in one batch against
+    `expected` (their float outputs, in call order); raises _Enough after the last."""
+
+    def __init__(self, expected: list[torch.Tensor]) -> None:
+        self.expected, self.calls, self.total, self.count = expected, 0, 0.0, 0
+
+    def __call__(self, _: nn.Module, __: tuple, y: object) -> None:
+        reference = self.expected[self.calls]
+        self.calls += 1
+        self.total += (_first(y).float() - reference.float()).pow(2).sum().item()
+        self.count += reference.numel()
+        if self.calls == len(self.expected):
+            raise _Enough
 
 
 def scale_pair(up: Target, down: Target, scales: torch.Tensor) -> None:
@@ -395,8 +487,8 @@ def _clip_rows(
         maxima = original * (1 - step / grid)
         clipped = torch.clamp(w, -maxima, maxima)
         rounded = fake_quant(clipped.reshape(rows.shape), weights).reshape(w.shape)
-        delta = (rounded - w).permute(1, 2, 0)  # [groups, width, out]
-        error = torch.bmm(xg, delta).pow(2).mean(dim=1).T[..., None]  # [out, groups, 1]
+        delta = rounded.sub_(w).permute(1, 2, 0)  # [groups, width, out]
+        error = torch.bmm(xg, delta).square_().mean(dim=1).T[..., None]  # [out, groups, 1]
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best = torch.where(better, maxima, best)

@@ -81,6 +81,7 @@ def gptq(context: StepContext, step: GPTQ) -> None:
             else:
                 hessians = compute()
             unreached += _round(context, step, block, hessians)
+            del hessians  # (not alive while the next block's are summed)
             inputs.advance()
     if inputs is not None:
         inputs.release()

@@ -46,7 +46,13 @@ from qbench.quant.formats.hadamard import HadamardTransform
 from qbench.quant.methods.folding import lossless_tolerance, relative_error
 from qbench.quant.methods.rtn import untie_word_embeddings
 from qbench.quant.walk.experts import set_input_step
-from qbench.quant.walk.inventory import Target, replace_module, set_weight
+from qbench.quant.walk.inventory import (
+    Target,
+    replace_module,
+    rows_per_chunk,
+    set_rows,
+    set_weight,
+)
 from qbench.quant.walk.kvcache import KVSite, kv_sites
 from qbench.quant.walk.onload import execution_device, input_device, onloaded
 from qbench.quant.walk.structure import NormGroup, Structure, probe_ids, trace_structure
@@ -174,8 +180,7 @@ def prepare(model: nn.Module) -> Prepared:
     found = structure.inventory
     with onloaded(model, *(name for name, _ in structure.embeddings)):
         for _, table in structure.embeddings if centers else ():
-            weight = table.weight.double()
-            set_weight(table.weight, weight - weight.mean(dim=1, keepdim=True))
+            set_rows(table.weight, lambda rows: rows - rows.mean(dim=1, keepdim=True))
     for block in structure.blocks:
         with onloaded(model, found.block_path(block.index)):
             for target in block.writers if centers else ():
@@ -197,7 +202,7 @@ def rotate_stream(model: nn.Module, structure: Structure, stream: nn.Module) -> 
     found = structure.inventory
     with onloaded(model, *(name for name, _ in structure.embeddings)):
         for _, table in structure.embeddings:
-            set_weight(table.weight, stream(table.weight.double()))  # E Q
+            set_rows(table.weight, stream)  # E Q
     for block in structure.blocks:
         with onloaded(model, found.block_path(block.index)):
             for group in block.norms:
@@ -302,7 +307,8 @@ def _can_take_bias(target: Target) -> bool:
 def _center_output(target: Target) -> None:
     """Make a writer's output zero-mean over the stream: W <- W - 1 mean_out(W), b - mean(b)."""
     for _, matrix in target.output_matrices():  # [out, in]: center over out
-        set_weight(matrix, matrix.double() - matrix.double().mean(dim=0, keepdim=True))
+        mean = matrix.mean(dim=0, keepdim=True, dtype=torch.float64)  # [1, in]
+        set_rows(matrix, lambda rows, mean=mean: rows - mean)
     for bias in _output_biases(target):
         set_weight(bias, bias.double() - bias.double().mean(dim=-1, keepdim=True))
 
@@ -316,9 +322,11 @@ def _fold_norm(model: nn.Module, group: NormGroup) -> None:
         if spec.bias:  # b_reader + W b_norm, with the reader's weight before the scale
             shift = norm.bias.detach().double()
             for (_, matrix), bias in zip(matrices, _input_biases(target), strict=True):
-                set_weight(bias, bias.double() + matrix.double() @ shift.to(matrix.device))
+                step = rows_per_chunk(matrix)
+                for rows, part in zip(matrix.split(step), bias.split(step), strict=True):
+                    set_weight(part, part.double() + rows.double() @ shift.to(rows.device))
         for _, matrix in matrices if scale is not None else ():
-            set_weight(matrix, matrix.double() * scale.to(matrix.device))
+            set_rows(matrix, lambda rows, s=scale: rows * s.to(rows.device))
     if spec.scale is not None:
         norm.weight.fill_(1 if spec.scale == "weight" else 0)
     if spec.bias:
@@ -356,13 +364,13 @@ def _output_biases(target: Target) -> list[torch.Tensor]:
 def _rotate_input(target: Target, rotation: HadamardTransform) -> None:
     """x -> x Q before the target: W <- W Q (W [..., out, in]; fast transform along in)."""
     for _, matrix in target.input_matrices():
-        set_weight(matrix, rotation(matrix.double()))
+        set_rows(matrix, rotation)
 
 
 def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
     """y -> y Q: W <- Q^T W = (W^T Q)^T, b <- b Q."""
     for _, matrix in target.output_matrices():
-        set_weight(matrix, rotation(matrix.double().transpose(-1, -2)).transpose(-1, -2))
+        set_rows(matrix.transpose(-1, -2), rotation)  # the rows of W^T: W's columns
     for bias in _output_biases(target):
         set_weight(bias, rotation(bias.double()))
 
@@ -370,7 +378,7 @@ def _rotate_output(target: Target, rotation: HadamardTransform) -> None:
 def _online_hadamard(model: nn.Module, target: Target, online: HadamardTransform) -> None:
     """x -> x H before the target's output matrices, W <- W H (H orthogonal, H^-1 = H^T)."""
     for _, matrix in target.output_matrices():
-        set_weight(matrix, online(matrix.double()))  # W H
+        set_rows(matrix, online)  # W H
     if target.experts is None:
         replace_module(model, target.name, HadamardInput(target.module, online))
         return

@@ -23,6 +23,7 @@ from torch import nn
 
 from qbench.quant.steps.sinks import SuperWeightSearch
 from qbench.quant.walk.blockwise import forward_batches
+from qbench.quant.walk.onload import onloaded
 from qbench.quant.walk.structure import probe_ids, trace_structure
 
 if TYPE_CHECKING:
@@ -96,11 +97,24 @@ def search_super_weights(
                 break
             best = max(candidates, key=lambda s: s.input * s.output)
             found.append(best)
-            writers[best.module].weight[best.row, best.column] = 0
+            set_entry(model, best.module, best.row, best.column, 0.0)
     finally:
         for weight in found:
-            writers[weight.module].weight[weight.row, weight.column] = weight.value
+            set_entry(model, weight.module, weight.row, weight.column, weight.value)
     return found
+
+
+def _entry(model: nn.Module, name: str, row: int, column: int) -> float:
+    """W[row, column] of the linear at `name` (onloaded where the model offloads it)."""
+    with onloaded(model, name):
+        return float(model.get_submodule(name).weight[row, column])
+
+
+def set_entry(model: nn.Module, name: str, row: int, column: int, value: float) -> None:
+    """W[row, column] <- value in the linear at `name` (written to the offload store where
+    the model offloads it; the original offloaded weights are never written)."""
+    with onloaded(model, name):
+        model.get_submodule(name).weight[row, column] = value
 
 
 @torch.no_grad()
@@ -138,7 +152,7 @@ def spikes(
                 name,
                 row,
                 column,
-                float(writers[name].weight[row, column]),
+                _entry(model, name, row, column),
                 float(seen["x"][column]),
                 output,
                 output / median if median > 0 else float("inf"),

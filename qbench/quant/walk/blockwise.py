@@ -90,6 +90,7 @@ class BlockInputs:
             for handle in handles:
                 handle.remove()
 
+    @torch.no_grad()  # an autograd graph would keep every block's activations alive
     def _forward(self, batch: torch.Tensor) -> None:
         with contextlib.suppress(_Stop):
             self.model(input_ids=batch.to(input_device(self.model)), use_cache=False)

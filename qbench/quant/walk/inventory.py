@@ -36,7 +36,7 @@ float under a quantized label.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -368,3 +368,22 @@ def _unsupported(module: nn.Module) -> str | None:
 def set_weight(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy `value` (any float dtype) into the tensor in place, in the tensor's dtype."""
     target.copy_(value.to(target.dtype))
+
+
+ROW_CHUNK = 1 << 22  # float64 elements (32 MiB) `set_rows` changes at a time
+
+
+def rows_per_chunk(matrix: torch.Tensor) -> int:
+    """How many rows (slices along dim 0) of `matrix` hold about ROW_CHUNK elements."""
+    return max(1, ROW_CHUNK // max(1, matrix[0].numel()))
+
+
+def set_rows(matrix: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """matrix <- change(matrix in float64) in place, `change` applied to chunks of rows of
+    about ROW_CHUNK elements: it must act on each row alone (e.g. along the last dimension).
+    The float64 copies and the change's temporaries then stay that small whatever the matrix
+    (an embedding table, lm_head, a 7B model's down_proj) instead of a few times its size."""
+    step = rows_per_chunk(matrix)
+    for start in range(0, matrix.shape[0], step):
+        chunk = matrix[start : start + step]
+        set_weight(chunk, change(chunk.double()))

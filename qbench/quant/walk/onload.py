@@ -133,6 +133,7 @@ class _Site:
     whether its hook covered its submodules (accelerate's preloaded modules) and buffers."""
 
     path: str
+    module: nn.Module
     device: torch.device
     on_disk: bool
     subtree: bool
@@ -176,6 +177,7 @@ def onloaded(model: nn.Module, *paths: str) -> Iterator[None]:
         store = _store(model)
         for path in dict.fromkeys(paths):
             _offload(model, path, sites, store)
+        _drop_replaced(model, sites)
 
 
 def _onload(model: nn.Module, path: str) -> list[_Site]:
@@ -200,8 +202,8 @@ def _onload(model: nn.Module, path: str) -> list[_Site]:
         resident = AlignDevicesHook(device, place_submodules=hook.place_submodules,
                                     skip_keys=hook.skip_keys)  # fmt: skip
         add_hook_to_module(module, resident)
-        sites.append(_Site(name, device, on_disk, hook.place_submodules, hook.offload_buffers,
-                           hook.skip_keys))  # fmt: skip
+        sites.append(_Site(name, module, device, on_disk, hook.place_submodules,
+                           hook.offload_buffers, hook.skip_keys))  # fmt: skip
     return sites
 
 
@@ -262,6 +264,19 @@ def _offload(model: nn.Module, path: str, sites: list[_Site], store: OffloadStor
             offload_buffers=site.buffers, place_submodules=site.subtree, skip_keys=site.skip_keys,
         )  # fmt: skip
         add_hook_to_module(module, hook)  # its init sets the tensors to meta placeholders
+
+
+def _drop_replaced(model: nn.Module, sites: list[_Site]) -> None:
+    """Meta placeholders again in the onloaded modules a method took out of the model (a
+    linear whose Parameter its QuantLinear took over, now offloaded): what still refers to
+    them (an inventory's targets) would otherwise keep their onloaded copies in memory."""
+    inside = {id(module) for module in model.modules()}
+    for site in sites:
+        if id(site.module) in inside:
+            continue
+        for name, _ in list(named_module_tensors(site.module, include_buffers=site.buffers,
+                                                 recurse=site.subtree)):  # fmt: skip
+            set_module_tensor_to_device(site.module, name, "meta")
 
 
 def _nearest(name: str, sites: dict[str, _Site]) -> _Site | None:
