@@ -159,10 +159,10 @@ class _FirstPass:
     ends: dict[nn.Module, int]
 
     def inspected(self, chain: list[nn.Module]) -> _Inspected:
-        """The first module of `chain` (see _inspectable) called with a tensor output, the
+        """The first module of `chain` (see _inspectable) that output a nonempty tensor, the
         block (the chain's last) otherwise."""
         for module in chain[:-1]:
-            if any(self.calls.get(module, [])):
+            if any(y.numel() for calls in self.calls.get(module, []) for y in calls):
                 return _Inspected(module, self.calls[module])
         return _Inspected(chain[-1], [[output] for output in self.outputs])
 
