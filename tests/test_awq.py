@@ -199,3 +199,46 @@ eval: {{perplexity: [{{data: embedded, seq_len: 32, max_windows: 4}}]}}
 
 def _text(path) -> str:
     return path.read_text()
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _CallsEveryExpert(nn.Module):
+    """An MoE block as older transformers and remote code wrote it: every expert is called,
+    with the tokens routed to it, none for expert 3 (never chosen)."""
+
+    def __init__(self, hidden: int = 64, inner: int = 32, experts: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(_Expert(hidden, inner) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [tokens, hidden]
+        logits = self.gate(flat)
+        logits[:, 3] = -1e4
+        weights, chosen = logits.softmax(-1).topk(2, dim=-1)  # [tokens, 2]
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+def test_an_expert_called_with_no_token_is_judged_by_its_moe_block():
+    """Expert 3 is called on zero tokens in every batch: its down's grid is judged by the MoE
+    block's output (its own has no element), and the scaling stays lossless."""
+    model = family_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp = _CallsEveryExpert(model.config.hidden_size)
+    before = _logits(model)
+    awq(model, _inputs(model, 2), weights=W4G16, clip=False)
+    assert float((_logits(model) - before).norm() / before.norm()) < 1e-5

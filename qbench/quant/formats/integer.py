@@ -26,6 +26,7 @@ SCREEN_WIDTH = 1024  # rows this long (and symmetric) are screened by histogram 
 SCREEN_BINS_PER_STEP = 64  # the screen's nodes per step of the grid (16320 at 8 bits)
 SCREEN_MIN_BINS = 4096  # and at least this many over the row's unclipped grid
 SCREEN_BAND = 2e-3  # ratios within this of the smallest estimate are computed exactly
+SCREENED_ROWS = 4  # pairs (row, ratio) computed at once: this many times a batch's rows
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,13 @@ def search_clip_int(
         if symmetric and rows.shape[1] >= SCREEN_WIDTH:
             estimate = screened_errors(x, ranges[1], bits, scale_rule, norm, ratios)
             screened = estimate <= estimate.amin(dim=1, keepdim=True) * (1 + SCREEN_BAND)
-            row, g = screened.nonzero(as_tuple=True)  # the (row, ratio) pairs computed exactly
-            bounds = (ranges[0][row], ranges[1][row])
-            error = _clip_errors(x[row], bits, symmetric, clips[g, None], scale_rule, bounds, norm)
-            errors[start + row, g] = error
+            pairs = screened.nonzero()  # [pairs, 2]: the (row, ratio) pairs computed exactly
+            for batch in pairs.split(SCREENED_ROWS * per):  # bounded, though ties can screen in
+                # every ratio of a row (a row of zeros: 80 pairs)
+                row, g = batch.unbind(1)
+                bounds = (ranges[0][row], ranges[1][row])
+                errors[start + row, g] = _clip_errors(x[row], bits, symmetric, clips[g, None],
+                                                      scale_rule, bounds, norm)  # fmt: skip
             continue
         for g, clip in enumerate(ratios):
             errors[start : start + per, g] = _clip_errors(x, bits, symmetric, clip, scale_rule,

@@ -13,10 +13,12 @@ by block on cached calibration inputs (qbench.quant.blockwise):
    the recipe's weight quantizer, and the ratio with the smallest mean squared error of the
    inspected module's output against its float output wins. The inspected module is the
    reference's module2inspect: the smallest submodule of the block holding every reader (its
-   parent where that is one fused reader), e.g. self_attn for q/k/v, mlp for gate/up and for
-   down; the block itself where the readers span it (a parallel block). A grid point runs the
-   block on its calibration inputs only up to the inspected module's last call, the modules
-   before the readers replaying their recorded outputs, so it runs what the group feeds.
+   parent where that is one reader), e.g. self_attn for q/k/v and for a fused qkv, mlp for
+   gate/up and for down; the block itself where the readers span it (a parallel block) or
+   where one reader sits directly under it (OPT's fc1, which llm-awq judges by fc1 alone). A
+   grid point runs the block on its calibration inputs only up to the inspected module's last
+   call, the modules before the readers replaying their recorded outputs, so it runs what the
+   group feeds.
    Then the input's producer takes 1/s and the readers' columns s, a float-lossless change:
    - a residual norm and its readers (attention inputs; MLP or experts' inputs, the router
      taking the scales without setting them), as every AWQ mapping starts;
