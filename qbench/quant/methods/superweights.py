@@ -110,6 +110,7 @@ def _entry(model: nn.Module, name: str, row: int, column: int) -> float:
         return float(model.get_submodule(name).weight[row, column])
 
 
+@torch.no_grad()
 def set_entry(model: nn.Module, name: str, row: int, column: int, value: float) -> None:
     """W[row, column] <- value in the linear at `name` (written to the offload store where
     the model offloads it; the original offloaded weights are never written)."""
