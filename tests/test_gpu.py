@@ -100,14 +100,7 @@ def test_every_method_on_a_cpu_offloaded_map_on_cuda_equals_the_whole_model(tmp_
         "{model.embed_tokens: 0, model.layers.0: 0, model.layers.1: cpu, model.norm: 0, "
         "model.rotary_emb: 0, lm_head: cpu}"
     )
-    whole = _perplexities(tmp_path, "whole", f"{{name: m, random: {RANDOM}}}", QBENCH_METHODS)
-    checkpoint = f"{{name: m, random: {RANDOM}, device_map: {device_map}}}"
-    offloaded = _perplexities(tmp_path, "offloaded", checkpoint, QBENCH_METHODS)
-    assert set(offloaded) == set(whole) and len(whole) == 7
-    for name, record in offloaded.items():
-        assert record["device"] == "device_map: 0, cpu"
-        expected, found = (r["metrics"]["perplexity"]["embedded"] for r in (whole[name], record))
-        assert found == pytest.approx(expected, rel=1e-5), name
+    _assert_methods_match_the_whole_model(tmp_path, device_map, "device_map: 0, cpu")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -117,10 +110,17 @@ def test_two_gpus_quantize_like_one(tmp_path):
         "{model.embed_tokens: 0, model.layers.0: 0, model.layers.1: 1, model.norm: 1, "
         "model.rotary_emb: 0, lm_head: 1}"
     )
+    _assert_methods_match_the_whole_model(tmp_path, device_map, "device_map: 0, 1")
+
+
+def _assert_methods_match_the_whole_model(tmp_path, device_map: str, device: str) -> None:
+    """Every qbench method's cell on `device_map` (its record's device `device`) has the
+    whole model's perplexity."""
     whole = _perplexities(tmp_path, "whole", f"{{name: m, random: {RANDOM}}}", QBENCH_METHODS)
     checkpoint = f"{{name: m, random: {RANDOM}, device_map: {device_map}}}"
-    spread = _perplexities(tmp_path, "spread", checkpoint, QBENCH_METHODS)
-    for name, record in spread.items():
-        assert record["device"] == "device_map: 0, 1"
+    mapped = _perplexities(tmp_path, "mapped", checkpoint, QBENCH_METHODS)
+    assert set(mapped) == set(whole) and len(whole) == 7
+    for name, record in mapped.items():
+        assert record["device"] == device
         expected, found = (r["metrics"]["perplexity"]["embedded"] for r in (whole[name], record))
         assert found == pytest.approx(expected, rel=1e-5), name

@@ -150,7 +150,7 @@ def search_clip_int(
             errors[start : start + per, g] = _clip_errors(x, bits, symmetric, clip, scale_rule,
                                                           ranges, norm)  # fmt: skip
     best = errors.argmin(dim=1, keepdim=True)  # the first smallest, as the loop keeps it
-    return torch.tensor(ratios, dtype=rows.dtype, device=rows.device)[best]
+    return clips[best]
 
 
 def _clip_errors(

@@ -234,9 +234,7 @@ def _reference_pass(
         if isinstance(producer, nn.Linear):  # a gated pair's down: what it receives
             hook = producer.register_forward_pre_hook(lambda _, a, i=index: add(i, a[0]))
         else:  # a norm: what it outputs
-            hook = producer.register_forward_hook(
-                lambda _, __, y, i=index: add(i, y[0] if isinstance(y, tuple) else y)
-            )
+            hook = producer.register_forward_hook(lambda _, __, y, i=index: add(i, _first(y)))
         handles.append(hook)
     handles += [module.register_forward_hook(keep) for module in calls]
     outputs = []
@@ -279,14 +277,11 @@ class _Replay:
         handles = [m.register_forward_hook(lambda m, _, y: outputs[m][-1].append(y))
                    for m in modules]  # fmt: skip
         handles += [r.module.register_forward_pre_hook(_enough) for r in readers]
-        block = inputs.blocks[inputs.index]
         try:
-            for hidden, arguments in zip(inputs.hidden, inputs.arguments, strict=True):
-                rest, kwargs = arguments[inputs.index]
+            for batch in range(len(inputs.hidden)):
                 for calls in outputs.values():
                     calls.append([])
-                with contextlib.suppress(_Enough):
-                    block(hidden, *rest, **kwargs)
+                _run_until_enough(inputs, batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -313,7 +308,16 @@ class _Replay:
 
 
 class _Enough(Exception):
-    """Raised as a group's first reader starts: what the replay records has run."""
+    """Raised by a hook where a partial pass of the block has what it needs (the replay's
+    recording as a group's first reader starts, a grid point after the inspected module's
+    last call)."""
+
+
+def _run_until_enough(inputs: BlockInputs, batch: int) -> None:
+    """Run the current block on calibration batch `batch`, up to where a hook raises _Enough."""
+    rest, kwargs = inputs.arguments[batch][inputs.index]
+    with contextlib.suppress(_Enough):
+        inputs.blocks[inputs.index](inputs.hidden[batch], *rest, **kwargs)
 
 
 def _enough(*_: object) -> None:
@@ -407,19 +411,16 @@ def _weight_mean(matrices: list[torch.Tensor], weights: WeightQuant) -> torch.Te
 def _inspected_error(inputs: BlockInputs, inspected: _Inspected, replay: _Replay | None) -> float:
     """Mean squared error of the inspected module's outputs against their float values, the
     block run on each calibration batch that calls it, up to its last call there."""
-    block = inputs.blocks[inputs.index]
     total, count = 0.0, 0
     for batch, expected in enumerate(inspected.expected):
         if not expected:
             continue
         if replay is not None:
             replay.rewind(batch)
-        rest, kwargs = inputs.arguments[batch][inputs.index]
         compare = _Comparison(expected)
         handle = inspected.module.register_forward_hook(compare)
         try:
-            with contextlib.suppress(_Enough):
-                block(inputs.hidden[batch], *rest, **kwargs)
+            _run_until_enough(inputs, batch)
         finally:
             handle.remove()
         total, count = total + compare.total, count + compare.count

@@ -383,7 +383,5 @@ def set_rows(matrix: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor
     about ROW_CHUNK elements: it must act on each row alone (e.g. along the last dimension).
     The float64 copies and the change's temporaries then stay that small whatever the matrix
     (an embedding table, lm_head, a 7B model's down_proj) instead of a few times its size."""
-    step = rows_per_chunk(matrix)
-    for start in range(0, matrix.shape[0], step):
-        chunk = matrix[start : start + step]
+    for chunk in matrix.split(rows_per_chunk(matrix)):
         set_weight(chunk, change(chunk.double()))
